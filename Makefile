@@ -1,0 +1,42 @@
+# Commands are described in README.md; their names and settings are fixed by shared/CONTRACT.md.
+# Every target reads the configuration (src/config.py, config.yaml, environment).
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run install broker server workers test lint bench capture clean
+
+run: install broker                ## everything: install, broker, workers and server
+	@tools/run.sh
+
+install: .venv/.installed          ## Debian packages and the virtual environment
+	@tools/system-deps.sh
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+broker:                            ## RabbitMQ with STOMP on BROKER_PORT
+	@tools/broker.sh
+
+server: install                    ## HTTP API and web page, foreground
+	$(PY) -m src.server
+
+workers: install                   ## WORKERS_HEALTHY + WORKERS_UNHEALTHY workers, foreground
+	$(PY) -m src.audio_worker.supervisor
+
+test: install broker lint          ## the whole test suite
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check src tests bench tools
+
+bench: install broker              ## benchmarks -> docs/BENCHMARKS.md and plots
+	$(PY) -m bench.run
+
+capture: install broker            ## broker traffic of a short real run -> storage/captures/*.pcapng
+	$(PY) -m tools.capture
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Audio workers: `worker` is one worker process, `supervisor` runs N of them (`make workers`)."""

@@ -1,0 +1,133 @@
+"""The one place configuration is read.
+
+Defaults live in `DEFAULTS`; a YAML file (`CONFIG_FILE`, default `config.yaml` when it
+exists) overrides them; environment variables override both. `load()` is called once
+by each entry point (server, worker, supervisor, tools) and the resulting `Settings`
+object is passed down, so no module below reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "BROKER_HOST": "localhost",
+    "BROKER_PORT": 61613,
+    "BROKER_USER": "guest",
+    "BROKER_PASSWORD": "guest",  # RabbitMQ's documented local-only default account
+    "BROKER_HEARTBEAT_MS": 15000,
+    "BROKER_TLS": False,
+    "BROKER_TLS_CA": "",
+    "QUEUE_PREFIX": "karaoke",
+    "SERVER_HOST": "127.0.0.1",
+    "SERVER_PORT": 5000,
+    "STORAGE_DIR": "storage",
+    "MODEL": "htdemucs",
+    "MODEL_REPO": "",
+    "MODEL_SEGMENT": 0.0,
+    "CHUNK_SECONDS": 30.0,
+    "MAX_ATTEMPTS": 3,
+    "WORKERS_HEALTHY": 2,
+    "WORKERS_UNHEALTHY": 0,
+    "WORKER_SIMULATE_CRASH_AFTER": 20.0,
+    "WORKER_SIMULATE": "crash",
+    "WORKER_THREADS": 0,
+    "WORKER_PREFETCH": 1,
+    "WORKER_SLOWDOWN": 1.0,
+    "MAX_UPLOAD_MB": 200,
+    "CAPTURE_SECONDS": 30,
+    "CAPTURE_IFACE": "lo",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_host: str
+    broker_port: int
+    broker_user: str
+    broker_password: str
+    broker_heartbeat_ms: int
+    broker_tls: bool
+    broker_tls_ca: str
+    queue_prefix: str
+    server_host: str
+    server_port: int
+    storage_dir: Path
+    model: str
+    model_repo: str
+    model_segment: float
+    chunk_seconds: float
+    max_attempts: int
+    workers_healthy: int
+    workers_unhealthy: int
+    worker_simulate_crash_after: float
+    worker_simulate: str
+    worker_threads: int
+    worker_prefetch: int
+    worker_slowdown: float
+    max_upload_mb: int
+    capture_seconds: int
+    capture_iface: str
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Torch threads per worker: cores ÷ workers unless set, so N workers don't oversubscribe."""
+        if self.worker_threads > 0:
+            return self.worker_threads
+        workers = max(1, self.workers_healthy + self.workers_unhealthy)
+        return max(1, (os.cpu_count() or 1) // workers)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes started by a supervisor."""
+        env = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                value = int(value)
+            env[field.name.upper()] = str(value)
+        return env
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = type(DEFAULTS[name])
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"configuration {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    """Defaults, overridden by the YAML file, overridden by the environment."""
+    environ = dict(os.environ if environ is None else environ)
+    values = dict(DEFAULTS)
+
+    config_file = Path(environ.get("CONFIG_FILE", "config.yaml"))
+    if config_file.is_file():
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file} must hold a mapping of setting names to values")
+        for name, raw in loaded.items():
+            if name not in DEFAULTS:
+                raise ValueError(f"{config_file}: unknown setting {name!r}")
+            values[name] = _coerce(name, raw)
+
+    for name in DEFAULTS:
+        if name in environ and environ[name] != "":
+            values[name] = _coerce(name, environ[name])
+
+    if values["WORKER_SIMULATE"] not in {"crash", "hang"}:
+        raise ValueError("WORKER_SIMULATE must be 'crash' or 'hang'")
+    values["STORAGE_DIR"] = Path(values["STORAGE_DIR"])
+    return Settings(**{name.lower(): value for name, value in values.items()})

@@ -1,0 +1,304 @@
+"""One STOMP connection to RabbitMQ that survives broker restarts.
+
+`Broker` wraps a stomp.py connection with what both the server and the workers need:
+
+- connecting with exponential back-off, and again after any disconnect (a restarted
+  broker, a missed heart-beat), re-subscribing everything that was subscribed;
+- `send` that waits for the broker's RECEIPT, so a caller knows a message is stored
+  before it ACKs what produced it;
+- ACK/NACK bound to the connection a message came on: after a reconnect the broker has
+  already requeued every message the old connection held, so acking it is skipped.
+
+Handlers run on stomp.py's receiver thread and must return quickly (hand the work to
+another thread): a handler that blocks also blocks RECEIPTs and heart-beats.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import stomp
+import stomp.exception
+
+from src.config import Settings
+from src.messaging.destinations import Destinations
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not confirm an operation in time."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A received MESSAGE frame, remembered with the connection it arrived on."""
+
+    headers: dict[str, str]
+    body: bytes
+    connection_generation: int
+
+    @property
+    def delivery_count(self) -> int:
+        """How many times the broker delivered this message before (quorum queues count)."""
+        return int(self.headers.get("x-delivery-count", "0"))
+
+
+@dataclass
+class _Subscription:
+    destination: str
+    handler: Callable[[Delivery], None]
+    ack: str
+    prefetch: int | None
+    sub_id: str
+
+
+class _Listener(stomp.ConnectionListener):
+    def __init__(self, broker: Broker, conn: stomp.Connection12):
+        self.broker = broker
+        self.conn = conn
+
+    def on_message(self, frame: stomp.utils.Frame) -> None:
+        self.broker._dispatch(frame)
+
+    def on_receipt(self, frame: stomp.utils.Frame) -> None:
+        self.broker._receipt_arrived(frame.headers.get("receipt-id", ""))
+
+    def on_error(self, frame: stomp.utils.Frame) -> None:
+        log.error("Broker ERROR frame: %s %s", frame.headers.get("message"), frame.body[:200])
+
+    def on_heartbeat_timeout(self) -> None:
+        log.warning("Broker heart-beat missed; reconnecting")
+
+    def on_disconnected(self) -> None:
+        self.broker._connection_lost(self.conn)
+
+
+class Broker:
+    def __init__(self, settings: Settings, client_name: str):
+        self.settings = settings
+        self.destinations = Destinations(settings.queue_prefix)
+        self.client_name = client_name
+        self._subscriptions: list[_Subscription] = []
+        self._receipts: dict[str, threading.Event] = {}
+        self._receipt_ok: dict[str, bool] = {}
+        self._lock = threading.RLock()
+        self._connected = threading.Event()
+        self._closing = False
+        self._generation = 0
+        self._reconnecting = False
+        self._conn: stomp.Connection12 | None = None
+        self.on_reconnect: Callable[[], None] | None = None
+
+    # -- connection ---------------------------------------------------------------
+
+    def _new_connection(self) -> stomp.Connection12:
+        s = self.settings
+        heartbeat = s.broker_heartbeat_ms
+        conn = stomp.Connection12(
+            [(s.broker_host, s.broker_port)],
+            heartbeats=(heartbeat, heartbeat),
+            # Leave room for a late heart-beat before declaring the broker gone.
+            heart_beat_receive_scale=2.0,
+            auto_decode=False,
+            reconnect_attempts_max=1,
+            vhost="/",  # RabbitMQ reads STOMP 1.2's host header as the virtual host
+        )
+        if s.broker_tls:
+            conn.set_ssl(
+                for_hosts=[(s.broker_host, s.broker_port)],
+                ca_certs=s.broker_tls_ca or None,
+                ssl_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        conn.set_listener("broker", _Listener(self, conn))
+        return conn
+
+    def connect(self, give_up_after: float | None = None) -> None:
+        """Connect (with back-off) and subscribe everything registered so far."""
+        delay, started = 0.5, time.monotonic()
+        while not self._closing:
+            conn = self._new_connection()
+            try:
+                conn.connect(
+                    self.settings.broker_user,
+                    self.settings.broker_password,
+                    wait=True,
+                    headers={"client-id": self.client_name},
+                )
+            except (stomp.exception.StompException, OSError) as exc:
+                if give_up_after is not None and time.monotonic() - started > give_up_after:
+                    raise BrokerUnavailable(
+                        f"cannot reach the broker at {self.settings.broker_host}:"
+                        f"{self.settings.broker_port}: {exc or type(exc).__name__}"
+                    ) from exc
+                log.warning("Broker unreachable (%s); retrying in %.1fs", exc or type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            with self._lock:
+                self._conn = conn
+                self._generation += 1
+                for sub in self._subscriptions:
+                    self._subscribe_on(conn, sub)
+                self._connected.set()
+            log.info("Connected to broker %s:%s", self.settings.broker_host, self.settings.broker_port)
+            return
+
+    def _connection_lost(self, conn: stomp.Connection12) -> None:
+        if conn is not self._conn:
+            return  # a failed attempt or an old connection; connect() handles those
+        self._connected.clear()
+        for event in list(self._receipts.values()):
+            event.set()  # wake senders; they see the receipt missing and retry
+        if self._closing:
+            return
+        with self._lock:
+            if self._reconnecting:
+                return
+            self._reconnecting = True
+        log.warning("Lost the broker connection; reconnecting")
+
+        def reconnect() -> None:
+            try:
+                self.connect()
+            finally:
+                with self._lock:
+                    self._reconnecting = False
+            if self.on_reconnect is not None and not self._closing:
+                self.on_reconnect()
+
+        threading.Thread(target=reconnect, name="broker-reconnect", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        conn = self._conn
+        if conn is not None and conn.is_connected():
+            try:
+                conn.disconnect()
+            except stomp.exception.StompException:
+                pass
+
+    @property
+    def local_address(self) -> str:
+        """host:port of this end of the connection, as the broker sees it."""
+        try:
+            host, port = self._conn.transport.socket.getsockname()[:2]
+            return f"{host}:{port}"
+        except (AttributeError, OSError):
+            return ""
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # -- subscribing and receiving --------------------------------------------------
+
+    def subscribe(
+        self,
+        destination: str,
+        handler: Callable[[Delivery], None],
+        ack: str = "client-individual",
+        prefetch: int | None = None,
+    ) -> None:
+        sub = _Subscription(destination, handler, ack, prefetch, sub_id=str(len(self._subscriptions) + 1))
+        with self._lock:
+            self._subscriptions.append(sub)
+            if self._conn is not None and self._connected.is_set():
+                self._subscribe_on(self._conn, sub)
+
+    def _subscribe_on(self, conn: stomp.Connection12, sub: _Subscription) -> None:
+        headers = dict(self.destinations.declaration(sub.destination))
+        if sub.prefetch is not None and sub.prefetch > 0:
+            headers["prefetch-count"] = str(sub.prefetch)
+        conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
+
+    def _dispatch(self, frame: stomp.utils.Frame) -> None:
+        sub_id = frame.headers.get("subscription")
+        for sub in self._subscriptions:
+            if sub.sub_id == sub_id:
+                body = frame.body if isinstance(frame.body, bytes) else frame.body.encode()
+                try:
+                    sub.handler(Delivery(dict(frame.headers), body, self._generation))
+                except Exception:
+                    log.exception("Handler for %s failed", sub.destination)
+                return
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, positive=True)
+
+    def nack(self, delivery: Delivery, requeue: bool = True) -> None:
+        self._settle(delivery, positive=False, requeue=requeue)
+
+    def _settle(self, delivery: Delivery, positive: bool, requeue: bool = True) -> None:
+        with self._lock:
+            conn = self._conn
+            if delivery.connection_generation != self._generation or conn is None:
+                log.info("Not settling a message from a lost connection; the broker requeued it")
+                return
+        ack_id = delivery.headers.get("ack") or delivery.headers["message-id"]
+        try:
+            if positive:
+                conn.ack(ack_id)
+            else:
+                conn.nack(ack_id, requeue="true" if requeue else "false")
+        except (stomp.exception.StompException, OSError):
+            log.info("Connection dropped before settling; the broker requeues the message")
+
+    # -- sending ---------------------------------------------------------------------
+
+    def send(
+        self,
+        destination: str,
+        body: bytes | str,
+        headers: dict[str, str],
+        confirm: bool = True,
+        timeout: float = 60.0,
+        persistent: bool = True,
+    ) -> None:
+        """Send a message; with `confirm`, return only once the broker has taken it.
+
+        Retries across reconnects until `timeout`; raises BrokerUnavailable after that.
+        """
+        all_headers = {**self.destinations.declaration(destination), **headers}
+        if persistent:
+            all_headers["persistent"] = "true"
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected.wait(remaining):
+                raise BrokerUnavailable(f"broker did not take a message for {destination} in {timeout:.0f}s")
+            conn = self._conn
+            if not confirm:
+                try:
+                    conn.send(destination, body, headers=all_headers)
+                    return
+                except stomp.exception.NotConnectedException:
+                    continue
+            receipt = uuid.uuid4().hex
+            event = threading.Event()
+            self._receipts[receipt] = event
+            try:
+                conn.send(destination, body, headers={**all_headers, "receipt": receipt})
+                event.wait(max(0.1, deadline - time.monotonic()))
+            except stomp.exception.NotConnectedException:
+                pass
+            finally:
+                self._receipts.pop(receipt, None)
+            if event.is_set() and self._receipt_ok.pop(receipt, False):
+                return
+
+    def _receipt_arrived(self, receipt_id: str) -> None:
+        event = self._receipts.get(receipt_id)
+        if event is not None:
+            self._receipt_ok[receipt_id] = True
+            event.set()

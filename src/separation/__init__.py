@@ -1,0 +1,22 @@
+"""The stem-separation job kind: how a song splits into jobs, how a worker processes
+one, and how the results merge back. Everything that knows about demucs lives here.
+
+A job kind is three functions over one shared plan, and a new kind (chunked video
+transcoding, per-frame filters) is a sibling package with the same three:
+
+- `plan.plan_jobs`: the splitter. Cuts the song into `JobPlan`s on the server.
+- `compute.run_job`: the processing. Runs on a worker, one `JobMessage` at a time.
+- `merge.merge_results`: the merger. Streams the stored results into whole stems.
+
+Why the merge is exact. demucs' `apply_model(split=True, shifts=0, overlap=0.25)`
+runs the model on segments whose offsets lie on a fixed grid, `range(0, L, stride)`,
+each fed its segment plus some neighbouring audio (`TensorChunk.padded`), and blends
+them as `sum(w * out) / sum(w)` with triangular weights `w`. A job here owns a run of
+consecutive grid offsets and is sent exactly the audio those segments read. The worker
+returns the numerator of its segments, `sum(w * out)`, and the server adds the jobs'
+numerators and divides by the grid's `sum(w)`. That is the same arithmetic as the
+whole-file call, on the same segments, so the workers together run the model on
+exactly as many segments as one whole-file call does, and the result matches it.
+A naive split (separate each piece alone, concatenate) re-pads every piece boundary
+and loses that; `tests/test_fidelity.py` shows both.
+"""

@@ -1,0 +1,91 @@
+"""The splitter: which grid segments each job owns and which audio it is sent.
+
+The grid is apply_model's: segments of `segment_frames` at offsets `range(0, L, stride)`.
+A job owns a run of consecutive offsets, about `CHUNK_SECONDS` of audio, and is sent
+the union of what those segments read (`ModelSpec.input_window`). Its output, the
+weighted sum of its segments, covers [first offset, last offset + segment) clipped to
+the song; neighbouring jobs' outputs overlap by a quarter segment, where the merger
+adds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from src.separation.model import ModelSpec
+
+# RabbitMQ refuses messages above max_message_size (128 MiB on 3.x, 16 MiB by default
+# on 4.x; docker-compose.rabbitmq.yml sets 128 MiB). A result carries every source,
+# base64-encoded, so keep it well under the limit whatever CHUNK_SECONDS says.
+MAX_RESULT_BYTES = 96 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    chunk: int
+    first_offset: int
+    segments: int
+    slice_start: int  # audio sent: [slice_start, slice_end)
+    slice_end: int
+    out_start: int  # output covers [out_start, out_end)
+    out_end: int
+
+    def offsets(self, stride: int) -> list[int]:
+        return [self.first_offset + i * stride for i in range(self.segments)]
+
+
+def grid(spec: ModelSpec, total_frames: int) -> list[int]:
+    return list(range(0, total_frames, spec.stride))
+
+
+def segments_per_job(spec: ModelSpec, chunk_seconds: float) -> int:
+    """Grid offsets per job: CHUNK_SECONDS rounded to the grid, capped by message size."""
+    wanted = max(1, round(chunk_seconds * spec.samplerate / spec.stride))
+    bytes_per_frame = len(spec.sources) * spec.channels * 4 * 4 / 3
+    fits = int((MAX_RESULT_BYTES / bytes_per_frame - spec.segment_frames) // spec.stride) + 1
+    return max(1, min(wanted, fits))
+
+
+def plan_jobs(spec: ModelSpec, total_frames: int, chunk_seconds: float) -> list[JobPlan]:
+    if total_frames <= 0:
+        raise ValueError("a song needs at least one frame of audio")
+    offsets = grid(spec, total_frames)
+    per_job = segments_per_job(spec, chunk_seconds)
+    plans = []
+    for chunk, first in enumerate(range(0, len(offsets), per_job)):
+        owned = offsets[first : first + per_job]
+        windows = [spec.input_window(o, total_frames) for o in owned]
+        plans.append(
+            JobPlan(
+                chunk=chunk,
+                first_offset=owned[0],
+                segments=len(owned),
+                slice_start=min(w[0] for w in windows),
+                slice_end=max(w[1] for w in windows),
+                out_start=owned[0],
+                out_end=min(owned[-1] + spec.segment_frames, total_frames),
+            )
+        )
+    return plans
+
+
+def triangle_weight(segment_frames: int) -> np.ndarray:
+    """apply_model's blending weight for one segment (transition_power 1), float32."""
+    half = segment_frames // 2
+    ramp = np.concatenate([np.arange(1, half + 1), np.arange(segment_frames - half, 0, -1)])
+    return ramp.astype(np.float32) / np.float32(ramp.max())
+
+
+def weight_sum(spec: ModelSpec, total_frames: int, start: int, end: int) -> np.ndarray:
+    """sum(w) over every grid segment, for frames [start, end), summed in grid order."""
+    weight = triangle_weight(spec.segment_frames)
+    total = np.zeros(end - start, dtype=np.float32)
+    first = max(0, (start - spec.segment_frames) // spec.stride)
+    for offset in range(first * spec.stride, min(end, total_frames), spec.stride):
+        seg_end = min(offset + spec.segment_frames, total_frames)
+        lo, hi = max(offset, start), min(seg_end, end)
+        if lo < hi:
+            total[lo - start : hi - start] += weight[lo - offset : hi - offset]
+    return total

@@ -1,0 +1,20 @@
+"""`python -m src.server`: the HTTP server (API + web page) in the foreground."""
+
+from __future__ import annotations
+
+import logging
+
+from src import config
+from src.server import configure_logging, create_app
+
+
+def main() -> None:
+    configure_logging()
+    settings = config.load()
+    app = create_app(settings)
+    logging.getLogger("server").info("Serving on http://%s:%d/", settings.server_host, settings.server_port)
+    app.run(host=settings.server_host, port=settings.server_port, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()

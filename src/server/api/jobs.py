@@ -1,0 +1,24 @@
+"""/job: the jobs (one chunk of one song each) and what they cost."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from src.server.api.errors import ApiError
+from src.server.views import job_view
+
+bp = Blueprint("jobs", __name__)
+
+
+@bp.get("/job")
+def list_jobs():
+    return jsonify(current_app.extensions["karaoke"].store.job_ids())
+
+
+@bp.get("/job/<int:job_id>")
+def job(job_id: int):
+    store = current_app.extensions["karaoke"].store
+    found = store.job(job_id)
+    if found is None:
+        raise ApiError(404, f"no job with id {job_id}")
+    return jsonify(job_view(store, found))

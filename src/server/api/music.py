@@ -1,0 +1,122 @@
+"""/music: upload songs, start their processing, follow them, download stems and mixes."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, current_app, jsonify, request, send_file
+from werkzeug.http import parse_options_header
+
+from src.server import mixdown
+from src.server.api.errors import ApiError
+from src.server.audio import UnreadableAudio
+from src.server.orchestrator import BadSelection, NotFound
+from src.server.views import music_status, music_summary
+
+bp = Blueprint("music", __name__)
+
+RAW_TYPES = {"application/octet-stream"}
+
+
+def _services():
+    return current_app.extensions["karaoke"]
+
+
+def _music_or_404(music_id: int):
+    music = _services().store.music(music_id)
+    if music is None:
+        raise ApiError(404, f"no music with id {music_id}")
+    return music
+
+
+def _raw_filename() -> str | None:
+    _, options = parse_options_header(request.headers.get("Content-Disposition", ""))
+    return options.get("filename") or request.headers.get("X-Filename") or request.args.get("filename")
+
+
+@bp.post("/music")
+def upload():
+    services = _services()
+    target = services.files.incoming / f"{uuid.uuid4().hex}.upload"
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        if "file" not in request.files:
+            raise ApiError(400, "a multipart upload needs the audio in a field named 'file'")
+        upload_file = request.files["file"]
+        upload_file.save(target)
+        filename = upload_file.filename
+    elif mimetype in RAW_TYPES or mimetype.startswith("audio/"):
+        with target.open("wb") as out:
+            while chunk := request.stream.read(1 << 20):
+                out.write(chunk)
+        filename = _raw_filename()
+    else:
+        raise ApiError(415, f"unsupported Content-Type {mimetype or '(none)'}: send the audio raw as "
+                            "application/octet-stream or as multipart/form-data field 'file'")
+    try:
+        music = services.orchestrator.upload(target, filename)
+    except UnreadableAudio as exc:
+        raise ApiError(400, str(exc)) from None
+    return jsonify(music_summary(services.store, music))
+
+
+@bp.get("/music")
+def list_music():
+    store = _services().store
+    return jsonify([music_summary(store, m) for m in store.all_music()])
+
+
+@bp.post("/music/<int:music_id>")
+def process(music_id: int):
+    _music_or_404(music_id)
+    body = request.get_json(force=True, silent=True)
+    if body is None:
+        raise ApiError(400, "the body must be a JSON list of track ids, like [1, 3]")
+    if not isinstance(body, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in body):
+        raise ApiError(400, "the body must be a JSON list of integer track ids, like [1, 3]")
+    try:
+        _services().orchestrator.process(music_id, body)
+    except NotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except BadSelection as exc:
+        raise ApiError(422, str(exc)) from None
+    return jsonify({})
+
+
+@bp.get("/music/<int:music_id>")
+def status(music_id: int):
+    return jsonify(music_status(_services().store, _music_or_404(music_id)))
+
+
+@bp.get("/music/<int:music_id>/timeline")
+def timeline(music_id: int):
+    _music_or_404(music_id)
+    return jsonify(_services().store.attempts(music_id))
+
+
+def _download(music_id: int, source: str | None, label: str):
+    services = _services()
+    music = _music_or_404(music_id)
+    if music.state != "done":
+        raise ApiError(409, f"music {music_id} is {music.state}; downloads are ready once it is done")
+    fmt = request.args.get("format", "mp3")
+    if fmt not in ("mp3", "wav"):
+        raise ApiError(400, "format must be mp3 or wav")
+    path = mixdown.rendering(services.files, music_id, music.samplerate, music.channels, source, fmt)
+    name = f"{music.name} - {label}.{fmt}"
+    return send_file(path, mimetype="audio/mpeg" if fmt == "mp3" else "audio/wav", download_name=name,
+                     as_attachment=request.args.get("download") == "1", max_age=0)
+
+
+@bp.get("/music/<int:music_id>/tracks/<int:track_id>")
+def track(music_id: int, track_id: int):
+    tracks = {t.id: t for t in _services().store.tracks(music_id)}
+    if track_id not in tracks:
+        _music_or_404(music_id)
+        raise ApiError(404, f"music {music_id} has no track {track_id}")
+    return _download(music_id, tracks[track_id].name, tracks[track_id].name)
+
+
+@bp.get("/music/<int:music_id>/final")
+def final(music_id: int):
+    return _download(music_id, None, "mix")

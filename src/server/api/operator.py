@@ -1,0 +1,44 @@
+"""Operator endpoints: /workers, /metrics, /health, /reset."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+bp = Blueprint("operator", __name__)
+
+
+def _services():
+    return current_app.extensions["karaoke"]
+
+
+@bp.get("/workers")
+def workers():
+    return jsonify(_services().collector.workers.snapshot())
+
+
+@bp.get("/metrics")
+def metrics():
+    services = _services()
+    counts = services.store.job_state_counts()
+    busy = sum(1 for w in services.collector.workers.snapshot() if w["state"] == "busy")
+    services.metrics.jobs_running.set(busy)
+    services.metrics.jobs_queued.set(max(0, counts.get("queued", 0) + counts.get("pending", 0) - busy))
+    services.metrics.jobs_total_done.set(counts.get("done", 0))
+    return Response(generate_latest(services.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/health")
+def health():
+    services = _services()
+    broker_ok = services.broker.connected
+    body = {"status": "ok" if broker_ok else "degraded", "broker": broker_ok,
+            "workers": len(services.collector.workers.snapshot()), "model": services.spec.name}
+    return jsonify(body), 200 if broker_ok else 503
+
+
+@bp.post("/reset")
+def reset():
+    _services().orchestrator.reset()
+    return jsonify({})

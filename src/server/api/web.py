@@ -1,0 +1,28 @@
+"""The web page (static files from web/) and its live event stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, send_from_directory
+
+WEB_DIR = Path(__file__).resolve().parents[3] / "web"
+
+bp = Blueprint("web", __name__)
+
+
+@bp.get("/")
+def index():
+    return send_from_directory(WEB_DIR, "index.html", max_age=0)
+
+
+@bp.get("/web/<path:name>")
+def asset(name: str):
+    return send_from_directory(WEB_DIR, name, max_age=0)
+
+
+@bp.get("/events")
+def events():
+    stream = current_app.extensions["karaoke"].events.stream()
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

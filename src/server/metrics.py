@@ -1,0 +1,27 @@
+"""Prometheus metrics of one server, in its own registry (so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_published = Counter("karaoke_jobs_published", "Jobs sent to the jobs queue", registry=r)
+        self.jobs_done = Counter("karaoke_jobs_done", "Job results stored", registry=r)
+        self.jobs_failed = Counter("karaoke_jobs_failed", "Job failures reported by workers", registry=r)
+        self.jobs_redelivered = Counter(
+            "karaoke_jobs_redelivered", "Job results that came from a second or later attempt", registry=r)
+        self.duplicate_results = Counter(
+            "karaoke_duplicate_results", "Results for jobs already done (ignored)", registry=r)
+        self.refused_messages = Counter(
+            "karaoke_refused_messages", "Messages that were not ours, parked on the dead queue", registry=r)
+        self.job_seconds = Histogram(
+            "karaoke_job_seconds", "Worker compute time per job", registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+        self.jobs_queued = Gauge("karaoke_jobs_queued", "Jobs waiting for a worker", registry=r)
+        self.jobs_running = Gauge("karaoke_jobs_running", "Jobs a worker is processing", registry=r)
+        self.jobs_total_done = Gauge("karaoke_jobs_in_state_done", "Stored jobs that are done", registry=r)
+        self.workers_alive = Gauge("karaoke_workers_alive", "Workers heard from recently", registry=r)

@@ -1,0 +1,192 @@
+"""Orchestration, the outbound half of the server: upload → plan → jobs on the broker.
+
+An upload is checked and decoded at once (what is not audio is refused now, not later
+in a worker). Starting a song records its jobs as `pending` in the store first and
+publishes them from a background thread, each confirmed by a broker RECEIPT before it
+is marked `queued`; a server restarted mid-publish finds the rest still pending and
+publishes them again (a job published twice is harmless: results are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path, PureWindowsPath
+
+from src.config import Settings
+from src.messaging.broker import Broker, BrokerUnavailable
+from src.messaging.destinations import Destinations
+from src.messaging.schema import ControlMessage, JobMessage
+from src.separation.compute import job_params
+from src.separation.model import ModelSpec
+from src.separation.plan import plan_jobs
+from src.server import audio, mixdown
+from src.server.events import EventHub
+from src.server.files import SongFiles
+from src.server.metrics import Metrics
+from src.server.store import Music, Store
+from src.server.views import announce
+
+log = logging.getLogger("server")
+
+
+class NotFound(LookupError):
+    pass
+
+
+class BadSelection(ValueError):
+    pass
+
+
+def display_name(filename: str | None) -> str:
+    """A human name from an uploaded file's name: no folders, no extension, no control characters."""
+    if not filename:
+        return "untitled"
+    base = PureWindowsPath(filename).name  # splits on both / and \
+    base = re.sub(r"[\x00-\x1f\x7f]", "", base)
+    stem = base.rsplit(".", 1)[0] if "." in base.strip(".") else base
+    return stem.strip()[:200] or "untitled"
+
+
+class Orchestrator:
+    def __init__(self, settings: Settings, store: Store, files: SongFiles, spec: ModelSpec, broker: Broker,
+                 events: EventHub, metrics: Metrics):
+        self.settings = settings
+        self.store = store
+        self.files = files
+        self.spec = spec
+        self.broker = broker
+        self.events = events
+        self.metrics = metrics
+        self._wake = queue.Queue()
+        self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        self._publisher.start()
+        self._wake.put(None)  # publish whatever a previous run left pending
+
+    # -- upload ---------------------------------------------------------------------
+
+    def upload(self, upload_path: Path, filename: str | None) -> Music:
+        """Check, tag and decode an uploaded file; the upload itself is deleted either way."""
+        decoded = self.files.incoming / f"{uuid.uuid4().hex}.f32"
+        try:
+            if upload_path.stat().st_size == 0:
+                raise audio.UnreadableAudio("the upload is empty")
+            tags = audio.probe(upload_path)
+            frames = audio.decode(upload_path, decoded, self.spec.samplerate, self.spec.channels)
+            mean, std = audio.normalisation(decoded, self.spec.channels)
+            music = self.store.create_music(
+                name=tags.title or display_name(filename), band=tags.artist or "", token=uuid.uuid4().hex,
+                frames=frames, samplerate=self.spec.samplerate, channels=self.spec.channels,
+                norm_mean=mean, norm_std=std, sources=self.spec.sources,
+            )
+            target = self.files.audio(music.id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            decoded.replace(target)
+        finally:
+            upload_path.unlink(missing_ok=True)
+            decoded.unlink(missing_ok=True)
+        log.info("Music[%d] - uploaded %r by %r, %.1fs", music.id, music.name, music.band, music.duration)
+        return music
+
+    # -- processing -------------------------------------------------------------------
+
+    def process(self, music_id: int, track_ids: Sequence[int]) -> None:
+        music = self.store.music(music_id)
+        if music is None:
+            raise NotFound(f"no music with id {music_id}")
+        own = {t.id for t in self.store.tracks(music_id)}
+        foreign = [t for t in track_ids if t not in own]
+        if foreign:
+            raise BadSelection(f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(own)})")
+        self.store.set_selection(music_id, track_ids)
+        if music.state == "done":
+            mixdown.render_mix(self.store, self.files, music_id, list(track_ids))
+            log.info("Music[%d] - remixed with tracks %s", music_id, list(track_ids))
+        elif music.state in ("uploaded", "failed"):
+            plans = plan_jobs(self.spec, music.frames, self.settings.chunk_seconds)
+            self.store.start_processing(music_id, plans, bytes_per_frame=4 * music.channels)
+            log.info("Music[%d] - processing in %d jobs", music_id, len(plans))
+            self._wake.put(music_id)
+        announce(self.events, self.store, music_id)
+
+    def _publish_loop(self) -> None:
+        while True:
+            self._wake.get()
+            try:
+                self._publish_pending()
+            except BrokerUnavailable as exc:
+                log.warning("Publishing paused: %s; retrying", exc)
+                time.sleep(2)
+                self._wake.put(None)
+            except Exception:
+                log.exception("Publishing failed; retrying")
+                time.sleep(2)
+                self._wake.put(None)
+
+    def _publish_pending(self) -> None:
+        for job in self.store.jobs(state="pending"):
+            music = self.store.music(job.music_id)
+            if music is None or music.state != "processing":
+                continue
+            plan = job.plan
+            message = JobMessage(
+                music_id=music.id, job_id=job.id, chunk=job.chunk, song_token=music.token, kind="separate",
+                model=self.spec.name, samplerate=music.samplerate, total_frames=music.frames,
+                slice_start=plan.slice_start,
+                audio=audio.read_frames(self.files.audio(music.id), music.channels, plan.slice_start,
+                                        plan.slice_end - plan.slice_start),
+                params=job_params(plan.first_offset, plan.segments, self.spec.stride, self.spec.segment_frames,
+                                  self.spec.segment_override, music.norm_mean, music.norm_std),
+            )
+            self.broker.send(self.broker.destinations.jobs, message.body(), message.headers())
+            self.store.mark_queued(job.id)
+            self.metrics.jobs_published.inc()
+            log.info("Music[%d] - Job[%d] (chunk %d) queued", music.id, job.id, job.chunk)
+
+    # -- reset ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Stop every worker's current job, empty the queues, delete every song."""
+        newest = max((m.id for m in self.store.all_music()), default=0)
+        self.broker.send(self.broker.destinations.control, b"",
+                         ControlMessage("reset", (newest,)).headers(), persistent=False)
+        self.store.delete_everything()
+        self.files.delete_everything()
+        drained = drain_stale_jobs(self.settings, self.store)
+        log.info("Reset: every song deleted, %d queued jobs dropped", drained)
+        self.events.publish("reset", {})
+
+
+def drain_stale_jobs(settings: Settings, store: Store, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> int:
+    """ACK every queued job whose song no longer exists, until the jobs queue is quiet."""
+    broker = Broker(settings, client_name=f"drain-{uuid.uuid4().hex[:8]}")
+    destinations = Destinations(settings.queue_prefix)
+    seen = queue.Queue()
+    broker.subscribe(destinations.jobs, seen.put, prefetch=100)
+    broker.connect(give_up_after=10)
+    dropped, deadline = 0, time.monotonic() + limit_seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                delivery = seen.get(timeout=quiet_seconds)
+            except queue.Empty:
+                break
+            music_id = delivery.headers.get("music-id", "")
+            if not music_id.isdigit():
+                broker.nack(delivery, requeue=False)  # not ours: park it on the dead queue
+                continue
+            if store.music(int(music_id)) is None:
+                broker.ack(delivery)
+                dropped += 1
+            else:
+                broker.nack(delivery, requeue=True)
+    finally:
+        broker.close()
+    return dropped

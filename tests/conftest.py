@@ -1,0 +1,164 @@
+"""Fixtures: every test gets its own QUEUE_PREFIX and STORAGE_DIR on the real broker.
+
+- `settings`: isolated settings with the tiny `demucs_unittest` model and short
+  segments, so a few seconds of audio make several jobs.
+- `app` / `client`: the Flask app from the factory, in this process.
+- `cluster`: real server and worker processes, for tests that kill them.
+- `make_song`: audio files made by ffmpeg.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from src import config
+from src.config import Settings
+from src.server import create_app
+from tests import helpers as http
+from tests.helpers import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def delete_queues(prefix: str) -> None:
+    for name in ("jobs", "results", "dead"):
+        subprocess.run(["rabbitmqctl", "-q", "delete_queue", f"{prefix}.{name}"], capture_output=True,
+                       timeout=30)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    values = {
+        "CONFIG_FILE": str(tmp_path / "no-config.yaml"),
+        "QUEUE_PREFIX": prefix,
+        "STORAGE_DIR": str(tmp_path / "storage"),
+        "MODEL": "demucs_unittest",
+        "MODEL_SEGMENT": "2",
+        "CHUNK_SECONDS": "3",
+        "BROKER_HEARTBEAT_MS": "2000",
+        "SERVER_PORT": str(free_port()),
+        "WORKERS_HEALTHY": "2",
+        "WORKER_THREADS": "1",
+    }
+    yield config.load(values)
+    delete_queues(prefix)
+
+
+@pytest.fixture
+def app(settings: Settings):
+    application = create_app(settings)
+    yield application
+    application.extensions["karaoke"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_song(tmp_path: Path):
+    """make_song(seconds, fmt='mp3', title=None, artist=None) -> path of a stereo song made by ffmpeg."""
+
+    def make(seconds: float = 8.0, fmt: str = "mp3", title: str | None = None, artist: str | None = None,
+             name: str | None = None) -> Path:
+        path = tmp_path / (name or f"song-{uuid.uuid4().hex[:6]}.{fmt}")
+        # two tones, a noise bed and a beat: enough structure that stems differ
+        sources = [
+            "-f", "lavfi", "-i", f"sine=frequency=220:duration={seconds}:sample_rate=44100",
+            "-f", "lavfi", "-i", f"sine=frequency=331:duration={seconds}:sample_rate=44100",
+            "-f", "lavfi", "-i", f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2",
+        ]
+        graph = "[0][1]amerge=inputs=2,volume=0.4[tones];[tones][2]amix=inputs=2:normalize=0[out]"
+        meta = []
+        if title:
+            meta += ["-metadata", f"title={title}"]
+        if artist:
+            meta += ["-metadata", f"artist={artist}"]
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", *sources, "-filter_complex", graph, "-map", "[out]",
+                        "-ac", "2", *meta, "-y", str(path)], check=True, timeout=120)
+        return path
+
+    return make
+
+
+class Cluster:
+    """Real server and worker processes for one test, stopped at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path):
+        self.settings = settings
+        self.log_dir = log_dir
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.base = f"http://{settings.server_host}:{settings.server_port}"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1",
+                "CONFIG_FILE": "/nonexistent/config.yaml", **overrides}
+
+    def _spawn(self, module: str, name: str, *args: str, **overrides: str) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=self.env(**overrides),
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def start_server(self) -> subprocess.Popen:
+        self.server = self._spawn("src.server", "server")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http.get(self.base + "/health")[0] == 200:
+                    return self.server
+            except OSError:
+                pass
+            if self.server.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log('server')[-2000:]}")
+            time.sleep(0.2)
+        raise RuntimeError("server did not answer /health in 60s")
+
+    def start_worker(self, *args: str, **overrides: str) -> subprocess.Popen:
+        worker = self._spawn("src.audio_worker", f"worker{len(self.workers)}", *args, **overrides)
+        self.workers.append(worker)
+        return worker
+
+    def wait_workers(self, count: int, timeout: float = 60) -> list[dict]:
+        def enough():
+            workers = http.get_json(self.base + "/workers")
+            return workers if len(workers) >= count else None
+
+        return wait_for(enough, timeout, f"{count} workers on the panel")
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.server]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def cluster(settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(settings, tmp_path)
+    yield running
+    running.stop()

@@ -1,0 +1,89 @@
+"""Plain helpers for tests: HTTP calls with urllib, polling, and audio comparison."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def request(method: str, url: str, body: bytes | None = None, content_type: str | None = None,
+            timeout: float = 30) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    return request("GET", url)
+
+
+def get_json(url: str):
+    status, body = get(url)
+    assert status == 200, f"GET {url} -> {status} {body[:300]!r}"
+    return json.loads(body)
+
+
+def post_json(url: str, payload) -> tuple[int, dict]:
+    status, body = request("POST", url, json.dumps(payload).encode(), "application/json")
+    return status, json.loads(body)
+
+
+def upload(url: str, path: Path) -> dict:
+    status, body = request("POST", url + "/music", path.read_bytes(), "application/octet-stream")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wav_array(data: bytes) -> tuple[np.ndarray, int]:
+    """(frames, channels) float array in [-1, 1) and the sample rate of a 16-bit WAV."""
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getsampwidth() == 2
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
+        return pcm.astype(np.float64) / 32767.0, w.getframerate()
+
+
+def decode_with_ffmpeg(data: bytes, samplerate: int = 44100) -> np.ndarray:
+    """Decode any audio (MP3...) with ffmpeg to (frames, 2) float32.
+
+    From a file, not a pipe: only a seekable input lets ffmpeg honour the MP3's gapless
+    header (encoder delay and padding), which is what makes its length exact.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".audio") as f:
+        f.write(data)
+        f.flush()
+        proc = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", f.name, "-ac", "2", "-ar", str(samplerate),
+                               "-f", "f32le", "pipe:1"], capture_output=True, check=True, timeout=120)
+    return np.frombuffer(proc.stdout, dtype="<f4").reshape(-1, 2)
+
+
+def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Signal-to-distortion ratio in dB of `estimate` against `reference`."""
+    reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
+    noise = ((reference - estimate) ** 2).sum()
+    return float(10 * np.log10((reference ** 2).sum() / max(noise, 1e-30)))
