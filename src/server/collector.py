@@ -95,9 +95,9 @@ class Collector:
             self.store.record_failure(job.id, message.worker, message.attempt, message.error)
             log.warning("JobFailedMsg[%d] - attempt %d on Worker[%s]: %s", job.id, message.attempt,
                         message.worker, message.error)
-            if message.final and self.store.mark_failed(music.id, f"job {job.id} (chunk {job.chunk}) failed "
-                                                                  f"after {message.attempt} attempt(s): {message.error}"):
-                log.error("Music[%d] - failed: %s", music.id, message.error)
+            reason = f"job {job.id} (chunk {job.chunk}) failed after {message.attempt} attempt(s): {message.error}"
+            if message.final and self.store.mark_failed(music.id, reason):
+                log.error("Music[%d] - failed: %s", music.id, reason)
                 announce(self.events, self.store, music.id)
             return self.broker.ack(delivery)
 
