@@ -43,6 +43,8 @@ class Services:
     collector: Collector
 
     def close(self) -> None:
+        self.orchestrator.stop()
+        self.collector.stop()
         self.broker.close()
         self.store.close()
 

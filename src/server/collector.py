@@ -48,6 +48,7 @@ class Collector:
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
         self._last_progress: dict[int, int] = {}
+        self._stopped = threading.Event()
 
     def start(self) -> None:
         d = self.broker.destinations
@@ -60,11 +61,18 @@ class Collector:
             if music.state == "processing" and total and done == total:
                 self._merger.submit(self._merge, music.id)
 
+    def stop(self) -> None:
+        self._stopped.set()
+        self._merger.shutdown(wait=True, cancel_futures=True)
+
     # -- results ------------------------------------------------------------------------
 
     def _results_loop(self) -> None:
-        while True:
-            delivery = self._inbox.get()
+        while not self._stopped.is_set():
+            try:
+                delivery = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
             try:
                 self._handle(delivery)
             except Exception:
@@ -172,8 +180,7 @@ class Collector:
         log.warning("Worker[%s] - no heart-beat for %.0fs; gone", worker, self.workers.expiry_seconds)
 
     def _watch_workers(self) -> None:
-        while True:
-            time.sleep(1)
+        while not self._stopped.wait(1):
             try:
                 self.workers.expire()
                 snapshot = self.workers.snapshot()

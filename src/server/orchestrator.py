@@ -64,6 +64,7 @@ class Orchestrator:
         self.events = events
         self.metrics = metrics
         self._wake = queue.Queue()
+        self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
 
     def start(self) -> None:
@@ -116,9 +117,15 @@ class Orchestrator:
             self._wake.put(music_id)
         announce(self.events, self.store, music_id)
 
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.put(None)
+
     def _publish_loop(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             self._wake.get()
+            if self._stopped.is_set():
+                return
             try:
                 self._publish_pending()
             except BrokerUnavailable as exc:
