@@ -87,3 +87,29 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
     noise = ((reference - estimate) ** 2).sum()
     return float(10 * np.log10((reference ** 2).sum() / max(noise, 1e-30)))
+
+
+def reference_stems(song: Path, segment: float = 2.0) -> dict[str, np.ndarray]:
+    """Whole-file demucs_unittest (the fault-free result) as 16-bit WAV values, (frames, channels)."""
+    import torch
+    from demucs.api import Separator
+
+    torch.manual_seed(0)  # the same random weights every worker builds
+    separator = Separator(model="demucs_unittest", shifts=0, overlap=0.25, split=True, segment=segment, device="cpu")
+    wav = decode_with_ffmpeg(song.read_bytes()).T.copy()
+    _, stems = separator.separate_tensor(torch.from_numpy(wav))
+    return {name: np.clip(np.round(s.numpy().T * 32767), -32768, 32767) / 32767 for name, s in stems.items()}
+
+
+def served_stems(base: str, music_id: int) -> dict[str, np.ndarray]:
+    status = get_json(f"{base}/music/{music_id}")
+    return {i["name"]: wav_array(get(base + i["track"] + "?format=wav")[1])[0] for i in status["instruments"]}
+
+
+def metric(base: str, name: str) -> float:
+    """A counter or gauge's value from /metrics."""
+    text = get(base + "/metrics")[1].decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "_total "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")

@@ -131,10 +131,9 @@ class Worker:
         try:
             if job.kind != "separate":
                 raise ModelUnavailable(f"this worker does not know the job kind {job.kind!r}")
-            out_start, output = run_job(self._model(job.model), job,
-                                        should_stop=lambda: job.music_id <= self._cancelled_up_to)
-            if self.settings.worker_slowdown > 1:
-                time.sleep((self.settings.worker_slowdown - 1) * (time.monotonic() - started))
+            cancelled = lambda: job.music_id <= self._cancelled_up_to  # noqa: E731
+            out_start, output = run_job(self._model(job.model), job, should_stop=cancelled)
+            self._slow_down(time.monotonic() - started, cancelled)
         except JobCancelled:
             log.info("Worker[%s] stopped Job[%d]: its song was reset", self.name, job.job_id)
             self.broker.ack(delivery)
@@ -158,6 +157,14 @@ class Worker:
         finally:
             self._current = None
             self._announce("idle")
+
+    def _slow_down(self, seconds: float, cancelled) -> None:
+        """WORKER_SLOWDOWN: act as a machine that many times slower (benchmarks, fault tests)."""
+        deadline = time.monotonic() + (self.settings.worker_slowdown - 1) * seconds
+        while time.monotonic() < deadline:
+            if cancelled():
+                raise JobCancelled()
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _give_up(self, delivery: Delivery, job: JobMessage, attempt: int, reason: str) -> None:
         log.error("Worker[%s] - Job[%d] failed for good: %s", self.name, job.job_id, reason)

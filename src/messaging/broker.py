@@ -144,6 +144,7 @@ class Broker:
             with self._lock:
                 self._conn = conn
                 self._generation += 1
+                self._declare(conn, self.destinations.dead)
                 for sub in self._subscriptions:
                     self._subscribe_on(conn, sub)
                 self._connected.set()
@@ -222,6 +223,18 @@ class Broker:
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
+    def _declare(self, conn: stomp.Connection12, destination: str) -> None:
+        """Make sure a queue exists without consuming from it.
+
+        Dead-lettered messages are dropped unless their queue exists, and RabbitMQ's STOMP
+        plugin declares a queue only when a frame names it; a subscription that ends at once
+        does that.
+        """
+        sub_id = f"declare-{uuid.uuid4().hex[:8]}"
+        headers = {**self.destinations.declaration(destination), "prefetch-count": "1"}
+        conn.subscribe(destination, id=sub_id, ack="client-individual", headers=headers)
+        conn.unsubscribe(id=sub_id)
+
     def _dispatch(self, frame: stomp.utils.Frame) -> None:
         sub_id = frame.headers.get("subscription")
         for sub in self._subscriptions:
@@ -232,6 +245,8 @@ class Broker:
                 except Exception:
                     log.exception("Handler for %s failed", sub.destination)
                 return
+        # a message that reached a momentary declaring subscription: give it back
+        self.nack(Delivery(dict(frame.headers), b"", self._generation), requeue=True)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, positive=True)
