@@ -1,7 +1,7 @@
 """The splitter: which grid segments each job owns and which audio it is sent.
 
 The grid is apply_model's: segments of `segment_frames` at offsets `range(0, L, stride)`.
-A job owns a run of consecutive offsets, about `CHUNK_SECONDS` of audio, and is sent
+A job owns a run of consecutive offsets, at most `CHUNK_SECONDS` of audio, and is sent
 the union of what those segments read (`ModelSpec.input_window`). Its output, the
 weighted sum of its segments, covers [first offset, last offset + segment) clipped to
 the song; neighbouring jobs' outputs overlap by a quarter segment, where the merger
@@ -53,9 +53,13 @@ def plan_jobs(spec: ModelSpec, total_frames: int, chunk_seconds: float) -> list[
         raise ValueError("a song needs at least one frame of audio")
     offsets = grid(spec, total_frames)
     per_job = segments_per_job(spec, chunk_seconds)
-    plans = []
-    for chunk, first in enumerate(range(0, len(offsets), per_job)):
-        owned = offsets[first : first + per_job]
+    plans, first = [], 0
+    while first < len(offsets):
+        # Guided self-scheduling: full-size jobs first, then ever smaller ones (never more
+        # than a quarter of what is left), so the song's last jobs are short and no worker
+        # is left with a long job while the others have nothing to do.
+        size = min(per_job, max(1, -(-(len(offsets) - first) // 4)))
+        owned, chunk, first = offsets[first : first + size], len(plans), first + size
         windows = [spec.input_window(o, total_frames) for o in owned]
         plans.append(
             JobPlan(

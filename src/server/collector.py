@@ -52,7 +52,8 @@ class Collector:
 
     def start(self) -> None:
         d = self.broker.destinations
-        self.broker.subscribe(d.results, self._inbox.put, prefetch=8)
+        # two in hand: one being stored, one arriving; a result frame can be tens of MB
+        self.broker.subscribe(d.results, self._inbox.put, prefetch=2)
         self.broker.subscribe(d.presence, self._on_presence, ack="auto")
         threading.Thread(target=self._results_loop, name="results", daemon=True).start()
         threading.Thread(target=self._watch_workers, name="workers", daemon=True).start()

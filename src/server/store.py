@@ -119,6 +119,8 @@ class Job:
     time_ms: int | None
     attempts: int
     error: str | None
+    queued_at: float | None
+    done_at: float | None
 
 
 def _music(row: sqlite3.Row) -> Music:
@@ -132,7 +134,7 @@ def _job(row: sqlite3.Row) -> Job:
     plan = JobPlan(row["chunk"], row["first_offset"], row["segments"], row["slice_start"],
                    row["slice_end"], row["out_start"], row["out_end"])
     return Job(row["id"], row["music_id"], row["chunk"], plan, row["size"], row["state"],
-               row["worker"], row["time_ms"], row["attempts"], row["error"])
+               row["worker"], row["time_ms"], row["attempts"], row["error"], row["queued_at"], row["done_at"])
 
 
 class Store:

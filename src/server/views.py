@@ -65,6 +65,9 @@ def job_view(store: Store, job: Job) -> dict:
         "state": job.state,
         "worker": job.worker,
         "attempts": job.attempts,
+        "segments": job.plan.segments,
+        "queued_at": job.queued_at,
+        "done_at": job.done_at,
     }
 
 

@@ -1,0 +1,152 @@
+"""Real deployments for benchmarks: a server and workers as processes on this machine.
+
+Measures what the kernel reports: peak resident memory (VmHWM in /proc/PID/status)
+and CPU seconds (utime + stime in /proc/PID/stat) of each process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, content_type: str | None = None):
+    req = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def get_json(url: str):
+    status, body = http("GET", url)
+    if status != 200:
+        raise RuntimeError(f"GET {url} -> {status} {body[:200]!r}")
+    return json.loads(body)
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident set size in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A server and `workers` worker processes with their own queues and storage."""
+
+    def __init__(self, workdir: Path, settings: dict[str, str], workers: list[dict[str, str]]):
+        self.workdir = workdir
+        self.port = free_port()
+        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CONFIG_FILE": "/nonexistent.yaml",
+                    "QUEUE_PREFIX": self.prefix, "STORAGE_DIR": str(workdir / self.prefix),
+                    "SERVER_PORT": str(self.port), **settings}
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.worker_envs = workers
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+
+    def _spawn(self, module: str, name: str, extra: dict[str, str]) -> subprocess.Popen:
+        log = (self.workdir / f"{self.prefix}-{name}.log").open("ab")
+        return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**self.env, **extra},
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> Deployment:
+        self.server = self._spawn("src.server", "server", {})
+        for index, extra in enumerate(self.worker_envs):
+            self.workers.append(self._spawn("src.audio_worker", f"worker{index}", extra))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if len(get_json(self.base + "/workers")) == len(self.workers):
+                    return self
+            except (OSError, RuntimeError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("deployment did not come up")
+
+    def __exit__(self, *exc) -> None:
+        for proc in [*self.workers, self.server]:
+            if proc and proc.poll() is None:
+                proc.terminate()
+        for proc in [*self.workers, self.server]:
+            if proc:
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for name in ("jobs", "results", "dead"):
+            subprocess.run(["rabbitmqctl", "-q", "delete_queue", f"{self.prefix}.{name}"], capture_output=True)
+
+    def upload(self, song: Path) -> dict:
+        status, body = http("POST", self.base + "/music", song.read_bytes(), "application/octet-stream")
+        if status != 200:
+            raise RuntimeError(f"upload failed: {status} {body[:200]!r}")
+        return json.loads(body)
+
+    def process(self, music: dict, track_names: list[str] | None = None) -> float:
+        ids = [t["track_id"] for t in music["tracks"] if track_names is None or t["name"] in track_names]
+        started = time.time()
+        status, body = http("POST", f"{self.base}/music/{music['music_id']}", json.dumps(ids).encode(),
+                            "application/json")
+        if status != 200:
+            raise RuntimeError(f"process failed: {status} {body[:200]!r}")
+        return started
+
+    def wait_done(self, music_id: int, timeout: float = 7200, poll: float = 0.05) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = get_json(f"{self.base}/music/{music_id}")
+            if status["state"] == "done":
+                return status
+            if status["state"] == "failed":
+                raise RuntimeError(f"music {music_id} failed: {status['error']}")
+            time.sleep(poll)
+        raise RuntimeError(f"music {music_id} not done in {timeout}s")
+
+    def jobs(self, music_id: int) -> list[dict]:
+        return [j for j in (get_json(f"{self.base}/job/{i}") for i in get_json(self.base + "/job"))
+                if j["music_id"] == music_id]
+
+    def timeline(self, music_id: int) -> list[dict]:
+        return get_json(f"{self.base}/music/{music_id}/timeline")
+
+
+def make_song(path: Path, seconds: float) -> Path:
+    """A generated stereo 44.1 kHz song: two tones over pink noise, encoded as the suffix says."""
+    if path.exists():
+        return path
+    graph = (f"sine=frequency=220:duration={seconds}:sample_rate=44100[a];"
+             f"sine=frequency=331:duration={seconds}:sample_rate=44100[b];"
+             f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2[n];"
+             "[a][b]amerge=inputs=2,volume=0.4[t];[t][n]amix=inputs=2:normalize=0[out]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-filter_complex", graph, "-map", "[out]", "-ac", "2",
+                    "-y", str(path)], check=True)
+    return path

@@ -1,0 +1,57 @@
+"""`make bench`: run every benchmark section and write docs/BENCHMARKS.md with its plots.
+
+    python -m bench.run                      # the full run (about 40 minutes on 2 cores)
+    BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
+
+The realistic model is saved once under bench/.models (htdemucs' architecture, random
+weights). Deployments use their own QUEUE_PREFIX and a scratch STORAGE_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench import sections
+from bench.report import write
+from tools.random_model import save_random_htdemucs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def profile(name: str, models: Path) -> sections.Profile:
+    if name == "smoke":
+        save_random_htdemucs(models, "htdemucs_small", small=True)
+        return sections.Profile("smoke", "htdemucs_small", str(models), speed_seconds=6, runs=1,
+                                fidelity_seconds=8, memory_minutes=(0.1, 0.2), load_seconds=4, load_clients=2,
+                                load_song_seconds=3)
+    if not (models / "htdemucs_random.th").exists():
+        save_random_htdemucs(models, "htdemucs_random")
+    return sections.Profile("full", "htdemucs_random", str(models), speed_seconds=180, runs=3,
+                            fidelity_seconds=60, memory_minutes=(1, 10, 60), load_seconds=60, load_clients=3,
+                            load_song_seconds=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"), choices=["full", "smoke"])
+    args = parser.parse_args()
+    chosen = profile(args.profile, ROOT / "bench" / ".models")
+    results = {"profile": chosen.__dict__}
+    with tempfile.TemporaryDirectory(prefix="karaoke-bench-") as scratch:
+        workdir = Path(scratch)
+        for name in ("speed", "fidelity", "memory", "load"):
+            started = time.monotonic()
+            print(f"bench: {name} ...", flush=True)
+            results[name] = getattr(sections, name)(chosen, workdir)
+            print(f"bench: {name} done in {time.monotonic() - started:.0f}s", flush=True)
+    command = "make bench" if args.profile == "full" else "BENCH_PROFILE=smoke python -m bench.run"
+    print(f"bench: wrote {write(results, args.docs, command)}")
+
+
+if __name__ == "__main__":
+    main()
