@@ -1,4 +1,4 @@
-"""Real deployments for benchmarks: a server and workers as processes on this machine.
+"""Real deployments for benchmarks and `make capture`: a server and workers as processes here.
 
 Measures what the kernel reports: peak resident memory (VmHWM in /proc/PID/status)
 and CPU seconds (utime + stime in /proc/PID/stat) of each process.

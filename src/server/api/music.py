@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from urllib.parse import unquote
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 from werkzeug.http import parse_options_header
@@ -30,8 +31,11 @@ def _music_or_404(music_id: int):
 
 
 def _raw_filename() -> str | None:
+    """The file name of a raw upload: Content-Disposition, or X-Filename (percent-encoded, since
+    headers are Latin-1), or ?filename=. Only ever used as a display name."""
     _, options = parse_options_header(request.headers.get("Content-Disposition", ""))
-    return options.get("filename") or request.headers.get("X-Filename") or request.args.get("filename")
+    header = request.headers.get("X-Filename")
+    return options.get("filename") or (unquote(header) if header else None) or request.args.get("filename")
 
 
 @bp.post("/music")
