@@ -37,6 +37,7 @@ function el(tag, attributes = {}, ...children) {
 
 function clock(seconds) {
   if (!Number.isFinite(seconds) || seconds < 0) return "–";
+  if (seconds < 10 && seconds % 1 !== 0) return `${seconds.toFixed(1)}s`;
   const m = Math.floor(seconds / 60), s = Math.floor(seconds % 60);
   return `${m}:${String(s).padStart(2, "0")}`;
 }
