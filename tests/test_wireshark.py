@@ -89,11 +89,14 @@ def test_several_frames_in_one_segment_and_heartbeats(tmp_path):
         while b"Capturing on" not in (tmp_path / "tshark.log").read_bytes():
             assert time.monotonic() < deadline and tshark.poll() is None, "tshark did not start"
             time.sleep(0.1)
+        time.sleep(1)  # "Capturing on" comes a moment before the first packets are recorded
         queue = f"/queue/dissector-{os.getpid()}"
         with socket.create_connection(("localhost", 61613)) as conn:
             conn.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\nheart-beat:0,0\n\n\0")
             assert b"CONNECTED" in conn.recv(4096)
-            conn.sendall(b"\n")  # a heart-beat
+            time.sleep(0.2)
+            conn.sendall(b"\n")  # a heart-beat, in a segment of its own
+            time.sleep(0.2)
             frames = b"".join(
                 f"SEND\ndestination:{queue}\nauto-delete:true\njob-id:{n}\ncontent-length:5\n\nhello\0".encode()
                 for n in (101, 102))

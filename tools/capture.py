@@ -28,6 +28,7 @@ def wait_until_capturing(tshark: subprocess.Popen, log: Path, timeout: float = 3
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if "Capturing on" in log.read_text(errors="replace"):
+            time.sleep(1)  # tshark says so a moment before the first packets are recorded
             return
         if tshark.poll() is not None:
             raise SystemExit(f"tshark could not capture: {log.read_text(errors='replace').strip()}")
