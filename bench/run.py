@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark section and write docs/BENCHMARKS.md with its plots.
 
     python -m bench.run                      # the full run (about 40 minutes on 2 cores)
+    BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory (~10 min)
     BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
 
 The realistic model is saved once under bench/.models (htdemucs' architecture, random
@@ -30,6 +31,10 @@ def profile(name: str, models: Path) -> sections.Profile:
                                 load_song_seconds=3)
     if not (models / "htdemucs_random.th").exists():
         save_random_htdemucs(models, "htdemucs_random")
+    if name == "quick":
+        return sections.Profile("quick", "htdemucs_random", str(models), speed_seconds=60, runs=2,
+                                fidelity_seconds=30, memory_minutes=(1, 10), load_seconds=30, load_clients=3,
+                                load_song_seconds=8)
     return sections.Profile("full", "htdemucs_random", str(models), speed_seconds=180, runs=3,
                             fidelity_seconds=60, memory_minutes=(1, 10, 60), load_seconds=60, load_clients=3,
                             load_song_seconds=8)
@@ -38,7 +43,8 @@ def profile(name: str, models: Path) -> sections.Profile:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"), choices=["full", "smoke"])
+    parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"),
+                        choices=["full", "quick", "smoke"])
     args = parser.parse_args()
     chosen = profile(args.profile, ROOT / "bench" / ".models")
     results = {"profile": chosen.__dict__}
@@ -49,7 +55,7 @@ def main() -> None:
             print(f"bench: {name} ...", flush=True)
             results[name] = getattr(sections, name)(chosen, workdir)
             print(f"bench: {name} done in {time.monotonic() - started:.0f}s", flush=True)
-    command = "make bench" if args.profile == "full" else "BENCH_PROFILE=smoke python -m bench.run"
+    command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
     print(f"bench: wrote {write(results, args.docs, command)}")
 
 
