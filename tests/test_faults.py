@@ -88,18 +88,23 @@ def queue_depth(prefix: str, name: str) -> int:
     return 0
 
 
+def song_on_two_slow_workers(cluster, make_song):
+    """A server, two slowed workers and a 10-second song being processed: (first worker, song, music id)."""
+    cluster.start_server()
+    first = cluster.start_worker(**SLOW)
+    cluster.start_worker(**SLOW)
+    cluster.wait_workers(2)
+    song = make_song(10.0, "wav")
+    return first, song, start_song(cluster.base, song)
+
+
 def report(capsys, fault: str, seconds: float, outcome: str) -> None:
     with capsys.disabled():
         print(f"\n  FAULT {fault}: work moved on after {seconds:.1f}s; {outcome}")
 
 
 def test_killed_worker_job_goes_to_the_other_worker(cluster, make_song, capsys):
-    cluster.start_server()
-    victim = cluster.start_worker(**SLOW)
-    cluster.start_worker(**SLOW)
-    cluster.wait_workers(2)
-    song = make_song(10.0, "wav")
-    music_id = start_song(cluster.base, song)
+    victim, song, music_id = song_on_two_slow_workers(cluster, make_song)
 
     doomed = busy_worker(cluster.base, victim.pid)
     killed_at = time.time()
@@ -113,12 +118,7 @@ def test_killed_worker_job_goes_to_the_other_worker(cluster, make_song, capsys):
 
 
 def test_hung_worker_is_freed_by_the_broker_heartbeat(cluster, make_song, capsys):
-    cluster.start_server()
-    victim = cluster.start_worker(**SLOW)
-    cluster.start_worker(**SLOW)
-    cluster.wait_workers(2)
-    song = make_song(10.0, "wav")
-    music_id = start_song(cluster.base, song)
+    victim, song, music_id = song_on_two_slow_workers(cluster, make_song)
 
     frozen = busy_worker(cluster.base, victim.pid)
     stopped_at = time.time()
@@ -130,12 +130,7 @@ def test_hung_worker_is_freed_by_the_broker_heartbeat(cluster, make_song, capsys
 
 
 def test_server_killed_and_restarted_mid_song_finishes_it(cluster, make_song, capsys):
-    cluster.start_server()
-    cluster.start_worker(**SLOW)
-    cluster.start_worker(**SLOW)
-    cluster.wait_workers(2)
-    song = make_song(10.0, "wav")
-    music_id = start_song(cluster.base, song)
+    _, song, music_id = song_on_two_slow_workers(cluster, make_song)
     wait_for(lambda: get_json(f"{cluster.base}/music/{music_id}")["jobs_done"] >= 1, 90, "a first job")
 
     cluster.server.kill()
@@ -151,12 +146,7 @@ def test_server_killed_and_restarted_mid_song_finishes_it(cluster, make_song, ca
 def test_broker_restarted_mid_song_finishes_it(cluster, make_song, capsys):
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not here, so this test cannot restart the broker")
-    cluster.start_server()
-    cluster.start_worker(**SLOW)
-    cluster.start_worker(**SLOW)
-    cluster.wait_workers(2)
-    song = make_song(10.0, "wav")
-    music_id = start_song(cluster.base, song)
+    _, song, music_id = song_on_two_slow_workers(cluster, make_song)
     wait_for(lambda: get_json(f"{cluster.base}/music/{music_id}")["jobs_done"] >= 1, 90, "a first job")
 
     stopped = subprocess.run(["rabbitmqctl", "-q", "stop_app"], capture_output=True, text=True, timeout=120)
