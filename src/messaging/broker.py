@@ -219,7 +219,9 @@ class Broker:
 
     def _subscribe_on(self, conn: stomp.Connection12, sub: _Subscription) -> None:
         headers = dict(self.destinations.declaration(sub.destination))
-        if sub.prefetch is not None and sub.prefetch > 0:
+        if sub.prefetch is not None:
+            # Always sent, 0 (unbounded) included: the STOMP plugin keeps one channel per
+            # connection, and a subscription without the header inherits the last one's.
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
