@@ -21,5 +21,6 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
         assert (docs / plot).stat().st_size > 1000
     results = json.loads((docs / "benchmarks.json").read_text())
     assert min(results["fidelity"]["distributed"].values()) >= 60
+    assert max(results["fidelity"]["naive"].values()) < min(results["fidelity"]["distributed"].values()) - 20
     assert all(run["songs"] > 0 for run in results["load"]["runs"].values())
     assert len(results["memory"]["rows"]) == 2
