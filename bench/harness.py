@@ -1,7 +1,7 @@
 """Real deployments for benchmarks and `make capture`: a server and workers as processes here.
 
 Measures what the kernel reports: peak resident memory (VmHWM in /proc/PID/status)
-and CPU seconds (utime + stime in /proc/PID/stat) of each process.
+and CPU seconds (utime + stime + cutime + cstime in /proc/PID/stat) of each process.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def peak_rss(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the process and of its children it has waited for: the server's
+    decoding and MP3 encoding run in ffmpeg subprocesses."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -138,15 +140,18 @@ class Deployment:
         return get_json(f"{self.base}/music/{music_id}/timeline")
 
 
-def make_song(path: Path, seconds: float) -> Path:
-    """A generated stereo 44.1 kHz song: two tones over pink noise, encoded as the suffix says."""
+def make_song(path: Path, seconds: float, title: str | None = None, artist: str | None = None) -> Path:
+    """A generated stereo 44.1 kHz song: two tones over pink noise, encoded as the suffix says.
+    Enough structure that the stems differ; reused if it is already there."""
     if path.exists():
         return path
     graph = (f"sine=frequency=220:duration={seconds}:sample_rate=44100[a];"
              f"sine=frequency=331:duration={seconds}:sample_rate=44100[b];"
              f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2[n];"
              "[a][b]amerge=inputs=2,volume=0.4[t];[t][n]amix=inputs=2:normalize=0[out]")
+    meta = [arg for key, value in (("title", title), ("artist", artist)) if value
+            for arg in ("-metadata", f"{key}={value}")]
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-filter_complex", graph, "-map", "[out]", "-ac", "2",
-                    "-y", str(path)], check=True)
+                    *meta, "-y", str(path)], check=True, timeout=600)
     return path

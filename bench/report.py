@@ -113,8 +113,8 @@ def write(results: dict, docs: Path, command: str) -> Path:
                      f"{row['server_peak_rss'] / MB:.0f} MB | {row['worker_peak_rss'] / MB:.0f} MB |")
     low, high = me["growth_between_minutes"]
     lines += ["", "A worker's peak follows the largest job it ran (CHUNK_SECONDS caps it), not the song's length.",
-              f"Server growth from {low:g} to {high:g} minutes: "
-              f"**{me['server_bytes_per_audio_second'] / 1000:.1f} kB per second of audio** "
+              f"Server peak RSS change from {low:g} to {high:g} minutes, where the largest jobs are the same size: "
+              f"**{me['server_bytes_per_audio_second'] / 1000:+.1f} kB per second of audio** "
               "(one copy of the song as float32 stereo would be 352.8 kB per second).",
               "", "![memory](memory.png)", "", "## 5. Load", "",
               f"{lo['clients']} clients each upload a {lo['song_seconds']:.0f}-second song every "

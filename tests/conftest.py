@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import harness
 from src import config
 from src.config import Settings
 from src.server import create_app
@@ -29,12 +29,6 @@ from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def delete_queues(prefix: str) -> None:
@@ -54,7 +48,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         "MODEL_SEGMENT": "2",
         "CHUNK_SECONDS": "3",
         "BROKER_HEARTBEAT_MS": "2000",
-        "SERVER_PORT": str(free_port()),
+        "SERVER_PORT": str(harness.free_port()),
         "WORKERS_HEALTHY": "2",
         "WORKER_THREADS": "1",
     }
@@ -81,21 +75,7 @@ def make_song(tmp_path: Path):
     def make(seconds: float = 8.0, fmt: str = "mp3", title: str | None = None, artist: str | None = None,
              name: str | None = None) -> Path:
         path = tmp_path / (name or f"song-{uuid.uuid4().hex[:6]}.{fmt}")
-        # two tones, a noise bed and a beat: enough structure that stems differ
-        sources = [
-            "-f", "lavfi", "-i", f"sine=frequency=220:duration={seconds}:sample_rate=44100",
-            "-f", "lavfi", "-i", f"sine=frequency=331:duration={seconds}:sample_rate=44100",
-            "-f", "lavfi", "-i", f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2",
-        ]
-        graph = "[0][1]amerge=inputs=2,volume=0.4[tones];[tones][2]amix=inputs=2:normalize=0[out]"
-        meta = []
-        if title:
-            meta += ["-metadata", f"title={title}"]
-        if artist:
-            meta += ["-metadata", f"artist={artist}"]
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", *sources, "-filter_complex", graph, "-map", "[out]",
-                        "-ac", "2", *meta, "-y", str(path)], check=True, timeout=120)
-        return path
+        return harness.make_song(path, seconds, title, artist)
 
     return make
 
