@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark section and write docs/BENCHMARKS.md with its plots.
 
-    python -m bench.run                      # the full run (about 40 minutes on 2 cores)
-    BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory (~10 min)
+    python -m bench.run                      # the full run (about 35 minutes on 2 cores)
+    BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory
     BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
 
 The realistic model is saved once under bench/.models (htdemucs' architecture, random
