@@ -113,3 +113,19 @@ def metric(base: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "_total "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def queue_depth(prefix: str, name: str) -> int:
+    """Messages on one of a test's queues, ready or unacknowledged."""
+    return sum(queue_counts(prefix, name))
+
+
+def queue_counts(prefix: str, name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of one of a test's queues."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
+                         capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == f"{prefix}.{name}":
+            return int(parts[1]), int(parts[2])
+    return 0, 0

@@ -9,7 +9,7 @@ import pytest
 
 from src.config import Settings
 from src.messaging.broker import Broker
-from tests.helpers import wait_for
+from tests.helpers import queue_counts, wait_for
 
 
 @pytest.mark.parametrize("prefetch, expected", [(1, 1), (2, 2), (0, 5)], ids=["pull", "two", "unbounded"])
@@ -30,3 +30,25 @@ def test_a_worker_holds_as_many_unacknowledged_jobs_as_its_prefetch(settings: Se
     finally:
         consumer.close()
         publisher.close()
+
+
+def test_connecting_while_the_dead_queue_holds_messages_takes_none_of_them(settings: Settings) -> None:
+    parker = Broker(settings, client_name="test-parker")
+    parker.connect()
+    try:
+        for index in range(20):
+            parker.send(parker.destinations.dead, f"parked for a human {index}", {})
+        for attempt in range(3):  # every connect declares the dead queue again
+            worker = Broker(settings, client_name=f"test-worker-{attempt}")
+            delivered: queue.Queue = queue.Queue()
+            worker.subscribe(worker.destinations.jobs, delivered.put, prefetch=1)
+            worker.connect()
+            parker.send(parker.destinations.jobs, "a job", {})
+            worker.ack(delivered.get(timeout=10))
+            time.sleep(0.5)
+            ready, unacked = queue_counts(settings.queue_prefix, "dead")
+            assert (ready, unacked) == (20, 0), "every parked message should stay ready for a human"
+            assert worker.connected, "the worker's connection should survive its connect"
+            worker.close()
+    finally:
+        parker.close()

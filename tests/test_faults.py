@@ -26,6 +26,7 @@ from tests.helpers import (
     get_json,
     metric,
     post_json,
+    queue_depth,
     reference_stems,
     sdr,
     served_stems,
@@ -76,16 +77,6 @@ def moved_on(base: str, music_id: int, job_id: int, not_worker: str) -> dict:
     return wait_for(lambda: next((a for a in get_json(f"{base}/music/{music_id}/timeline")
                                   if a["job_id"] == job_id and a["worker"] != not_worker), None),
                     90, f"job {job_id} to move to another worker")
-
-
-def queue_depth(prefix: str, name: str) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "messages"], capture_output=True, text=True,
-                         timeout=30).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == f"{prefix}.{name}":
-            return int(parts[1])
-    return 0
 
 
 def song_on_two_slow_workers(cluster, make_song):

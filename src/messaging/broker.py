@@ -98,7 +98,7 @@ class Broker:
 
     # -- connection ---------------------------------------------------------------
 
-    def _new_connection(self) -> stomp.Connection12:
+    def _new_connection(self, listener: bool = True) -> stomp.Connection12:
         s = self.settings
         heartbeat = s.broker_heartbeat_ms
         conn = stomp.Connection12(
@@ -116,7 +116,8 @@ class Broker:
                 ca_certs=s.broker_tls_ca or None,
                 ssl_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        conn.set_listener("broker", _Listener(self, conn))
+        if listener:
+            conn.set_listener("broker", _Listener(self, conn))
         return conn
 
     def connect(self, give_up_after: float | None = None) -> None:
@@ -125,6 +126,7 @@ class Broker:
         while not self._closing:
             conn = self._new_connection()
             try:
+                self._declare(self.destinations.dead)
                 conn.connect(
                     self.settings.broker_user,
                     self.settings.broker_password,
@@ -144,7 +146,6 @@ class Broker:
             with self._lock:
                 self._conn = conn
                 self._generation += 1
-                self._declare(conn, self.destinations.dead)
                 for sub in self._subscriptions:
                     self._subscribe_on(conn, sub)
                 self._connected.set()
@@ -225,17 +226,21 @@ class Broker:
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
-    def _declare(self, conn: stomp.Connection12, destination: str) -> None:
+    def _declare(self, destination: str) -> None:
         """Make sure a queue exists without consuming from it.
 
         Dead-lettered messages are dropped unless their queue exists, and RabbitMQ's STOMP
         plugin declares a queue only when a frame names it; a subscription that ends at once
-        does that.
+        does that. It runs on a connection of its own: a message the subscription receives
+        before it ends goes back to the queue when that connection closes, where on the main
+        connection it would stay unacknowledged (or, NACKed after the UNSUBSCRIBE, make the
+        broker close the connection with "Subscription not found").
         """
-        sub_id = f"declare-{uuid.uuid4().hex[:8]}"
+        conn = self._new_connection(listener=False)
+        conn.connect(self.settings.broker_user, self.settings.broker_password, wait=True)
         headers = {**self.destinations.declaration(destination), "prefetch-count": "1"}
-        conn.subscribe(destination, id=sub_id, ack="client-individual", headers=headers)
-        conn.unsubscribe(id=sub_id)
+        conn.subscribe(destination, id="declare", ack="client-individual", headers=headers)
+        conn.disconnect(receipt=uuid.uuid4().hex)  # waits for the receipt, so the queue exists now
 
     def _dispatch(self, frame: stomp.utils.Frame) -> None:
         sub_id = frame.headers.get("subscription")
@@ -247,8 +252,7 @@ class Broker:
                 except Exception:
                     log.exception("Handler for %s failed", sub.destination)
                 return
-        # a message that reached a momentary declaring subscription: give it back
-        self.nack(Delivery(dict(frame.headers), b"", self._generation), requeue=True)
+        log.warning("Dropped a MESSAGE for unknown subscription %s", sub_id)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, positive=True)
