@@ -252,7 +252,8 @@ class Broker:
                 except Exception:
                     log.exception("Handler for %s failed", sub.destination)
                 return
-        log.warning("Dropped a MESSAGE for unknown subscription %s", sub_id)
+        log.warning("Ignored a MESSAGE for unknown subscription %s; it returns to its queue when this "
+                    "connection closes", sub_id)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, positive=True)
