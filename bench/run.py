@@ -14,7 +14,9 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import sections
 from bench.report import write
@@ -40,6 +42,14 @@ def profile(name: str, models: Path) -> sections.Profile:
                             load_song_seconds=20)
 
 
+def timed(name: str, section: Callable[..., dict], *args: Any) -> dict:
+    print(f"bench: {name} ...", flush=True)
+    started = time.monotonic()
+    result = section(*args)
+    print(f"bench: {name} done in {time.monotonic() - started:.0f}s", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
@@ -50,12 +60,11 @@ def main() -> None:
     results = {"profile": chosen.__dict__}
     with tempfile.TemporaryDirectory(prefix="karaoke-bench-") as scratch:
         workdir = Path(scratch)
-        for name in ("speed", "fidelity", "memory", "load"):
-            started = time.monotonic()
-            print(f"bench: {name} ...", flush=True)
-            extra = (results["speed"],) if name == "load" else ()
-            results[name] = getattr(sections, name)(chosen, workdir, *extra)
-            print(f"bench: {name} done in {time.monotonic() - started:.0f}s", flush=True)
+        results["speed"] = timed("speed", sections.speed, chosen, workdir)
+        results["fidelity"] = timed("fidelity", sections.fidelity, chosen, workdir)
+        results["memory"] = timed("memory", sections.memory, chosen, workdir)
+        # the load's pace comes from the speed section's measured cost per second of audio
+        results["load"] = timed("load", sections.load, chosen, workdir, results["speed"])
     command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
     print(f"bench: wrote {write(results, args.docs, command)}")
 

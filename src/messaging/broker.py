@@ -98,7 +98,7 @@ class Broker:
 
     # -- connection ---------------------------------------------------------------
 
-    def _new_connection(self, listener: bool = True) -> stomp.Connection12:
+    def _new_connection(self) -> stomp.Connection12:
         s = self.settings
         heartbeat = s.broker_heartbeat_ms
         conn = stomp.Connection12(
@@ -116,8 +116,6 @@ class Broker:
                 ca_certs=s.broker_tls_ca or None,
                 ssl_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        if listener:
-            conn.set_listener("broker", _Listener(self, conn))
         return conn
 
     def connect(self, give_up_after: float | None = None) -> None:
@@ -125,6 +123,7 @@ class Broker:
         delay, started = 0.5, time.monotonic()
         while not self._closing:
             conn = self._new_connection()
+            conn.set_listener("broker", _Listener(self, conn))
             try:
                 self._declare(self.destinations.dead)
                 conn.connect(
@@ -236,7 +235,7 @@ class Broker:
         connection it would stay unacknowledged (or, NACKed after the UNSUBSCRIBE, make the
         broker close the connection with "Subscription not found").
         """
-        conn = self._new_connection(listener=False)
+        conn = self._new_connection()  # no listener: what it receives goes back on disconnect
         conn.connect(self.settings.broker_user, self.settings.broker_password, wait=True)
         headers = {**self.destinations.declaration(destination), "prefetch-count": "1"}
         conn.subscribe(destination, id="declare", ack="client-individual", headers=headers)
