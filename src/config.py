@@ -8,6 +8,7 @@ object is passed down, so no module below reads the environment itself.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +41,14 @@ DEFAULTS: dict[str, Any] = {
     "WORKER_PREFETCH": 1,
     "WORKER_SLOWDOWN": 1.0,
     "MAX_UPLOAD_MB": 200,
+    "MAX_DURATION_S": 7200.0,
+    "MAX_CHANNELS": 8,
+    "CORS_ORIGINS": "",
+    "ALLOWED_HOSTS": "",
+    "TRUSTED_PROXIES": 0,
+    "OPERATOR_TOKEN": "",
+    "SERVER_THREADS": 32,
+    "SSE_MAX_CLIENTS": 24,
     "CAPTURE_SECONDS": 30,
     "CAPTURE_IFACE": "lo",
 }
@@ -71,6 +80,14 @@ class Settings:
     worker_prefetch: int
     worker_slowdown: float
     max_upload_mb: int
+    max_duration_s: float
+    max_channels: int
+    cors_origins: str
+    allowed_hosts: str
+    trusted_proxies: int
+    operator_token: str
+    server_threads: int
+    sse_max_clients: int
     capture_seconds: int
     capture_iface: str
 
@@ -81,6 +98,10 @@ class Settings:
             return self.worker_threads
         workers = max(1, self.workers_healthy + self.workers_unhealthy)
         return max(1, (os.cpu_count() or 1) // workers)
+
+    @property
+    def listens_beyond_loopback(self) -> bool:
+        return not is_loopback(self.server_host)
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -94,6 +115,17 @@ class Settings:
                 value = int(value)
             env[field.name.upper()] = str(value)
         return env
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that only this machine can reach."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -129,5 +161,13 @@ def load(environ: dict[str, str] | None = None) -> Settings:
 
     if values["WORKER_SIMULATE"] not in {"crash", "hang"}:
         raise ValueError("WORKER_SIMULATE must be 'crash' or 'hang'")
-    values["STORAGE_DIR"] = Path(values["STORAGE_DIR"])
+    if values["SSE_MAX_CLIENTS"] >= values["SERVER_THREADS"]:
+        raise ValueError("SSE_MAX_CLIENTS must be below SERVER_THREADS: each live page holds a server thread")
+    # Relative paths mean "from where the command was started", resolved once here: a path
+    # left relative is later read against whatever folder a library prefers (Flask's
+    # send_file used the app's package folder, and every download answered 500).
+    values["STORAGE_DIR"] = Path(values["STORAGE_DIR"]).expanduser().resolve()
+    for name in ("MODEL_REPO", "BROKER_TLS_CA"):
+        if values[name]:
+            values[name] = str(Path(values[name]).expanduser().resolve())
     return Settings(**{name.lower(): value for name, value in values.items()})

@@ -60,6 +60,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def wait_ready(client, music_id: int, timeout: float = 60) -> dict:
+    """Wait (Flask test client) until an upload's background decode has ended, either way."""
+
+    def decoded():
+        status = client.get(f"/music/{music_id}").get_json()
+        return status if status["ready"] or status["state"] == "failed" else None
+
+    return wait_for(decoded, timeout, f"music {music_id} to be decoded")
+
+
 def wav_array(data: bytes) -> tuple[np.ndarray, int]:
     """(frames, channels) float array in [-1, 1) and the sample rate of a 16-bit WAV."""
     with wave.open(io.BytesIO(data)) as w:

@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from werkzeug.serving import make_server
+from playwright.sync_api import expect
 
+from src.server import wsgi
 from tests.conftest import ARTIFACTS
 from tests.helpers import wav_array
 
@@ -24,11 +25,11 @@ SHOTS = ARTIFACTS / "browser"
 
 @pytest.fixture
 def live_server(app, settings):
-    server = make_server(settings.server_host, settings.server_port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server = wsgi.create_server(app, settings)  # the production server, as `make server` runs it
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://{settings.server_host}:{settings.server_port}"
-    server.shutdown()
+    server.close()
 
 
 @pytest.fixture
@@ -43,6 +44,8 @@ def page():
         tab = context.new_page()
         errors: list[str] = []
         tab.on("pageerror", lambda error: errors.append(str(error)))
+        # a page that breaks its own Content-Security-Policy only says so on the console
+        tab.on("console", lambda message: "Content Security Policy" in message.text and errors.append(message.text))
         yield tab
         browser.close()
         assert not errors, f"JavaScript errors on the page: {errors}"
@@ -58,7 +61,7 @@ def test_upload_choose_listen_and_download_in_the_browser(live_server, page, clu
     cluster.start_worker()
     page.goto(live_server)
     page.wait_for_selector("#connection.ok")
-    page.wait_for_function("document.querySelectorAll('#workers tr').length === 2")
+    expect(page.locator("#workers tr")).to_have_count(2, timeout=60_000)
     shot(page, "01-empty-with-workers")
 
     # a file that is not audio: the server's reason is shown, not a generic failure
@@ -86,7 +89,7 @@ def test_upload_choose_listen_and_download_in_the_browser(live_server, page, clu
     page.wait_for_selector("#song-state.done", timeout=120_000)
     assert page.inner_text("#progress-percent") == "100%"
     page.wait_for_selector("#play:not([disabled])", timeout=60_000)
-    page.wait_for_function("document.querySelectorAll('#timeline .job.done').length > 0")
+    page.locator("#timeline .job.done").first.wait_for()
     shot(page, "05-done-mixer-and-timeline")
 
     page.click("#play")
@@ -123,13 +126,12 @@ def test_workers_panel_follows_presence_and_reset_empties_the_page(live_server, 
     survivor = cluster.start_worker()
     victim = cluster.start_worker()
     page.goto(live_server)
-    page.wait_for_function("document.querySelectorAll('#workers tr').length === 2")
+    expect(page.locator("#workers tr")).to_have_count(2, timeout=60_000)
     assert page.locator(f"#workers tr[data-pid='{victim.pid}']").count() == 1
 
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    page.wait_for_function("document.querySelectorAll('#workers tr').length === 1",
-                           timeout=2 * settings.broker_heartbeat_ms + 5000)
+    expect(page.locator("#workers tr")).to_have_count(1, timeout=2 * settings.broker_heartbeat_ms + 5000)
     gone_after = time.monotonic() - killed
     assert page.locator(f"#workers tr[data-pid='{survivor.pid}']").count() == 1
     assert gone_after <= 2 * settings.broker_heartbeat_ms / 1000 + 3

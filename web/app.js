@@ -215,8 +215,11 @@ function drawTimeline(attempts) {
     el("div", { class: "lane-track" }, attempts.filter((a) => a.worker === worker).map((a) => {
       const left = 100 * (a.started_at - start) / span;
       const width = Math.max(0.6, 100 * ((a.ended_at || now) - a.started_at) / span);
-      return el("div", { class: `job ${a.outcome}`, style: `left:${left}%;width:${width}%`,
-                         title: `job ${a.job_id} (chunk ${a.chunk}) on ${worker}: ${a.outcome}` }, `#${a.chunk}`);
+      const bar = el("div", { class: `job ${a.outcome}`,
+                              title: `job ${a.job_id} (chunk ${a.chunk}) on ${worker}: ${a.outcome}` }, `#${a.chunk}`);
+      // set through the CSSOM: the Content-Security-Policy forbids inline style attributes
+      Object.assign(bar.style, { left: `${left}%`, width: `${width}%` });
+      return bar;
     }))));
   const legend = el("div", { class: "legend muted" }, "done", el("i", { class: "job done" }), " running ",
                     el("i", { class: "job running" }), " lost (worker died or hung) ", el("i", { class: "job lost" }),

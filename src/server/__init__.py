@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = Store(files.database)
     spec = load_spec(settings.model, settings.model_repo, settings.model_segment or None)
     broker = Broker(settings, client_name=f"server-{socket.gethostname()}-{os.getpid()}")
-    events, metrics = EventHub(), Metrics()
+    events, metrics = EventHub(settings.sse_max_clients), Metrics()
     services = Services(
         settings, files, store, spec, broker, events, metrics,
         Orchestrator(settings, store, files, spec, broker, events, metrics),
@@ -69,8 +69,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_mb * 1024 * 1024
     app.extensions["karaoke"] = services
 
-    from src.server.api import errors, jobs, music, operator, web
+    from src.server import wsgi
+    from src.server.api import errors, jobs, music, operator, security, web
 
+    wsgi.install(app, settings)
+    security.install(app, settings)
     errors.register(app)
     for blueprint in (music.bp, jobs.bp, operator.bp, web.bp):
         app.register_blueprint(blueprint)

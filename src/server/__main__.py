@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from src import config
-from src.server import configure_logging, create_app
+from src.server import configure_logging, create_app, wsgi
 
 
 def main() -> None:
@@ -13,7 +13,7 @@ def main() -> None:
     settings = config.load()
     app = create_app(settings)
     logging.getLogger("server").info("Serving on http://%s:%d/", settings.server_host, settings.server_port)
-    app.run(host=settings.server_host, port=settings.server_port, threaded=True, use_reloader=False)
+    wsgi.serve(app, settings)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ class SongFiles:
     def song_dir(self, music_id: int) -> Path:
         return self.songs / str(int(music_id))
 
+    def original(self, music_id: int) -> Path:
+        """The file as uploaded, kept: it is decoded in the background, again after a restart."""
+        return self.song_dir(music_id) / "original"
+
     def audio(self, music_id: int) -> Path:
         """The decoded song: float32, interleaved, model sample rate and channels."""
         return self.song_dir(music_id) / "audio.f32"
@@ -53,6 +57,13 @@ class SongFiles:
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
+
+    def sweep_incoming(self) -> int:
+        """Delete what unfinished uploads left behind (a crash, a kill); returns how many files."""
+        leftovers = [p for p in self.incoming.iterdir() if p.is_file()]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
     def delete_song(self, music_id: int) -> None:
         shutil.rmtree(self.song_dir(music_id), ignore_errors=True)

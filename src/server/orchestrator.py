@@ -1,10 +1,14 @@
-"""Orchestration, the outbound half of the server: upload → plan → jobs on the broker.
+"""Orchestration, the outbound half of the server: upload → decode → plan → jobs on the broker.
 
-An upload is checked and decoded at once (what is not audio is refused now, not later
-in a worker). Starting a song records its jobs as `pending` in the store first and
-publishes them from a background thread, each confirmed by a broker RECEIPT before it
-is marked `queued`; a server restarted mid-publish finds the rest still pending and
-publishes them again (a job published twice is harmless: results are idempotent).
+An upload is probed in the request (what is not audio, or would cost too much to
+decode, is refused now, not later in a worker) and answered at once; a decoder thread
+then turns it into the float32 audio that jobs are cut from. A song asked to be
+processed before its decode ends starts when it ends.
+
+Starting a song records its jobs as `pending` in the store first and publishes them
+from a background thread, each confirmed by a broker RECEIPT before it is marked
+`queued`; a server restarted mid-publish finds the rest still pending and publishes
+them again (a job published twice is harmless: results are idempotent).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PureWindowsPath
 
 from src.config import Settings
@@ -43,6 +48,10 @@ class BadSelection(ValueError):
     pass
 
 
+class NotProcessable(ValueError):
+    """The song can never be processed (its audio could not be decoded)."""
+
+
 def display_name(filename: str | None) -> str:
     """A human name from an uploaded file's name: no folders, no extension, no control characters."""
     if not filename:
@@ -66,35 +75,69 @@ class Orchestrator:
         self._wake = queue.Queue()
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decoder")
+        self._decoded = threading.Lock()  # orders "decode ended" against "processing asked for"
 
     def start(self) -> None:
+        swept = self.files.sweep_incoming()
+        if swept:
+            log.info("Deleted %d unfinished upload(s) left from before", swept)
         self._publisher.start()
         self._wake.put(None)  # publish whatever a previous run left pending
+        for music in self.store.all_music():  # decodes a previous run did not finish
+            if not music.ready and music.state in ("uploaded", "processing"):
+                self._decoder.submit(self._decode, music.id)
 
     # -- upload ---------------------------------------------------------------------
 
     def upload(self, upload_path: Path, filename: str | None) -> Music:
-        """Check, tag and decode an uploaded file; the upload itself is deleted either way."""
+        """Probe an uploaded file and keep it; it is decoded in the background.
+
+        Raises UnreadableAudio or RefusedAudio; the file is the caller's to delete then.
+        """
+        if upload_path.stat().st_size == 0:
+            raise audio.UnreadableAudio("the upload is empty")
+        found = audio.probe(upload_path)
+        audio.check_limits(found, self.settings.max_duration_s, self.settings.max_channels)
+        estimate = int((found.duration or 0) * self.spec.samplerate)
+        music = self.store.create_music(
+            name=found.title or display_name(filename), band=found.artist or "", token=uuid.uuid4().hex,
+            frames=estimate, samplerate=self.spec.samplerate, channels=self.spec.channels, sources=self.spec.sources,
+        )
+        target = self.files.original(music.id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        upload_path.replace(target)
+        self._decoder.submit(self._decode, music.id)
+        log.info("Music[%d] - uploaded %r by %r, %s, about %.1fs", music.id, music.name, music.band, found.codec,
+                 found.duration or 0)
+        return music
+
+    def _decode(self, music_id: int) -> None:
+        music = self.store.music(music_id)
+        if music is None or self._stopped.is_set():
+            return
         decoded = self.files.incoming / f"{uuid.uuid4().hex}.f32"
         try:
-            if upload_path.stat().st_size == 0:
-                raise audio.UnreadableAudio("the upload is empty")
-            tags = audio.probe(upload_path)
-            frames = audio.decode(upload_path, decoded, self.spec.samplerate, self.spec.channels)
+            frames = audio.decode(self.files.original(music_id), decoded, self.spec.samplerate, self.spec.channels,
+                                  self.settings.max_duration_s)
             mean, std = audio.normalisation(decoded, self.spec.channels)
-            music = self.store.create_music(
-                name=tags.title or display_name(filename), band=tags.artist or "", token=uuid.uuid4().hex,
-                frames=frames, samplerate=self.spec.samplerate, channels=self.spec.channels,
-                norm_mean=mean, norm_std=std, sources=self.spec.sources,
-            )
-            target = self.files.audio(music.id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            decoded.replace(target)
+            if self.store.music(music_id) is None:
+                return  # reset while decoding
+            decoded.replace(self.files.audio(music_id))
+        except (audio.UnreadableAudio, audio.RefusedAudio, FileNotFoundError) as exc:
+            if self.store.mark_failed(music_id, str(exc)):
+                log.warning("Music[%d] - decoding failed: %s", music_id, exc)
+                announce(self.events, self.store, music_id)
+            return
         finally:
-            upload_path.unlink(missing_ok=True)
             decoded.unlink(missing_ok=True)
-        log.info("Music[%d] - uploaded %r by %r, %.1fs", music.id, music.name, music.band, music.duration)
-        return music
+        with self._decoded:
+            self.store.mark_decoded(music_id, frames, mean, std)
+            music = self.store.music(music_id)
+            log.info("Music[%d] - decoded, %.1fs", music_id, frames / self.spec.samplerate)
+            if music is not None and music.state == "processing":
+                self._start_jobs(music)
+        announce(self.events, self.store, music_id)
 
     # -- processing -------------------------------------------------------------------
 
@@ -106,20 +149,31 @@ class Orchestrator:
         foreign = [t for t in track_ids if t not in own]
         if foreign:
             raise BadSelection(f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(own)})")
-        self.store.set_selection(music_id, track_ids)
-        if music.state == "done":
-            mixdown.render_mix(self.store, self.files, music_id, list(track_ids))
-            log.info("Music[%d] - remixed with tracks %s", music_id, list(track_ids))
-        elif music.state in ("uploaded", "failed"):
-            plans = plan_jobs(self.spec, music.frames, self.settings.chunk_seconds)
-            self.store.start_processing(music_id, plans, bytes_per_frame=4 * music.channels)
-            log.info("Music[%d] - processing in %d jobs", music_id, len(plans))
-            self._wake.put(music_id)
+        with self._decoded:
+            music = self.store.music(music_id)
+            if not music.ready and music.state == "failed":
+                raise NotProcessable(f"music {music_id} cannot be processed: {music.error}")
+            self.store.set_selection(music_id, track_ids)
+            if music.state == "done":
+                mixdown.render_mix(self.store, self.files, music_id, list(track_ids))
+                log.info("Music[%d] - remixed with tracks %s", music_id, list(track_ids))
+            elif music.state in ("uploaded", "failed") and music.ready:
+                self._start_jobs(music)
+            elif music.state == "uploaded":
+                self.store.request_processing(music_id)
+                log.info("Music[%d] - processing starts once its audio is decoded", music_id)
         announce(self.events, self.store, music_id)
+
+    def _start_jobs(self, music: Music) -> None:
+        plans = plan_jobs(self.spec, music.frames, self.settings.chunk_seconds)
+        self.store.start_processing(music.id, plans, bytes_per_frame=4 * music.channels)
+        log.info("Music[%d] - processing in %d jobs", music.id, len(plans))
+        self._wake.put(music.id)
 
     def stop(self) -> None:
         self._stopped.set()
         self._wake.put(None)
+        self._decoder.shutdown(wait=True, cancel_futures=True)
 
     def _publish_loop(self) -> None:
         while not self._stopped.is_set():

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS music (
     norm_mean REAL NOT NULL,
     norm_std REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'uploaded',
+    ready INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     selection TEXT,
     mix_selection TEXT,
@@ -88,6 +89,7 @@ class Music:
     norm_mean: float
     norm_std: float
     state: str
+    ready: bool  # decoded: its audio can be cut into jobs
     error: str | None
     selection: list[int] | None
     mix_selection: list[int] | None
@@ -127,6 +129,7 @@ def _music(row: sqlite3.Row) -> Music:
     data = dict(row)
     for key in ("selection", "mix_selection"):
         data[key] = json.loads(data[key]) if data[key] else None
+    data["ready"] = bool(data["ready"])
     return Music(**data)
 
 
@@ -146,6 +149,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(music)")}
+        if "ready" not in columns:  # a database from before uploads were decoded in the background
+            self._db.execute("ALTER TABLE music ADD COLUMN ready INTEGER NOT NULL DEFAULT 1")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -165,12 +171,13 @@ class Store:
     # -- songs -----------------------------------------------------------------------
 
     def create_music(self, name: str, band: str, token: str, frames: int, samplerate: int, channels: int,
-                     norm_mean: float, norm_std: float, sources: Sequence[str]) -> Music:
+                     sources: Sequence[str]) -> Music:
+        """A new song, not yet decoded: `frames` is the probe's estimate until `mark_decoded`."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO music (name, band, token, frames, samplerate, channels, norm_mean, norm_std,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, band, token, frames, samplerate, channels, norm_mean, norm_std, time.time()),
+                " created_at) VALUES (?,?,?,?,?,?,0,1,?)",
+                (name, band, token, frames, samplerate, channels, time.time()),
             )
             music_id = cur.lastrowid
             db.executemany("INSERT INTO track (music_id, name) VALUES (?, ?)",
@@ -190,6 +197,17 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT * FROM track WHERE music_id = ? ORDER BY id", (music_id,))
             return [Track(**dict(r)) for r in rows]
+
+    def mark_decoded(self, music_id: int, frames: int, norm_mean: float, norm_std: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE music SET ready = 1, frames = ?, norm_mean = ?, norm_std = ? WHERE id = ?",
+                       (frames, norm_mean, norm_std, music_id))
+
+    def request_processing(self, music_id: int) -> None:
+        """A song asked to be processed before its decode ended: processing, with no jobs yet."""
+        with self._tx() as db:
+            db.execute("UPDATE music SET state = 'processing', error = NULL, started_at = ? WHERE id = ?",
+                       (time.time(), music_id))
 
     def set_selection(self, music_id: int, track_ids: Sequence[int]) -> None:
         with self._tx() as db:
@@ -214,11 +232,11 @@ class Store:
                        (json.dumps(list(mix_selection)), time.time(), music_id))
 
     def mark_failed(self, music_id: int, error: str) -> bool:
-        """Fail a song that is still processing; False if it had already ended."""
+        """Fail a song that is still being decoded or processed; False if it had already ended."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE music SET state = 'failed', error = ?, finished_at = ? "
-                "WHERE id = ? AND state = 'processing'", (error, time.time(), music_id))
+                "WHERE id = ? AND state IN ('uploaded', 'processing')", (error, time.time(), music_id))
             return cur.rowcount == 1
 
     def delete_everything(self) -> None:

@@ -1,4 +1,10 @@
-"""The JSON shapes of the HTTP API (see shared/CONTRACT.md), built from the store."""
+"""The JSON shapes of the HTTP API (see shared/CONTRACT.md), built from the store.
+
+Links are absolute, built from the URL the client used (`base`), because the contract
+types them as URIs and clients follow them as they are. A link appears once its file
+is ready; before that its key is absent, never `null`. Events pushed to the page are
+built without a request: there `base` is empty and links are paths on the same host.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ def music_summary(store: Store, music: Music) -> dict:
         "duration": round(music.duration, 3),
         "state": music.state,
         "progress": progress(music, done, total),
+        "ready": music.ready,
     }
 
 
@@ -29,22 +36,28 @@ def progress(music: Music, done: int, total: int) -> int:
     return min(99, int(100 * done / total))
 
 
-def music_status(store: Store, music: Music) -> dict:
+def music_status(store: Store, music: Music, base: str = "") -> dict:
     done, total = store.progress(music.id)
-    ready = music.state == "done"
+    finished = music.state == "done"
+    song = f"{base.rstrip('/')}/music/{music.id}"
+    instruments = []
+    for t in store.tracks(music.id):
+        instrument = {"name": t.name, "track_id": t.id}
+        if finished:
+            instrument["track"] = f"{song}/tracks/{t.id}"
+        instruments.append(instrument)
+    links = {"final": f"{song}/final"} if finished else {}
     return {
         "progress": progress(music, done, total),
-        "instruments": [
-            {"name": t.name, "track_id": t.id, "track": f"/music/{music.id}/tracks/{t.id}" if ready else None}
-            for t in store.tracks(music.id)
-        ],
-        "final": f"/music/{music.id}/final" if ready else None,
+        "instruments": instruments,
+        **links,
         "state": music.state,
         "error": music.error,
         "music_id": music.id,
         "name": music.name,
         "band": music.band,
         "duration": round(music.duration, 3),
+        "ready": music.ready,
         "jobs_done": done,
         "jobs_total": total,
         "selection": music.selection,
@@ -58,7 +71,7 @@ def job_view(store: Store, job: Job) -> dict:
     return {
         "job_id": job.id,
         "size": job.size,
-        "time": job.time_ms or 0,
+        "time": round((job.time_ms or 0) / 1000, 3),  # seconds, as the course's document says
         "music_id": job.music_id,
         "track_id": [t.id for t in store.tracks(job.music_id)],
         "chunk": job.chunk,

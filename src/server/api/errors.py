@@ -1,6 +1,12 @@
-"""Every error answers JSON `{"error": "what is wrong"}` with its status code."""
+"""Every error answers JSON `{"error": "what is wrong"}` with its status code.
+
+An unexpected exception is logged with its traceback and answered 500 with a fixed
+text: exception messages can carry server paths and internals.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -26,3 +32,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        logging.getLogger("server").exception("Request failed")
+        return jsonify(error="internal error; the server's log has the details"), 500

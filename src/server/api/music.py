@@ -1,8 +1,17 @@
-"""/music: upload songs, start their processing, follow them, download stems and mixes."""
+"""/music: upload songs, start their processing, follow them, download stems and mixes.
+
+The shapes are the course's karaoke contract (shared/CONTRACT.md), so clients written
+for it work unchanged: any body that is not multipart is the raw audio (`curl
+--data-binary` sends it as a form), links are absolute, a track id that is not the
+song's answers 405. What a client sends is bounded before it is believed: the upload by
+MAX_UPLOAD_MB (and the probe's limits), a selection by size, depth and content.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 from urllib.parse import unquote
 
 from flask import Blueprint, current_app, jsonify, request, send_file
@@ -10,13 +19,15 @@ from werkzeug.http import parse_options_header
 
 from src.server import mixdown
 from src.server.api.errors import ApiError
-from src.server.audio import UnreadableAudio
-from src.server.orchestrator import BadSelection, NotFound
+from src.server.audio import RefusedAudio, UnreadableAudio, clean_tag
+from src.server.orchestrator import BadSelection, NotFound, NotProcessable
 from src.server.views import music_status, music_summary
 
 bp = Blueprint("music", __name__)
 
-RAW_TYPES = {"application/octet-stream"}
+# SQLite's INTEGER is 64-bit: a larger id names nothing, so it is a 404 like any unknown id.
+ID = "int(max=9223372036854775807)"
+MAX_SELECTION_BYTES = 64 * 1024
 
 
 def _services():
@@ -38,29 +49,33 @@ def _raw_filename() -> str | None:
     return options.get("filename") or (unquote(header) if header else None) or request.args.get("filename")
 
 
-@bp.post("/music")
-def upload():
-    services = _services()
-    target = services.files.incoming / f"{uuid.uuid4().hex}.upload"
-    mimetype = request.mimetype
-    if mimetype == "multipart/form-data":
+def _receive(target: Path) -> str | None:
+    """Write the request's audio to `target`; returns the client's file name, if any."""
+    if request.mimetype == "multipart/form-data":
         if "file" not in request.files:
             raise ApiError(400, "a multipart upload needs the audio in a field named 'file'")
         upload_file = request.files["file"]
         upload_file.save(target)
-        filename = upload_file.filename
-    elif mimetype in RAW_TYPES or mimetype.startswith("audio/"):
-        with target.open("wb") as out:
-            while chunk := request.stream.read(1 << 20):
-                out.write(chunk)
-        filename = _raw_filename()
-    else:
-        raise ApiError(415, f"unsupported Content-Type {mimetype or '(none)'}: send the audio raw as "
-                            "application/octet-stream or as multipart/form-data field 'file'")
+        return upload_file.filename
+    with target.open("wb") as out:
+        while chunk := request.stream.read(1 << 20):
+            out.write(chunk)
+    return _raw_filename()
+
+
+@bp.post("/music")
+def upload():
+    services = _services()
+    target = services.files.incoming / f"{uuid.uuid4().hex}.upload"
     try:
+        filename = _receive(target)
         music = services.orchestrator.upload(target, filename)
     except UnreadableAudio as exc:
         raise ApiError(400, str(exc)) from None
+    except RefusedAudio as exc:
+        raise ApiError(422, str(exc)) from None
+    finally:  # kept songs were moved away; whatever is left here is refused, cut off or too large
+        target.unlink(missing_ok=True)
     return jsonify(music_summary(services.store, music))
 
 
@@ -70,29 +85,47 @@ def list_music():
     return jsonify([music_summary(store, m) for m in store.all_music()])
 
 
-@bp.post("/music/<int:music_id>")
-def process(music_id: int):
-    _music_or_404(music_id)
-    body = request.get_json(force=True, silent=True)
-    if body is None:
-        raise ApiError(400, "the body must be a JSON list of track ids, like [1, 3]")
+def _selection() -> list[int]:
+    """The JSON list of track ids in the body, bounded and checked before it is believed."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "send the track ids as JSON with Content-Type: application/json")
+    if (request.content_length or 0) > MAX_SELECTION_BYTES:
+        raise ApiError(413, f"a selection is at most {MAX_SELECTION_BYTES // 1024} kB")
+    raw = request.stream.read(MAX_SELECTION_BYTES + 1)
+    if len(raw) > MAX_SELECTION_BYTES:
+        raise ApiError(413, f"a selection is at most {MAX_SELECTION_BYTES // 1024} kB")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        body = None
     if not isinstance(body, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in body):
         raise ApiError(400, "the body must be a JSON list of integer track ids, like [1, 3]")
+    if len(set(body)) != len(body):
+        raise ApiError(400, "each track id may appear once in the list")
+    return body
+
+
+@bp.post(f"/music/<{ID}:music_id>")
+def process(music_id: int):
+    _music_or_404(music_id)
+    track_ids = _selection()
     try:
-        _services().orchestrator.process(music_id, body)
+        _services().orchestrator.process(music_id, track_ids)
     except NotFound as exc:
         raise ApiError(404, str(exc)) from None
     except BadSelection as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(405, str(exc)) from None
+    except NotProcessable as exc:
+        raise ApiError(409, str(exc)) from None
     return jsonify({})
 
 
-@bp.get("/music/<int:music_id>")
+@bp.get(f"/music/<{ID}:music_id>")
 def status(music_id: int):
-    return jsonify(music_status(_services().store, _music_or_404(music_id)))
+    return jsonify(music_status(_services().store, _music_or_404(music_id), request.url_root))
 
 
-@bp.get("/music/<int:music_id>/timeline")
+@bp.get(f"/music/<{ID}:music_id>/timeline")
 def timeline(music_id: int):
     _music_or_404(music_id)
     return jsonify(_services().store.attempts(music_id))
@@ -107,12 +140,12 @@ def _download(music_id: int, source: str | None, label: str):
     if fmt not in ("mp3", "wav"):
         raise ApiError(400, "format must be mp3 or wav")
     path = mixdown.rendering(services.files, music_id, music.samplerate, music.channels, source, fmt)
-    name = f"{music.name} - {label}.{fmt}"
+    name = f"{clean_tag(music.name) or 'untitled'} - {label}.{fmt}".replace("/", "-").replace("\\", "-")
     return send_file(path, mimetype="audio/mpeg" if fmt == "mp3" else "audio/wav", download_name=name,
                      as_attachment=request.args.get("download") == "1", max_age=0)
 
 
-@bp.get("/music/<int:music_id>/tracks/<int:track_id>")
+@bp.get(f"/music/<{ID}:music_id>/tracks/<{ID}:track_id>")
 def track(music_id: int, track_id: int):
     tracks = {t.id: t for t in _services().store.tracks(music_id)}
     if track_id not in tracks:
@@ -121,6 +154,6 @@ def track(music_id: int, track_id: int):
     return _download(music_id, tracks[track_id].name, tracks[track_id].name)
 
 
-@bp.get("/music/<int:music_id>/final")
+@bp.get(f"/music/<{ID}:music_id>/final")
 def final(music_id: int):
     return _download(music_id, None, "mix")

@@ -6,6 +6,8 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from src.server.api.security import operator_only
+
 bp = Blueprint("operator", __name__)
 
 
@@ -39,6 +41,7 @@ def health():
 
 
 @bp.post("/reset")
+@operator_only(lambda: _services().settings)
 def reset():
     _services().orchestrator.reset()
     return jsonify({})

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, send_from_directory
 
+from src.server.api.errors import ApiError
+from src.server.events import TooManyListeners
+
 WEB_DIR = Path(__file__).resolve().parents[3] / "web"
 
 bp = Blueprint("web", __name__)
@@ -23,6 +26,9 @@ def asset(name: str):
 
 @bp.get("/events")
 def events():
-    stream = current_app.extensions["karaoke"].events.stream()
+    try:
+        stream = current_app.extensions["karaoke"].events.stream()
+    except TooManyListeners as exc:
+        raise ApiError(503, f"{exc}; try again later") from None
     return Response(stream, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
