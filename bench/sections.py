@@ -118,7 +118,7 @@ def speed(profile: Profile, workdir: Path) -> dict:
             before = cpu_seconds(deployment.server.pid)
             _, mp3 = http("GET", f"{deployment.base}/music/{music['music_id']}/final")
             encode_cpu = cpu_seconds(deployment.server.pid) - before
-            served = {i["name"]: http("GET", deployment.base + i["track"] + "?format=wav")[1]
+            served = {i["name"]: http("GET", i["track"] + "?format=wav")[1]
                       for i in get_json(f"{deployment.base}/music/{music['music_id']}")["instruments"]}
             server_rss = peak_rss(deployment.server.pid)
             worker_rss = max(peak_rss(w.pid) for w in deployment.workers)

@@ -2,7 +2,8 @@
 
 - `settings`: isolated settings with the tiny `demucs_unittest` model and short
   segments, so a few seconds of audio make several jobs.
-- `app` / `client`: the Flask app from the factory, in this process.
+- `app` / `client`: the Flask app from the factory, in this process; `live_server`: the
+  same app behind the production server on a real port.
 - `cluster`: real server and worker processes, for tests that kill them.
 - `make_song`: audio files made by ffmpeg.
 """
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 from bench import harness
 from src import config
 from src.config import Settings
-from src.server import create_app
+from src.server import create_app, wsgi
 from tests import helpers as http
 from tests.helpers import wait_for
 
@@ -66,6 +68,16 @@ def app(settings: Settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def live_server(app, settings: Settings) -> Iterator[str]:
+    """The app behind the production server (waitress), as `make server` runs it, in a thread."""
+    server = wsgi.create_server(app, settings)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://{settings.server_host}:{settings.server_port}"
+    server.close()
 
 
 @pytest.fixture

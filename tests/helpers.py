@@ -113,7 +113,7 @@ def reference_stems(song: Path, segment: float = 2.0) -> dict[str, np.ndarray]:
 
 def served_stems(base: str, music_id: int) -> dict[str, np.ndarray]:
     status = get_json(f"{base}/music/{music_id}")
-    return {i["name"]: wav_array(get(base + i["track"] + "?format=wav")[1])[0] for i in status["instruments"]}
+    return {i["name"]: wav_array(get(i["track"] + "?format=wav")[1])[0] for i in status["instruments"]}
 
 
 def metric(base: str, name: str) -> float:

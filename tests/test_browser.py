@@ -7,29 +7,18 @@ from __future__ import annotations
 
 import shutil
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from src.server import wsgi
 from tests.conftest import ARTIFACTS
 from tests.helpers import wav_array
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ARTIFACTS / "browser"
-
-
-@pytest.fixture
-def live_server(app, settings):
-    server = wsgi.create_server(app, settings)  # the production server, as `make server` runs it
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f"http://{settings.server_host}:{settings.server_port}"
-    server.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from src.server.api.errors import ApiError
-from src.server.api.music import ID
 from src.server.views import job_view
 
 bp = Blueprint("jobs", __name__)
@@ -16,7 +15,7 @@ def list_jobs():
     return jsonify(current_app.extensions["karaoke"].store.job_ids())
 
 
-@bp.get(f"/job/<{ID}:job_id>")
+@bp.get("/job/<id:job_id>")
 def job(job_id: int):
     store = current_app.extensions["karaoke"].store
     found = store.job(job_id)

@@ -25,8 +25,6 @@ from src.server.views import music_status, music_summary
 
 bp = Blueprint("music", __name__)
 
-# SQLite's INTEGER is 64-bit: a larger id names nothing, so it is a 404 like any unknown id.
-ID = "int(max=9223372036854775807)"
 MAX_SELECTION_BYTES = 64 * 1024
 
 
@@ -105,7 +103,7 @@ def _selection() -> list[int]:
     return body
 
 
-@bp.post(f"/music/<{ID}:music_id>")
+@bp.post("/music/<id:music_id>")
 def process(music_id: int):
     _music_or_404(music_id)
     track_ids = _selection()
@@ -120,12 +118,12 @@ def process(music_id: int):
     return jsonify({})
 
 
-@bp.get(f"/music/<{ID}:music_id>")
+@bp.get("/music/<id:music_id>")
 def status(music_id: int):
     return jsonify(music_status(_services().store, _music_or_404(music_id), request.url_root))
 
 
-@bp.get(f"/music/<{ID}:music_id>/timeline")
+@bp.get("/music/<id:music_id>/timeline")
 def timeline(music_id: int):
     _music_or_404(music_id)
     return jsonify(_services().store.attempts(music_id))
@@ -145,7 +143,7 @@ def _download(music_id: int, source: str | None, label: str):
                      as_attachment=request.args.get("download") == "1", max_age=0)
 
 
-@bp.get(f"/music/<{ID}:music_id>/tracks/<{ID}:track_id>")
+@bp.get("/music/<id:music_id>/tracks/<id:track_id>")
 def track(music_id: int, track_id: int):
     tracks = {t.id: t for t in _services().store.tracks(music_id)}
     if track_id not in tracks:
@@ -154,6 +152,6 @@ def track(music_id: int, track_id: int):
     return _download(music_id, tracks[track_id].name, tracks[track_id].name)
 
 
-@bp.get(f"/music/<{ID}:music_id>/final")
+@bp.get("/music/<id:music_id>/final")
 def final(music_id: int):
     return _download(music_id, None, "mix")
