@@ -5,12 +5,14 @@
 - `app` / `client`: the Flask app from the factory, in this process; `live_server`: the
   same app behind the production server on a real port.
 - `cluster`: real server and worker processes, for tests that kill them.
+- `browser` / `page`: headless Chromium, and a tab of it that fails the test on any JavaScript or CSP error.
 - `make_song`: audio files made by ffmpeg.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from bench import harness
 from src import config
@@ -31,6 +34,7 @@ from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def delete_queues(prefix: str) -> None:
@@ -78,6 +82,32 @@ def live_server(app, settings: Settings) -> Iterator[str]:
     thread.start()
     yield f"http://{settings.server_host}:{settings.server_port}"
     server.close()
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium (Debian's), closed after the test."""
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--autoplay-policy=no-user-gesture-required"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A tab for our own page: any JavaScript error or Content-Security-Policy violation fails the test."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1000})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    # a page that breaks its own Content-Security-Policy only says so on the console
+    tab.on("console", lambda message: "Content Security Policy" in message.text and errors.append(message.text))
+    yield tab
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 @pytest.fixture

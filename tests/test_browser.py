@@ -5,7 +5,6 @@ Screenshots of each state are saved under test-artifacts/browser/.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 
@@ -17,27 +16,7 @@ from tests.conftest import ARTIFACTS
 from tests.helpers import wav_array
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ARTIFACTS / "browser"
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--autoplay-policy=no-user-gesture-required"])
-        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 1000})
-        tab = context.new_page()
-        errors: list[str] = []
-        tab.on("pageerror", lambda error: errors.append(str(error)))
-        # a page that breaks its own Content-Security-Policy only says so on the console
-        tab.on("console", lambda message: "Content Security Policy" in message.text and errors.append(message.text))
-        yield tab
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def shot(page, name: str) -> None:
