@@ -19,6 +19,7 @@ import torch
 from demucs.apply import apply_model
 
 from bench.harness import Deployment, cpu_seconds, get_json, http, make_song, peak_rss
+from src import config
 from src.messaging.schema import JobMessage
 from src.separation.compute import job_params, run_job
 from src.separation.merge import merge_results
@@ -53,7 +54,7 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 def decoded(song: Path, workdir: Path) -> np.ndarray:
     target = workdir / (song.stem + ".f32")
-    frames = audio.decode(song, target, 44100, 2)
+    frames = audio.decode(song, target, 44100, 2, config.DEFAULTS["MAX_DURATION_S"])
     wav = audio.read_frames(target, 2, 0, frames).copy()
     target.unlink()
     return wav

@@ -32,6 +32,7 @@ from tests.helpers import (
     served_stems,
     upload,
     wait_for,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.chaos
@@ -165,6 +166,7 @@ def test_poison_job_is_parked_and_only_its_song_fails(app, client, cluster, make
     good = client.post("/music", data=good_song.read_bytes(), content_type="application/octet-stream").get_json()
     bad = client.post("/music", data=make_song(4.0, "wav").read_bytes(),
                       content_type="application/octet-stream").get_json()
+    wait_ready(client, bad["music_id"])
 
     # One job whose parameters make demucs raise, published the way the server publishes jobs.
     music = services.store.music(bad["music_id"])
