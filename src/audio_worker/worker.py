@@ -83,7 +83,12 @@ class Worker:
         except ModelUnavailable as exc:
             log.error("Worker[%s] - %s; its jobs will fail with this reason", self.name, exc)
         d = self.broker.destinations
-        self.broker.subscribe(d.worker_jobs, self._inbox.put, prefetch=self.settings.worker_prefetch)
+        # A worker login of its own has no `configure` permission, so it consumes the jobs queue
+        # that `make broker` (or the server's first job) declared; one that shares the server's
+        # login declares it as the server does, so workers may start before the first song.
+        shared = self.settings.worker_login == self.settings.server_login
+        self.broker.subscribe(d.jobs if shared else d.worker_jobs, self._inbox.put,
+                              prefetch=self.settings.worker_prefetch)
         self.broker.subscribe(d.control, self._on_control, ack="auto")
         self.broker.connect()
         threading.Thread(target=self._announce_loop, name="presence", daemon=True).start()
