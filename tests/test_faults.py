@@ -269,8 +269,9 @@ def test_model_that_cannot_load_fails_the_song_with_the_reason(settings, make_so
         status = wait_for(lambda: (s := client.get(f"/music/{music['music_id']}").get_json())["state"] == "failed"
                           and s, 60, "the song to fail")
         assert "htdemucs_small" in status["error"] and "cannot be loaded" in status["error"]
-        jobs = status["jobs_total"]
-        wait_for(lambda: queue_depth(settings.queue_prefix, "dead") == jobs, 30, "every job parked, once")
-        assert queue_depth(settings.queue_prefix, "jobs") == 0, "nothing is redelivered forever"
+        # The server publishes a failed job again until MAX_ATTEMPTS: each publication is parked once.
+        jobs, most = status["jobs_total"], status["jobs_total"] * settings.max_attempts
+        wait_for(lambda: queue_depth(settings.queue_prefix, "jobs") == 0, 30, "nothing left on the jobs queue")
+        wait_for(lambda: jobs <= queue_depth(settings.queue_prefix, "dead") <= most, 30, "every publication parked")
     finally:
         app.extensions["karaoke"].close()

@@ -121,8 +121,6 @@ class Collector:
         music = self.store.music(job.music_id) if job is not None else None
         if job is None or music is None:
             return f"Job[{message.job_id}] does not exist"
-        if music.state not in ("processing", "done"):
-            return f"Music[{music.id}] is not processing"
         plan = job.plan
         return Expected(music.id, music.token, job.attempt_tokens, self.spec.sources, music.channels,
                         plan.out_start, plan.out_end - plan.out_start)
@@ -140,6 +138,9 @@ class Collector:
             return self._refuse(delivery, problem)
         job = self.store.job(message.job_id)
         music = self.store.music(job.music_id)
+        if music.state not in ("processing", "done"):
+            log.info("Dropped a late message for Job[%d]: Music[%d] is %s", job.id, music.id, music.state)
+            return self.broker.ack(delivery)
         if job.state == "done" and isinstance(message, ResultMessage):
             # a late copy (a redelivery, or the old copy of a re-published job): harmless, not hostile
             self.metrics.duplicate_results.inc()
