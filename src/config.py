@@ -1,7 +1,10 @@
 """The one place configuration is read.
 
 Defaults live in `DEFAULTS`; a YAML file (`CONFIG_FILE`, default `config.yaml` when it
-exists) overrides them; environment variables override both. `load()` is called once
+exists) overrides them; environment variables override both. The broker logins are the one
+exception to "defaults are constants": where `make broker` provisioned least-privilege
+logins for this QUEUE_PREFIX, it wrote them to BROKER_LOGINS_FILE, and those replace the
+guest/guest defaults of the four login settings (set any of them explicitly to override). `load()` is called once
 by each entry point (server, worker, supervisor, tools) and the resulting `Settings`
 object is passed down, so no module below reads the environment itself.
 """
@@ -21,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "BROKER_PORT": 61613,
     "BROKER_USER": "guest",
     "BROKER_PASSWORD": "guest",  # RabbitMQ's documented local-only default account
+    "BROKER_WORKER_USER": "",  # empty: the same login as the server
+    "BROKER_WORKER_PASSWORD": "",
+    "BROKER_LOGINS_FILE": "broker-logins.yaml",
     "BROKER_HEARTBEAT_MS": 15000,
     "BROKER_TLS": False,
     "BROKER_TLS_CA": "",
@@ -33,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "MODEL_SEGMENT": 0.0,
     "CHUNK_SECONDS": 30.0,
     "MAX_ATTEMPTS": 3,
+    "JOB_DEADLINE_SECONDS": 60.0,
+    "JOB_DEADLINE_FACTOR": 10.0,
     "WORKERS_HEALTHY": 2,
     "WORKERS_UNHEALTHY": 0,
     "WORKER_SIMULATE_CRASH_AFTER": 20.0,
@@ -60,6 +68,9 @@ class Settings:
     broker_port: int
     broker_user: str
     broker_password: str
+    broker_worker_user: str
+    broker_worker_password: str
+    broker_logins_file: str
     broker_heartbeat_ms: int
     broker_tls: bool
     broker_tls_ca: str
@@ -72,6 +83,8 @@ class Settings:
     model_segment: float
     chunk_seconds: float
     max_attempts: int
+    job_deadline_seconds: float
+    job_deadline_factor: float
     workers_healthy: int
     workers_unhealthy: int
     worker_simulate_crash_after: float
@@ -102,6 +115,21 @@ class Settings:
     @property
     def listens_beyond_loopback(self) -> bool:
         return not is_loopback(self.server_host)
+
+    @property
+    def server_login(self) -> tuple[str, str]:
+        return self.broker_user, self.broker_password
+
+    @property
+    def worker_login(self) -> tuple[str, str]:
+        """BROKER_WORKER_USER/PASSWORD, or the server's login when they are not set (the contract's default)."""
+        if self.broker_worker_user:
+            return self.broker_worker_user, self.broker_worker_password
+        return self.server_login
+
+    @property
+    def workers_configured(self) -> int:
+        return self.workers_healthy + self.workers_unhealthy
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -140,6 +168,20 @@ def _coerce(name: str, raw: Any) -> Any:
         raise ValueError(f"configuration {name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+LOGIN_SETTINGS = ("BROKER_USER", "BROKER_PASSWORD", "BROKER_WORKER_USER", "BROKER_WORKER_PASSWORD")
+
+
+def provisioned_logins(path: Path, prefix: str) -> dict[str, str]:
+    """The logins `make broker` provisioned for `prefix` (see src/messaging/accounts.py), or none."""
+    if not path.is_file():
+        return {}
+    entries = yaml.safe_load(path.read_text()) or {}
+    entry = entries.get(prefix) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict):
+        return {}
+    return {name: str(entry[name]) for name in LOGIN_SETTINGS if name in entry}
+
+
 def load(environ: dict[str, str] | None = None) -> Settings:
     """Defaults, overridden by the YAML file, overridden by the environment."""
     environ = dict(os.environ if environ is None else environ)
@@ -155,9 +197,14 @@ def load(environ: dict[str, str] | None = None) -> Settings:
                 raise ValueError(f"{config_file}: unknown setting {name!r}")
             values[name] = _coerce(name, raw)
 
+    explicit = set(loaded) if config_file.is_file() else set()
     for name in DEFAULTS:
         if name in environ and environ[name] != "":
             values[name] = _coerce(name, environ[name])
+            explicit.add(name)
+
+    if not explicit & set(LOGIN_SETTINGS):
+        values.update(provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]))
 
     if values["WORKER_SIMULATE"] not in {"crash", "hang"}:
         raise ValueError("WORKER_SIMULATE must be 'crash' or 'hang'")
@@ -170,4 +217,7 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     for name in ("MODEL_REPO", "BROKER_TLS_CA"):
         if values[name]:
             values[name] = str(Path(values[name]).expanduser().resolve())
+    for name in ("MAX_ATTEMPTS", "JOB_DEADLINE_SECONDS", "JOB_DEADLINE_FACTOR"):
+        if values[name] <= 0:
+            raise ValueError(f"{name} must be positive")
     return Settings(**{name.lower(): value for name, value in values.items()})

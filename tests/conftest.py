@@ -184,3 +184,26 @@ def cluster(settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
     running = Cluster(settings, tmp_path)
     yield running
     running.stop()
+
+
+@pytest.fixture
+def least_privilege(settings: Settings) -> Iterator[Settings]:
+    """`settings` with a server and a worker login of their own, provisioned as `make broker` does.
+
+    Random user names and passwords, deleted (with the policies) afterwards; the queues are
+    declared by the server login, so workers (which may not declare) can start first.
+    """
+    from src.messaging import accounts
+    from src.messaging.broker import Broker
+
+    tag = uuid.uuid4().hex[:8]
+    server, worker = (f"test-server-{tag}", uuid.uuid4().hex), (f"test-worker-{tag}", uuid.uuid4().hex)
+    ctl = accounts.Ctl()
+    accounts.provision(ctl, settings.queue_prefix, server, worker)
+    try:
+        provisioned = settings.with_overrides(broker_user=server[0], broker_password=server[1],
+                                              broker_worker_user=worker[0], broker_worker_password=worker[1])
+        Broker(provisioned, "provision").declare_topology()
+        yield provisioned
+    finally:
+        accounts.remove(ctl, settings.queue_prefix, [server[0], worker[0]])

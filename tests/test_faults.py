@@ -8,6 +8,7 @@ Each test prints how long the work took to move on after the fault.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -17,10 +18,7 @@ import pytest
 import stomp
 
 from src.messaging.destinations import Destinations
-from src.messaging.schema import JobMessage
-from src.separation.compute import job_params
 from src.separation.plan import plan_jobs
-from src.server import audio
 from tests.helpers import (
     get,
     get_json,
@@ -168,29 +166,25 @@ def test_poison_job_is_parked_and_only_its_song_fails(app, client, cluster, make
                       content_type="application/octet-stream").get_json()
     wait_ready(client, bad["music_id"])
 
-    # One job whose parameters make demucs raise, published the way the server publishes jobs.
+    # One job that no worker can run (more segments than its audio holds), published by the
+    # server itself: every worker refuses it, and the server publishes it MAX_ATTEMPTS times.
     music = services.store.music(bad["music_id"])
     plan = plan_jobs(services.spec, music.frames, settings.chunk_seconds)[0]
-    services.store.start_processing(music.id, [plan], bytes_per_frame=8)
-    job = services.store.jobs(music.id)[0]
-    services.store.mark_queued(job.id)
-    poison = JobMessage(music.id, job.id, 0, music.token, "separate", services.spec.name, music.samplerate,
-                        music.frames, plan.slice_start,
-                        audio.read_frames(services.files.audio(music.id), 2, plan.slice_start,
-                                          plan.slice_end - plan.slice_start),
-                        job_params(plan.first_offset, plan.segments, services.spec.stride, 0, None,
-                                   music.norm_mean, music.norm_std))
+    services.store.start_processing(music.id, [dataclasses.replace(plan, segments=plan.segments + 50)],
+                                    bytes_per_frame=8)
     sent_at = time.time()
-    services.broker.send(services.broker.destinations.jobs, poison.body(), poison.headers())
+    services.orchestrator._wake.put(music.id)
     client.post(f"/music/{good['music_id']}", json=[t["track_id"] for t in good["tracks"]])
 
     failed = wait_for(lambda: (s := client.get(f"/music/{bad['music_id']}").get_json())["state"] == "failed" and s,
                       120, "the poisoned song to fail")
     failed_at = time.time()
-    assert f"after {settings.max_attempts} attempt(s)" in failed["error"] and "RuntimeError" in failed["error"]
+    assert f"after {settings.max_attempts} attempt(s)" in failed["error"] and "refused" in failed["error"]
     wait_for(lambda: client.get(f"/music/{good['music_id']}").get_json()["state"] == "done", 120, "the good song")
-    wait_for(lambda: queue_depth(settings.queue_prefix, "dead") == 1, 30, "the poison job on the dead queue")
+    wait_for(lambda: queue_depth(settings.queue_prefix, "dead") == settings.max_attempts, 30,
+             "each publication of the poison job on the dead queue")
     assert queue_depth(settings.queue_prefix, "jobs") == 0
+    assert all(w.poll() is None for w in cluster.workers), "no worker died"
     report(capsys, f"poison job ({settings.max_attempts} attempts)", failed_at - sent_at,
            "parked on the dead queue, its song failed with the reason, the other song done")
 
@@ -277,8 +271,9 @@ def test_model_that_cannot_load_fails_the_song_with_the_reason(settings, make_so
         status = wait_for(lambda: (s := client.get(f"/music/{music['music_id']}").get_json())["state"] == "failed"
                           and s, 60, "the song to fail")
         assert "htdemucs_small" in status["error"] and "cannot be loaded" in status["error"]
-        jobs = status["jobs_total"]
-        wait_for(lambda: queue_depth(settings.queue_prefix, "dead") == jobs, 30, "every job parked, once")
-        assert queue_depth(settings.queue_prefix, "jobs") == 0, "nothing is redelivered forever"
+        # The server publishes a failed job again until MAX_ATTEMPTS: each publication is parked once.
+        jobs, most = status["jobs_total"], status["jobs_total"] * settings.max_attempts
+        wait_for(lambda: queue_depth(settings.queue_prefix, "jobs") == 0, 30, "nothing left on the jobs queue")
+        wait_for(lambda: jobs <= queue_depth(settings.queue_prefix, "dead") <= most, 30, "every publication parked")
     finally:
         app.extensions["karaoke"].close()

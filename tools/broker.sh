@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # make broker: RabbitMQ with rabbitmq_stomp on $BROKER_PORT. Does nothing if STOMP already answers.
 # Docker compose where a Docker engine answers, otherwise a local rabbitmq-server (installed
-# from Debian's packages when missing).
+# from Debian's packages when missing). Then, in every case, provisions the deployment's
+# least-privilege logins, policies and queues (src/messaging/accounts.py) where rabbitmqctl
+# reaches the broker.
 set -euo pipefail
 port="${BROKER_PORT:-61613}"
 host="${BROKER_HOST:-localhost}"
@@ -12,12 +14,26 @@ wait_for_port() {
   echo "RabbitMQ's STOMP port $port did not open" >&2; return 1
 }
 
-if answers; then echo "broker: STOMP answers on $host:$port"; exit 0; fi
+ctl="rabbitmqctl"
+provision() {
+  if [ ! -x .venv/bin/python ]; then echo "broker: no .venv yet (make install); logins not provisioned"; return 0; fi
+  if ! $ctl -q status >/dev/null 2>&1; then
+    echo "broker: rabbitmqctl cannot reach it; provision logins where it runs (python -m src.messaging.accounts)"
+    return 0
+  fi
+  .venv/bin/python -m src.messaging.accounts --ctl "$ctl"
+}
+
+if docker compose -f docker-compose.rabbitmq.yml ps -q rabbitmq 2>/dev/null | grep -q .; then
+  ctl="docker compose -f docker-compose.rabbitmq.yml exec -T rabbitmq rabbitmqctl"
+fi
+if answers; then echo "broker: STOMP answers on $host:$port"; provision; exit 0; fi
 
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   echo "broker: starting RabbitMQ with docker compose"
   BROKER_PORT="$port" docker compose -f docker-compose.rabbitmq.yml up -d
-  wait_for_port; echo "broker: ready on $host:$port"; exit 0
+  wait_for_port; echo "broker: ready on $host:$port"
+  ctl="docker compose -f docker-compose.rabbitmq.yml exec -T rabbitmq rabbitmqctl"; provision; exit 0
 fi
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
@@ -34,3 +50,4 @@ else
 fi
 wait_for_port
 echo "broker: ready on $host:$port"
+provision

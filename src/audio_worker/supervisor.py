@@ -5,6 +5,13 @@ seconds into their first job they die hard (SIGKILL: no ACK, no goodbye) or free
 (SIGSTOP: connection open, heart-beats stopped, so only the broker's heart-beat check
 frees the job). The supervisor announces that before starting them, relays their logs,
 and stops them all on Ctrl-C.
+
+It keeps N workers alive: a worker that exits (crashed, killed, or a poison message
+that got past every guard) is started again after a back-off that doubles from 1 s up to
+60 s while restarts keep failing quickly, and starts over once a worker has run for a
+minute. A restarted unhealthy worker is started healthy: the simulation is "this worker
+crashes once", and restarting it as unhealthy would crash it on every job forever, which
+simulates nothing but a retry loop.
 """
 
 from __future__ import annotations
@@ -34,31 +41,69 @@ def main() -> None:
         log.info("Simulating workers hang. Freezing %d workers. (%.0fs into their first job)",
                  unhealthy, settings.worker_simulate_crash_after)
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
-    children: list[subprocess.Popen] = []
-    for index in range(healthy + unhealthy):
-        command = [sys.executable, "-m", "src.audio_worker"]
-        if index >= healthy:
-            command += ["--simulate", settings.worker_simulate]
-        children.append(subprocess.Popen(command, env=env))
+    slots = [_Slot(index, simulate=settings.worker_simulate if index >= healthy else None)
+             for index in range(healthy + unhealthy)]
+    for slot in slots:
+        slot.start(env)
     log.info("Started %d healthy and %d unhealthy workers: pids %s", healthy, unhealthy,
-             [c.pid for c in children])
+             [slot.process.pid for slot in slots])
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(1):
-        if all(c.poll() is not None for c in children):
-            break
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGCONT)  # a frozen worker must run to hear SIGTERM
-            child.terminate()
+    while not stop.wait(0.5):
+        for slot in slots:
+            slot.watch(env)
+    for slot in slots:
+        if slot.process.poll() is None:
+            slot.process.send_signal(signal.SIGCONT)  # a frozen worker must run to hear SIGTERM
+            slot.process.terminate()
     deadline = time.monotonic() + 10
-    for child in children:
+    for slot in slots:
         try:
-            child.wait(max(0.1, deadline - time.monotonic()))
+            slot.process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
+            slot.process.kill()
+
+
+RESTART_DELAY, RESTART_DELAY_MAX, HEALTHY_RUN_SECONDS = 1.0, 60.0, 60.0
+
+
+class _Slot:
+    """One of the N workers: its process, restarted with back-off when it exits."""
+
+    def __init__(self, index: int, simulate: str | None):
+        self.index = index
+        self.simulate = simulate
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.delay = RESTART_DELAY
+        self.restart_at: float | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        command = [sys.executable, "-m", "src.audio_worker"]
+        if self.simulate:
+            command += ["--simulate", self.simulate]
+            self.simulate = None  # crash once: a restart is a healthy worker
+        self.process = subprocess.Popen(command, env=env)
+        self.started_at = time.monotonic()
+
+    def watch(self, env: dict[str, str]) -> None:
+        now = time.monotonic()
+        if self.restart_at is None:
+            code = self.process.poll()
+            if code is None:
+                return
+            if now - self.started_at >= HEALTHY_RUN_SECONDS:
+                self.delay = RESTART_DELAY
+            log.warning("Worker %d (pid %d) exited with code %d; restarting it in %.0fs", self.index,
+                        self.process.pid, code, self.delay)
+            self.restart_at = now + self.delay
+            self.delay = min(self.delay * 2, RESTART_DELAY_MAX)
+        elif now >= self.restart_at:
+            self.restart_at = None
+            self.start(env)
+            log.info("Worker %d restarted: pid %d", self.index, self.process.pid)
 
 
 if __name__ == "__main__":

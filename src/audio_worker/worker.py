@@ -6,11 +6,20 @@ of WORKER_PREFETCH (1: it pulls a job only when free). Its result goes to the re
 queue with a receipt, and the job is ACKed only after the receipt came back, so a
 worker that dies at any point leaves its job to the broker, which hands it to another.
 
+The worker logs in as BROKER_WORKER_USER, which may read jobs and control and write
+results and presence, nothing else (src/messaging/accounts.py). It trusts nothing it
+receives: a job is decoded and checked by the schema (and against the model it runs)
+before anything else, anything that goes wrong with one job is contained to that job,
+and no message can end the process.
+
 Attempts are bounded with the jobs queue's delivery count: a job that has already
 been delivered MAX_ATTEMPTS times (it crashed or hung every worker that took it) is
-not run again. A failed or exhausted job is reported on the results queue (so its
-song fails with the reason) and NACKed without requeue, which parks it on the dead
-queue.
+not run again. A failed, refused or exhausted job is reported on the results route
+with its attempt token and NACKed without requeue, which parks it on the dead queue;
+the server counts the failure and decides whether to publish the job again.
+
+A reset (control topic) stops work on songs up to the id it names, but never beyond the
+highest song id this worker has seen in a job: a forged reset cannot stop future songs.
 
 Presence: every heart-beat interval, and at every job start and end, the worker
 publishes what it is doing on the presence topic for the server's worker panel.
@@ -41,7 +50,7 @@ from src.messaging.schema import (
     ResultMessage,
     decode,
 )
-from src.separation.compute import JobCancelled, run_job
+from src.separation.compute import JobCancelled, model_mismatch, run_job
 from src.separation.model import ModelUnavailable, load_model
 
 log = logging.getLogger("worker")
@@ -52,10 +61,12 @@ class Worker:
         self.settings = settings
         self.name = uuid.uuid4().hex[:7]
         self.simulate = simulate  # None, "crash" or "hang": see make workers
-        self.broker = Broker(settings, client_name=f"worker-{self.name}")
+        self.session = uuid.uuid4().hex  # binds this process's presence messages (see presence.py)
+        self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._models: dict[str, Any] = {}
         self._cancelled_up_to = 0  # songs with ids up to this one were reset
+        self._highest_seen = 0  # the highest song id of a valid job this worker received
         self._current: JobMessage | None = None
         self._jobs_done = 0
         self._job_seconds = 0.0
@@ -72,7 +83,12 @@ class Worker:
         except ModelUnavailable as exc:
             log.error("Worker[%s] - %s; its jobs will fail with this reason", self.name, exc)
         d = self.broker.destinations
-        self.broker.subscribe(d.jobs, self._inbox.put, prefetch=self.settings.worker_prefetch)
+        # A worker login of its own has no `configure` permission, so it consumes the jobs queue
+        # that `make broker` (or the server's first job) declared; one that shares the server's
+        # login declares it as the server does, so workers may start before the first song.
+        shared = self.settings.worker_login == self.settings.server_login
+        self.broker.subscribe(d.jobs if shared else d.worker_jobs, self._inbox.put,
+                              prefetch=self.settings.worker_prefetch)
         self.broker.subscribe(d.control, self._on_control, ack="auto")
         self.broker.connect()
         threading.Thread(target=self._announce_loop, name="presence", daemon=True).start()
@@ -102,15 +118,49 @@ class Worker:
     # -- jobs -----------------------------------------------------------------------------
 
     def _handle(self, delivery: Delivery) -> None:
+        """One delivery from the jobs queue; whatever it holds, the worker lives on."""
         try:
-            job = decode(delivery.headers, delivery.body)
+            job = decode(delivery.headers, delivery.body, models={self.settings.model})
             if not isinstance(job, JobMessage):
                 raise MalformedMessage(f"a {type(job).__name__} does not belong on the jobs queue")
+            problem = self._model_problem(job)
+            if problem:
+                raise MalformedMessage(problem)
         except MalformedMessage as exc:
-            log.warning("Worker[%s] refused a message on the jobs queue (%s); parked on the dead queue",
-                        self.name, exc)
+            return self._refuse(delivery, str(exc))
+        except Exception as exc:
+            log.exception("Worker[%s] - checking a job failed", self.name)
+            return self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+        try:
+            self._run(delivery, job)
+        except Exception:  # a bug here must cost one job, not the worker
+            log.exception("Worker[%s] - Job[%d] failed unexpectedly; parked", self.name, job.job_id)
             self.broker.nack(delivery, requeue=False)
-            return
+
+    def _model_problem(self, job: JobMessage) -> str | None:
+        try:
+            model = self._model(job.model)
+        except ModelUnavailable:
+            return None  # _run reports that as the job's failure, with the loader's message
+        return model_mismatch(model, job)
+
+    def _refuse(self, delivery: Delivery, reason: str) -> None:
+        """Park an invalid job; if it names a job of ours, say why, so the server counts the failure."""
+        log.warning("Worker[%s] refused a message on the jobs queue (%s); parked on the dead queue", self.name, reason)
+        h = delivery.headers
+        try:
+            failure = FailureMessage(int(h["music-id"]), int(h["job-id"]), h["song-token"], self.name,
+                                     delivery.delivery_count + 1, f"refused by the worker: {reason}", True,
+                                     h["attempt-token"])
+            decode(failure.headers(), b"")  # only a report the server can read
+        except (KeyError, ValueError):
+            failure = None
+        if failure is not None:
+            self._report(failure)
+        self.broker.nack(delivery, requeue=False)
+
+    def _run(self, delivery: Delivery, job: JobMessage) -> None:
+        self._highest_seen = max(self._highest_seen, job.music_id)
         if job.music_id <= self._cancelled_up_to:
             log.info("Worker[%s] dropped Job[%d]: its song was reset", self.name, job.job_id)
             self.broker.ack(delivery)
@@ -140,16 +190,16 @@ class Worker:
         except ModelUnavailable as exc:
             self._give_up(delivery, job, attempt, str(exc))
         except Exception as exc:
-            final = attempt >= self.settings.max_attempts
             log.exception("Worker[%s] - Job[%d] failed (attempt %d)", self.name, job.job_id, attempt)
             self._report(FailureMessage(job.music_id, job.job_id, job.song_token, self.name, attempt,
-                                        f"{type(exc).__name__}: {exc}", final))
-            self.broker.nack(delivery, requeue=not final)
+                                        f"{type(exc).__name__}: {exc}", True, job.attempt_token))
+            self.broker.nack(delivery, requeue=False)  # the server decides whether it runs again
         else:
             seconds = time.monotonic() - started
             result = ResultMessage(job.music_id, job.job_id, job.song_token, self.name, attempt, out_start,
-                                   tuple(self._model(job.model).sources), int(seconds * 1000), output)
-            self.broker.send(self.broker.destinations.results, result.body(), result.headers())
+                                   tuple(self._model(job.model).sources), int(seconds * 1000), output,
+                                   job.attempt_token)
+            self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
             self.broker.ack(delivery)
             self._jobs_done += 1
             self._job_seconds += seconds
@@ -168,19 +218,28 @@ class Worker:
 
     def _give_up(self, delivery: Delivery, job: JobMessage, attempt: int, reason: str) -> None:
         log.error("Worker[%s] - Job[%d] failed for good: %s", self.name, job.job_id, reason)
-        self._report(FailureMessage(job.music_id, job.job_id, job.song_token, self.name, attempt, reason, True))
+        self._report(FailureMessage(job.music_id, job.job_id, job.song_token, self.name, attempt, reason, True,
+                                    job.attempt_token))
         self.broker.nack(delivery, requeue=False)
 
     def _report(self, failure: FailureMessage) -> None:
-        self.broker.send(self.broker.destinations.results, b"", failure.headers())
+        self.broker.send(self.broker.destinations.results_route, b"", failure.headers())
 
     def _on_control(self, delivery: Delivery) -> None:
         try:
             message = decode(delivery.headers, delivery.body)
-        except MalformedMessage:
+        except MalformedMessage as exc:
+            log.warning("Worker[%s] ignored a control message: %s", self.name, exc)
             return
-        if isinstance(message, ControlMessage) and message.action == "reset" and message.music_ids:
-            self._cancelled_up_to = max(self._cancelled_up_to, max(message.music_ids))
+        if not isinstance(message, ControlMessage) or not message.music_ids:
+            return
+        wanted = max(message.music_ids)
+        up_to = min(wanted, self._highest_seen)  # nothing beyond the songs this worker has seen
+        if wanted > up_to:
+            log.warning("Worker[%s] - reset up to song %d goes beyond the highest song seen (%d); "
+                        "applied up to %d only", self.name, wanted, self._highest_seen, up_to)
+        if up_to > self._cancelled_up_to:
+            self._cancelled_up_to = up_to
             log.info("Worker[%s] - reset: dropping work on songs up to %d", self.name, self._cancelled_up_to)
 
     # -- fault simulation ------------------------------------------------------------------
@@ -210,7 +269,7 @@ class Worker:
             state=state, job_id=job.job_id if job else None, music_id=job.music_id if job else None,
             jobs_done=self._jobs_done,
             mean_job_seconds=round(self._job_seconds / self._jobs_done, 3) if self._jobs_done else None,
-            model=self.settings.model, sent_at=time.time(),
+            model=self.settings.model, sent_at=time.time(), session=self.session,
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

@@ -7,7 +7,14 @@
 - `send` that waits for the broker's RECEIPT, so a caller knows a message is stored
   before it ACKs what produced it;
 - ACK/NACK bound to the connection a message came on: after a reconnect the broker has
-  already requeued every message the old connection held, so acking it is skipped.
+  already requeued every message the old connection held, so acking it is skipped;
+- `park`: put a message the caller refuses on the dead queue with the reason in an
+  `x-refused-reason` header, then ACK it (a NACK would dead-letter it without a reason).
+
+A broker is opened in a role: the server's login declares the deployment's queues (the
+dead queue on each connect, the results queue by subscribing to it); a worker's login
+(BROKER_WORKER_USER) declares nothing, because least privilege leaves it no `configure`
+permission on them (src/messaging/accounts.py).
 
 Handlers run on stomp.py's receiver thread and must return quickly (hand the work to
 another thread): a handler that blocks also blocks RECEIPTs and heart-beats.
@@ -22,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import stomp
 import stomp.exception
@@ -30,6 +38,12 @@ from src.config import Settings
 from src.messaging.destinations import Destinations
 
 log = logging.getLogger(__name__)
+
+Role = Literal["server", "worker"]
+# What a parked message keeps of the headers it came with: bounded, and renamed so that
+# none of them is read as a queue argument, a user-id or a receipt request on the way back.
+PARKED_HEADERS, PARKED_HEADER_CHARS = 64, 1000
+TRANSPORT_HEADERS = {"destination", "message-id", "subscription", "ack", "content-length", "receipt", "redelivered"}
 
 
 class BrokerUnavailable(RuntimeError):
@@ -47,7 +61,10 @@ class Delivery:
     @property
     def delivery_count(self) -> int:
         """How many times the broker delivered this message before (quorum queues count)."""
-        return int(self.headers.get("x-delivery-count", "0"))
+        try:
+            return max(0, int(self.headers.get("x-delivery-count", "0")))
+        except ValueError:
+            return 0
 
 
 @dataclass
@@ -81,8 +98,10 @@ class _Listener(stomp.ConnectionListener):
 
 
 class Broker:
-    def __init__(self, settings: Settings, client_name: str):
+    def __init__(self, settings: Settings, client_name: str, role: Role = "server"):
         self.settings = settings
+        self.role = role
+        self.user, self.password = settings.server_login if role == "server" else settings.worker_login
         self.destinations = Destinations(settings.queue_prefix)
         self.client_name = client_name
         self._subscriptions: list[_Subscription] = []
@@ -94,6 +113,8 @@ class Broker:
         self._generation = 0
         self._reconnecting = False
         self._conn: stomp.Connection12 | None = None
+        self._connected_at = 0.0
+        self._retry_delay = 0.5
         self.on_reconnect: Callable[[], None] | None = None
 
     # -- connection ---------------------------------------------------------------
@@ -125,10 +146,11 @@ class Broker:
             conn = self._new_connection()
             conn.set_listener("broker", _Listener(self, conn))
             try:
-                self._declare(self.destinations.dead)
+                if self.role == "server":
+                    self.declare(self.destinations.dead)
                 conn.connect(
-                    self.settings.broker_user,
-                    self.settings.broker_password,
+                    self.user,
+                    self.password,
                     wait=True,
                     headers={"client-id": self.client_name},
                 )
@@ -144,6 +166,7 @@ class Broker:
                 continue
             with self._lock:
                 self._conn = conn
+                self._connected_at = time.monotonic()
                 self._generation += 1
                 for sub in self._subscriptions:
                     self._subscribe_on(conn, sub)
@@ -165,8 +188,16 @@ class Broker:
             self._reconnecting = True
         log.warning("Lost the broker connection; reconnecting")
 
+        # A connection the broker closes at once (a subscription it refuses: the jobs queue
+        # not declared yet, a permission missing) is retried with back-off, not in a loop.
+        if time.monotonic() - self._connected_at < 10:
+            delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, 10.0)
+        else:
+            delay, self._retry_delay = 0.0, 0.5
+
         def reconnect() -> None:
             try:
+                time.sleep(delay)
                 self.connect()
             finally:
                 with self._lock:
@@ -225,7 +256,16 @@ class Broker:
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
-    def _declare(self, destination: str) -> None:
+    def declare_topology(self) -> None:
+        """Declare the dead, jobs and results queues and the results route (provisioning).
+
+        Only for a moment when the queues are new or empty: a quorum queue counts a message
+        that a closing subscription hands back as one more delivery.
+        """
+        for destination in (self.destinations.dead, self.destinations.jobs, self.destinations.results_route):
+            self.declare(destination)
+
+    def declare(self, destination: str) -> None:
         """Make sure a queue exists without consuming from it.
 
         Dead-lettered messages are dropped unless their queue exists, and RabbitMQ's STOMP
@@ -236,7 +276,7 @@ class Broker:
         broker close the connection with "Subscription not found").
         """
         conn = self._new_connection()  # no listener: what it receives goes back on disconnect
-        conn.connect(self.settings.broker_user, self.settings.broker_password, wait=True)
+        conn.connect(self.user, self.password, wait=True)
         headers = {**self.destinations.declaration(destination), "prefetch-count": "1"}
         conn.subscribe(destination, id="declare", ack="client-individual", headers=headers)
         conn.disconnect(receipt=uuid.uuid4().hex)  # waits for the receipt, so the queue exists now
@@ -259,6 +299,20 @@ class Broker:
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         self._settle(delivery, positive=False, requeue=requeue)
+
+    def park(self, delivery: Delivery, reason: str, source: str, acknowledge: bool = True) -> None:
+        """Move a refused message to the dead queue with why, then ACK it (server role).
+
+        `acknowledge=False` for messages of an auto-ack subscription (topics), which have no ACK.
+        """
+        headers = {"x-refused-reason": " ".join(reason.split())[:500], "x-refused-from": source}
+        kept = [(k, v) for k, v in delivery.headers.items() if k not in TRANSPORT_HEADERS][:PARKED_HEADERS]
+        for name, value in kept:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:100]
+            headers[f"original-{safe}"] = str(value)[:PARKED_HEADER_CHARS]
+        self.send(self.destinations.dead, delivery.body, headers, confirm=acknowledge)
+        if acknowledge:
+            self.ack(delivery)
 
     def _settle(self, delivery: Delivery, positive: bool, requeue: bool = True) -> None:
         with self._lock:

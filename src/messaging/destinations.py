@@ -5,18 +5,35 @@ with the `x-*` headers of that frame as queue arguments, and closes the connecti
 any later frame whose arguments differ. So every frame that touches a queue takes its
 headers from here.
 
-- jobs: a quorum queue, because a quorum queue counts deliveries (`x-delivery-count`),
-  crashes included, which is what bounds the attempts at a poison job. Jobs that are
-  given up on are dead-lettered to the dead queue.
-- results: a durable classic queue (results are large; they need no delivery count);
-  results the server cannot use are dead-lettered too.
+- jobs (`/queue/{p}.jobs`): a quorum queue, because a quorum queue counts deliveries
+  (`x-delivery-count`), crashes included. The server publishes and declares it; workers
+  consume it as `/amq/queue/{p}.jobs`, which declares nothing, so a worker's login needs
+  no `configure` permission on it.
+- results (`/queue/{p}.results`): a quorum queue too, so that a result the server keeps
+  failing to handle is not requeued forever. Workers cannot publish to it directly:
+  RabbitMQ checks `write` on the exchange a message goes through, and every `/queue/`
+  SEND goes through the default exchange, which also reaches the jobs queue. So workers
+  publish to `/topic/{p}.results` (amq.topic, routing key `{p}.results`), whose routing
+  key their topic permissions allow, and the server's subscription binds the results
+  queue to it (`x-queue-name`). See src/messaging/accounts.py.
 - dead: where refused and exhausted messages are parked for a person to inspect.
 - control, presence: topics; every subscriber gets every message, nothing is kept.
+
+RabbitMQ 3.10's STOMP plugin drops an `x-delivery-limit` header, so the delivery limit is
+a policy (`accounts.policies`), which also applies to queues that already exist.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Deliveries of one message before the broker dead-letters it (a policy, see above). A
+# backstop: workers give up on a job after MAX_ATTEMPTS deliveries, and the collector parks
+# a result it could not handle; this bounds what a rogue consumer that requeues can do.
+DELIVERY_LIMIT = 10
+# The dead queue keeps this many messages (the oldest are dropped): a flood of refused
+# messages cannot fill the broker's disk.
+DEAD_QUEUE_LENGTH = 10_000
 
 
 @dataclass(frozen=True)
@@ -28,8 +45,18 @@ class Destinations:
         return f"/queue/{self.prefix}.jobs"
 
     @property
+    def worker_jobs(self) -> str:
+        """The jobs queue as workers consume it: an existing queue, not declared by them."""
+        return f"/amq/queue/{self.prefix}.jobs"
+
+    @property
     def results(self) -> str:
         return f"/queue/{self.prefix}.results"
+
+    @property
+    def results_route(self) -> str:
+        """Where workers send results: amq.topic, bound to the results queue."""
+        return f"/topic/{self.prefix}.results"
 
     @property
     def dead(self) -> str:
@@ -53,7 +80,11 @@ class Destinations:
         if destination == self.jobs:
             return {**durable, "x-queue-type": "quorum", **dead_letter}
         if destination == self.results:
-            return {**durable, "x-queue-type": "classic", **dead_letter}
+            return {**durable, "x-queue-type": "quorum", **dead_letter}
+        if destination == self.results_route:
+            # Only a subscription declares here (the results queue, bound to the route);
+            # a SEND to a topic ignores these headers.
+            return {**self.declaration(self.results), "x-queue-name": f"{self.prefix}.results"}
         if destination == self.dead:
             return {**durable, "x-queue-type": "classic"}
         return {}

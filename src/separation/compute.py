@@ -16,7 +16,7 @@ import torch
 from demucs.apply import TensorChunk, apply_model
 
 from src.messaging.schema import JobMessage
-from src.separation.model import bag_weights, sub_models
+from src.separation.model import ModelUnavailable, bag_weights, describe, sub_models
 
 
 class JobCancelled(Exception):
@@ -35,6 +35,26 @@ def job_params(first_offset: int, segments: int, stride: int, segment_frames: in
         "mean": mean,
         "std": std,
     }
+
+
+def model_mismatch(model: Any, job: JobMessage) -> str | None:
+    """Why a (schema-valid) job does not fit the model that would run it, or None.
+
+    The schema checks that the job's segments lie in its audio; this checks the grid
+    itself against the model: segment length, stride, sample rate and channels.
+    """
+    p = job.params
+    try:
+        spec = describe(model, job.model, p["segment"])
+    except ModelUnavailable as exc:
+        return str(exc)
+    if (p["segment_frames"], p["stride"]) != (spec.segment_frames, spec.stride):
+        return (f"segment grid {p['segment_frames']}/{p['stride']} frames is not the model's "
+                f"{spec.segment_frames}/{spec.stride}")
+    if (job.samplerate, job.audio.shape[0]) != (spec.samplerate, spec.channels):
+        return f"audio is {job.audio.shape[0]} channels at {job.samplerate} Hz, the model takes " \
+               f"{spec.channels} at {spec.samplerate} Hz"
+    return None
 
 
 def _weight(segment_frames: int) -> torch.Tensor:

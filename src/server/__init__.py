@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         Orchestrator(settings, store, files, spec, broker, events, metrics),
         Collector(settings, store, files, spec, broker, events, metrics),
     )
+    services.orchestrator.workers_alive = services.collector.workers.count  # job deadlines share the work out
     services.collector.start()  # registers subscriptions; connect() applies them
     broker.connect()
     services.orchestrator.start()

@@ -3,10 +3,16 @@
 Results are handled one at a time on a thread of their own (the broker's receiver
 thread only enqueues them). A result is written to disk under its job's ID, recorded
 in the store, and only then ACKed; a result for a job already done changes nothing and
-is ACKed too, so a job that ran twice is applied once. Messages that are not ours are
-NACKed without requeue, which parks them on the dead queue. When a song's last job is
-in, its stems and mix are merged on a merge thread so other songs' results keep
-flowing.
+is ACKed too, so a job that ran twice is applied once. When a song's last job is in,
+its stems and mix are merged on a merge thread so other songs' results keep flowing.
+
+Whatever arrives is checked by the schema first, then against the job it claims to
+answer (an outstanding attempt token, the shape the job implies). A message that fails is
+parked on the dead queue with the reason in its `x-refused-reason` header, logged once and
+counted in /metrics; nothing raises out of the loop. A result whose handling itself fails
+(a full disk) is requeued, and parked once the results queue's delivery count says it was
+tried MAX_ATTEMPTS times. A failure report counts one failed attempt of its job; the
+store, not the worker, decides whether the job is published again or its song fails.
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ import numpy as np
 
 from src.config import Settings
 from src.messaging.broker import Broker, Delivery
-from src.messaging.schema import FailureMessage, MalformedMessage, PresenceMessage, ResultMessage, decode
+from src.messaging.schema import (
+    Expected,
+    FailureMessage,
+    MalformedMessage,
+    PresenceMessage,
+    ResultMessage,
+    decode,
+    result_mismatch,
+)
 from src.separation.model import ModelSpec
 from src.server import mixdown
 from src.server.events import EventHub
@@ -44,7 +58,9 @@ class Collector:
         self.broker = broker
         self.events = events
         self.metrics = metrics
-        self.workers = WorkerRegistry(settings.broker_heartbeat_ms, self._job_started, self._worker_gone)
+        self.workers = WorkerRegistry(settings.broker_heartbeat_ms, self._job_started, self._worker_gone,
+                                      metrics.presence_dropped.inc)
+        self.presence_refused = 0
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
         self._last_progress: dict[int, int] = {}
@@ -53,7 +69,9 @@ class Collector:
     def start(self) -> None:
         d = self.broker.destinations
         # two in hand: one being stored, one arriving; a result frame can be tens of MB
-        self.broker.subscribe(d.results, self._inbox.put, prefetch=2)
+        # through the results route: this subscription declares the results queue and binds
+        # it to the routing key workers may publish to (destinations.py)
+        self.broker.subscribe(d.results_route, self._inbox.put, prefetch=2)
         self.broker.subscribe(d.presence, self._on_presence, ack="auto")
         threading.Thread(target=self._results_loop, name="results", daemon=True).start()
         threading.Thread(target=self._watch_workers, name="workers", daemon=True).start()
@@ -76,15 +94,36 @@ class Collector:
                 continue
             try:
                 self._handle(delivery)
-            except Exception:
-                log.exception("Handling a result failed; it will be redelivered")
-                self.broker.nack(delivery, requeue=True)
-                time.sleep(1)
+            except Exception as exc:
+                if delivery.delivery_count + 1 >= self.settings.max_attempts:
+                    self._settle_safely(delivery, f"handling it failed {delivery.delivery_count + 1} times: "
+                                                  f"{type(exc).__name__}: {exc}")
+                else:
+                    log.exception("Handling a result failed; it will be redelivered")
+                    self.broker.nack(delivery, requeue=True)
+                    time.sleep(1)
+
+    def _settle_safely(self, delivery: Delivery, reason: str) -> None:
+        try:
+            self._refuse(delivery, reason)
+        except Exception:  # the broker is gone: it requeues the message, and its delivery limit bounds that
+            log.exception("Could not park a message")
 
     def _refuse(self, delivery: Delivery, reason: str) -> None:
         log.warning("Refused a message on the results queue (%s); parked on the dead queue", reason)
         self.metrics.refused_messages.inc()
-        self.broker.nack(delivery, requeue=False)
+        self.metrics.parked_messages.labels("results").inc()
+        self.broker.park(delivery, reason, self.broker.destinations.results)
+
+    def _expected(self, message: ResultMessage | FailureMessage) -> Expected | str:
+        """What the message's job expects, or why there is no such outstanding job."""
+        job = self.store.job(message.job_id)
+        music = self.store.music(job.music_id) if job is not None else None
+        if job is None or music is None:
+            return f"Job[{message.job_id}] does not exist"
+        plan = job.plan
+        return Expected(music.id, music.token, job.attempt_tokens, self.spec.sources, music.channels,
+                        plan.out_start, plan.out_end - plan.out_start)
 
     def _handle(self, delivery: Delivery) -> None:
         try:
@@ -93,42 +132,46 @@ class Collector:
             return self._refuse(delivery, str(exc))
         if not isinstance(message, ResultMessage | FailureMessage):
             return self._refuse(delivery, f"a {type(message).__name__} does not belong on the results queue")
-        music = self.store.music(message.music_id)
+        expected = self._expected(message)
+        problem = expected if isinstance(expected, str) else result_mismatch(message, expected)
+        if problem is not None:
+            return self._refuse(delivery, problem)
         job = self.store.job(message.job_id)
-        if music is None or music.token != message.song_token or job is None or job.music_id != music.id:
-            log.info("Dropped a result for Job[%d] of a song that no longer exists", message.job_id)
+        music = self.store.music(job.music_id)
+        if music.state not in ("processing", "done"):
+            log.info("Dropped a late message for Job[%d]: Music[%d] is %s", job.id, music.id, music.state)
             return self.broker.ack(delivery)
-
-        if isinstance(message, FailureMessage):
-            self.metrics.jobs_failed.inc()
-            self.store.record_failure(job.id, message.worker, message.attempt, message.error)
-            log.warning("JobFailedMsg[%d] - attempt %d on Worker[%s]: %s", job.id, message.attempt,
-                        message.worker, message.error)
-            reason = f"job {job.id} (chunk {job.chunk}) failed after {message.attempt} attempt(s): {message.error}"
-            if message.final and self.store.mark_failed(music.id, reason):
-                log.error("Music[%d] - failed: %s", music.id, reason)
-                announce(self.events, self.store, music.id)
-            return self.broker.ack(delivery)
-
-        plan = job.plan
-        if (message.sources != self.spec.sources or message.out_start != plan.out_start
-                or message.audio.shape[-1] != plan.out_end - plan.out_start):
-            return self._refuse(delivery, f"result of Job[{job.id}] does not fit its job")
-        if job.state == "done":
+        if job.state == "done" and isinstance(message, ResultMessage):
+            # a late copy (a redelivery, or the old copy of a re-published job): harmless, not hostile
             self.metrics.duplicate_results.inc()
             log.info("JobDoneMsg[%d] - duplicate from Worker[%s] ignored - ACK", job.id, message.worker)
             return self.broker.ack(delivery)
 
+        if isinstance(message, FailureMessage):
+            self.metrics.jobs_failed.inc()
+            log.warning("JobFailedMsg[%d] - on Worker[%s]: %s", job.id, message.worker, message.error)
+            verdict = self.store.record_failure(job.id, message.worker, message.attempt_token, message.error,
+                                                self.settings.max_attempts)
+            reason = f"job {job.id} (chunk {job.chunk}) failed after {job.publications} attempt(s): {message.error}"
+            if verdict == "failed" and self.store.mark_failed(music.id, reason):
+                log.error("Music[%d] - failed: %s", music.id, reason)
+                announce(self.events, self.store, music.id)
+            elif verdict == "retry":
+                self.metrics.jobs_republished.inc()
+                log.info("Music[%d] - Job[%d] will be published again (attempt %d of %d)", music.id, job.id,
+                         job.publications + 1, self.settings.max_attempts)
+            return self.broker.ack(delivery)
+
         with self.files.atomic(self.files.result(music.id, job.id)) as temporary, temporary.open("wb") as f:
             np.save(f, message.audio)
-        applied = self.store.record_result(job.id, message.worker, message.compute_ms, message.attempt)
+        applied = self.store.record_result(job.id, message.worker, message.compute_ms)
         self.broker.ack(delivery)
         if not applied:
             self.metrics.duplicate_results.inc()
             return
         self.metrics.jobs_done.inc()
         self.metrics.job_seconds.observe(message.compute_ms / 1000)
-        if message.attempt > 1:
+        if message.attempt > 1 or job.publications > 1:
             self.metrics.jobs_redelivered.inc()
         log.info("JobDoneMsg[%d] - ACK - job time: %.2f[s] (Worker[%s], attempt %d)", job.id,
                  message.compute_ms / 1000, message.worker, message.attempt)
@@ -165,15 +208,31 @@ class Collector:
     # -- workers ------------------------------------------------------------------------
 
     def _on_presence(self, delivery: Delivery) -> None:
+        """Presence runs on the broker's receiver thread: it must never raise nor block."""
         try:
             message = decode(delivery.headers, delivery.body)
-        except MalformedMessage:
+            if not isinstance(message, PresenceMessage):
+                raise MalformedMessage(f"a {type(message).__name__} does not belong on the presence topic")
+            problem = self.workers.update(message)
+        except MalformedMessage as exc:
+            problem = str(exc)
+        except Exception as exc:  # a bug must not stop the receiver thread
+            log.exception("Handling a presence message failed")
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
             return
-        if isinstance(message, PresenceMessage):
-            self.workers.update(message)
+        self.metrics.parked_messages.labels("presence").inc()
+        self.metrics.refused_messages.inc()
+        self.presence_refused += 1
+        if self.presence_refused <= 20 or self.presence_refused % 1000 == 0:  # logged, not flooded
+            log.warning("Refused presence message #%d (%s); parked on the dead queue", self.presence_refused, problem)
+        try:
+            self.broker.park(delivery, problem, self.broker.destinations.presence, acknowledge=False)
+        except Exception:
+            log.debug("could not park a presence message", exc_info=True)
 
     def _job_started(self, worker: str, job_id: int, started_at: float) -> None:
-        self.store.start_attempt(job_id, worker, started_at)
+        self.store.start_attempt(job_id, worker, min(started_at, time.time()))
         log.info("Worker[%s] started Job[%d]", worker, job_id)
 
     def _worker_gone(self, worker: str) -> None:
@@ -186,6 +245,7 @@ class Collector:
                 self.workers.expire()
                 snapshot = self.workers.snapshot()
                 self.metrics.workers_alive.set(len(snapshot))
+                self.metrics.workers_configured.set(self.settings.workers_configured)
                 self.events.publish("workers", {"workers": snapshot})
             except Exception:
                 log.exception("Watching workers failed")

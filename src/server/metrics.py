@@ -18,6 +18,14 @@ class Metrics:
             "karaoke_duplicate_results", "Results for jobs already done (ignored)", registry=r)
         self.refused_messages = Counter(
             "karaoke_refused_messages", "Messages that were not ours, parked on the dead queue", registry=r)
+        self.parked_messages = Counter(
+            "karaoke_parked_messages", "Refused messages parked on the dead queue, by where they arrived",
+            ["destination"], registry=r)
+        self.presence_dropped = Counter(
+            "karaoke_presence_dropped", "Valid presence messages dropped: over a worker's rate, or registry full",
+            registry=r)
+        self.jobs_republished = Counter(
+            "karaoke_jobs_republished", "Jobs published again after a failure or a missed deadline", registry=r)
         self.job_seconds = Histogram(
             "karaoke_job_seconds", "Worker compute time per job", registry=r,
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
@@ -25,3 +33,6 @@ class Metrics:
         self.jobs_running = Gauge("karaoke_jobs_running", "Jobs a worker is processing", registry=r)
         self.jobs_total_done = Gauge("karaoke_jobs_in_state_done", "Stored jobs that are done", registry=r)
         self.workers_alive = Gauge("karaoke_workers_alive", "Workers heard from recently", registry=r)
+        self.workers_configured = Gauge(
+            "karaoke_workers_configured", "Workers the deployment runs (WORKERS_HEALTHY + WORKERS_UNHEALTHY)",
+            registry=r)

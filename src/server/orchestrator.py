@@ -9,6 +9,14 @@ Starting a song records its jobs as `pending` in the store first and publishes t
 from a background thread, each confirmed by a broker RECEIPT before it is marked
 `queued`; a server restarted mid-publish finds the rest still pending and publishes
 them again (a job published twice is harmless: results are idempotent).
+
+Each publication carries a fresh attempt token (store.issue_attempt). Every few seconds
+the publisher also looks for jobs past their deadline and publishes them again, so a job
+that a worker took and never answered (lost, or swallowed by a rogue consumer) is never
+silent; after MAX_ATTEMPTS publications its song fails with the reason instead. A job's
+deadline counts from its publication and allows JOB_DEADLINE_SECONDS plus
+JOB_DEADLINE_FACTOR seconds per second of audio of the job and of every job published
+before it that is still out, shared among the workers alive (the queue is FIFO).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PureWindowsPath
 
@@ -38,6 +46,9 @@ from src.server.store import Music, Store
 from src.server.views import announce
 
 log = logging.getLogger("server")
+
+
+DEADLINE_CHECK_SECONDS = 2.0
 
 
 class NotFound(LookupError):
@@ -72,6 +83,7 @@ class Orchestrator:
         self.broker = broker
         self.events = events
         self.metrics = metrics
+        self.workers_alive: Callable[[], int] = lambda: 1  # the collector's registry, wired by the app
         self._wake = queue.Queue()
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
@@ -177,10 +189,14 @@ class Orchestrator:
 
     def _publish_loop(self) -> None:
         while not self._stopped.is_set():
-            self._wake.get()
+            try:
+                self._wake.get(timeout=DEADLINE_CHECK_SECONDS)
+            except queue.Empty:
+                pass
             if self._stopped.is_set():
                 return
             try:
+                self._republish_overdue()
                 self._publish_pending()
             except BrokerUnavailable as exc:
                 log.warning("Publishing paused: %s; retrying", exc)
@@ -205,11 +221,42 @@ class Orchestrator:
                                         plan.slice_end - plan.slice_start),
                 params=job_params(plan.first_offset, plan.segments, self.spec.stride, self.spec.segment_frames,
                                   self.spec.segment_override, music.norm_mean, music.norm_std),
+                attempt_token=uuid.uuid4().hex,
             )
+            self.store.issue_attempt(job.id, message.attempt_token)
             self.broker.send(self.broker.destinations.jobs, message.body(), message.headers())
             self.store.mark_queued(job.id)
             self.metrics.jobs_published.inc()
-            log.info("Music[%d] - Job[%d] (chunk %d) queued", music.id, job.id, job.chunk)
+            log.info("Music[%d] - Job[%d] (chunk %d) queued (attempt %d)", music.id, job.id, job.chunk,
+                     job.publications + 1)
+
+    def deadline(self, seconds_of_audio: float) -> float:
+        """Seconds a job may take from its publication, given the audio ahead of it and its own."""
+        s = self.settings
+        return s.job_deadline_seconds + s.job_deadline_factor * seconds_of_audio / max(1, self.workers_alive())
+
+    def _republish_overdue(self) -> None:
+        now, ahead = time.time(), 0.0
+        outstanding = sorted(self.store.jobs(state="queued"), key=lambda j: j.published_at or 0)
+        songs: dict[int, Music | None] = {}
+        for job in outstanding:
+            music = songs.setdefault(job.music_id, self.store.music(job.music_id))
+            if music is None or music.state != "processing":
+                continue
+            ahead += (job.plan.slice_end - job.plan.slice_start) / music.samplerate
+            allowed = self.deadline(ahead)
+            if job.published_at is None or now - job.published_at <= allowed:
+                continue
+            if job.publications >= self.settings.max_attempts:
+                reason = (f"job {job.id} (chunk {job.chunk}) failed: no result after {job.publications} attempt(s), "
+                          f"each given {allowed:.0f}s")
+                if self.store.mark_failed(music.id, reason):
+                    log.error("Music[%d] - failed: %s", music.id, reason)
+                    announce(self.events, self.store, music.id)
+            elif self.store.republish(job.id):
+                self.metrics.jobs_republished.inc()
+                log.warning("Music[%d] - Job[%d] not done %.0fs after its publication (deadline %.0fs); "
+                            "publishing it again", music.id, job.id, now - job.published_at, allowed)
 
     # -- reset ------------------------------------------------------------------------
 
@@ -227,7 +274,7 @@ class Orchestrator:
 
 def drain_stale_jobs(settings: Settings, store: Store, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> int:
     """ACK every queued job whose song no longer exists, until the jobs queue is quiet."""
-    broker = Broker(settings, client_name=f"drain-{uuid.uuid4().hex[:8]}")
+    broker = Broker(settings, client_name=f"drain-{uuid.uuid4().hex[:8]}", role="server")
     destinations = Destinations(settings.queue_prefix)
     seen = queue.Queue()
     broker.subscribe(destinations.jobs, seen.put, prefetch=100)

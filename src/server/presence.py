@@ -4,6 +4,15 @@ Workers announce themselves on the presence topic every heart-beat interval and 
 every job start and end, so a worker on another host appears with no configuration.
 One not heard from for two heart-beat intervals is dropped, and its running attempts
 are closed as 'lost' on the song timelines.
+
+Presence is data from the network, not code: the schema has already checked every field
+(types, ranges, finite numbers) before a message gets here, and the registry is bounded:
+at most MAX_WORKERS entries, and per worker a token bucket of PRESENCE_BURST messages
+refilled at PRESENCE_RATE per second (a worker sends one per heart-beat and two per
+job). What exceeds either is dropped and counted. A worker is bound to the random
+`session` of its first message; only the server's login may read the presence topic, so
+another worker cannot learn it, and a message naming the worker with another session (a
+forged "leaving" or "busy") is refused.
 """
 
 from __future__ import annotations
@@ -11,35 +20,66 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from src.messaging.schema import PresenceMessage
+
+MAX_WORKERS = 256
+PRESENCE_RATE = 5.0  # messages per second, sustained
+PRESENCE_BURST = 20.0
+
+
+@dataclass
+class _Entry:
+    presence: PresenceMessage
+    seen: float
+    tokens: float
+    refilled: float
 
 
 class WorkerRegistry:
     def __init__(self, heartbeat_ms: int, on_job_started: Callable[[str, int, float], None],
-                 on_worker_gone: Callable[[str], None]):
+                 on_worker_gone: Callable[[str], None], on_dropped: Callable[[], None] = lambda: None):
         self.expiry_seconds = 2 * heartbeat_ms / 1000
-        self._workers: dict[str, tuple[PresenceMessage, float]] = {}
+        self._workers: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._on_job_started = on_job_started
         self._on_worker_gone = on_worker_gone
+        self._on_dropped = on_dropped
 
-    def update(self, presence: PresenceMessage) -> None:
+    def update(self, presence: PresenceMessage) -> str | None:
+        """Apply a valid presence message; the reason if it is refused (None when applied or dropped)."""
+        now = time.time()
         with self._lock:
-            previous = self._workers.get(presence.worker)
+            entry = self._workers.get(presence.worker)
+            if entry is not None and entry.presence.session != presence.session:
+                return f"presence for Worker[{presence.worker}] from another session than the worker's"
+            if entry is None and (presence.state == "leaving" or len(self._workers) >= MAX_WORKERS):
+                if presence.state != "leaving":
+                    self._on_dropped()
+                return None
+            if entry is not None:
+                entry.tokens = min(PRESENCE_BURST, entry.tokens + (now - entry.refilled) * PRESENCE_RATE)
+                entry.refilled = now
+                if entry.tokens < 1:
+                    self._on_dropped()
+                    return None
+            previous = entry.presence if entry is not None else None
             if presence.state == "leaving":
-                self._workers.pop(presence.worker, None)
+                del self._workers[presence.worker]
             else:
-                self._workers[presence.worker] = (presence, time.time())
-        new_job = presence.job_id is not None and (previous is None or previous[0].job_id != presence.job_id)
+                tokens = (entry.tokens if entry is not None else PRESENCE_BURST) - 1
+                self._workers[presence.worker] = _Entry(presence, now, tokens, now)
+        new_job = presence.job_id is not None and (previous is None or previous.job_id != presence.job_id)
         if new_job and presence.state == "busy":
             self._on_job_started(presence.worker, presence.job_id, presence.sent_at)
+        return None
 
     def expire(self) -> list[str]:
         """Drop workers not heard from in two heart-beat intervals; returns their names."""
         now = time.time()
         with self._lock:
-            gone = [name for name, (_, seen) in self._workers.items() if now - seen > self.expiry_seconds]
+            gone = [name for name, entry in self._workers.items() if now - entry.seen > self.expiry_seconds]
             for name in gone:
                 del self._workers[name]
         for name in gone:
@@ -50,10 +90,14 @@ class WorkerRegistry:
         with self._lock:
             self._workers.clear()
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
     def snapshot(self) -> list[dict]:
         now = time.time()
         with self._lock:
-            entries = list(self._workers.values())
+            entries = [(e.presence, e.seen) for e in self._workers.values()]
         return [
             {
                 "worker": p.worker, "host": p.host, "address": p.address, "pid": p.pid, "state": p.state,

@@ -4,6 +4,13 @@ Everything the server knows lives here (plus audio files beside it), so a server
 is killed and restarted picks up where it was. IDs are AUTOINCREMENT, so an ID is never
 reused, not even after `/reset`, and a late message for a deleted song can't land on a
 new one. Each method is one short transaction; the store is shared by threads.
+
+Attempts are the server's own count, not what workers say: each publication of a job
+issues an attempt token (kept in `job.attempt_tokens` unless that copy failed) and counts
+one attempt. A result or failure is accepted only with one of those tokens (a late copy of
+a done job's result is a harmless duplicate); a failure closes its token, and the job is
+published again or, after MAX_ATTEMPTS publications, fails its song. A job not done by
+its deadline is published again too.
 """
 
 from __future__ import annotations
@@ -61,7 +68,11 @@ CREATE TABLE IF NOT EXISTS job (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     queued_at REAL,
-    done_at REAL
+    done_at REAL,
+    attempt_tokens TEXT NOT NULL DEFAULT '',
+    publications INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    published_at REAL
 );
 CREATE TABLE IF NOT EXISTS attempt (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,6 +84,7 @@ CREATE TABLE IF NOT EXISTS attempt (
     outcome TEXT NOT NULL DEFAULT 'running'
 );
 CREATE INDEX IF NOT EXISTS job_music ON job(music_id);
+CREATE INDEX IF NOT EXISTS job_state ON job(state);
 CREATE INDEX IF NOT EXISTS attempt_job ON attempt(job_id);
 """
 
@@ -123,6 +135,22 @@ class Job:
     error: str | None
     queued_at: float | None
     done_at: float | None
+    attempt_tokens: frozenset[str] = frozenset()
+    publications: int = 0
+    failures: int = 0
+    published_at: float | None = None
+
+
+# Columns added since the first release, for databases created before them.
+ADDED_COLUMNS = {
+    "music": {"ready": "INTEGER NOT NULL DEFAULT 1"},  # songs from before background decoding were decoded
+    "job": {
+        "attempt_tokens": "TEXT NOT NULL DEFAULT ''",
+        "publications": "INTEGER NOT NULL DEFAULT 0",
+        "failures": "INTEGER NOT NULL DEFAULT 0",
+        "published_at": "REAL",
+    },
+}
 
 
 def _music(row: sqlite3.Row) -> Music:
@@ -137,7 +165,8 @@ def _job(row: sqlite3.Row) -> Job:
     plan = JobPlan(row["chunk"], row["first_offset"], row["segments"], row["slice_start"],
                    row["slice_end"], row["out_start"], row["out_end"])
     return Job(row["id"], row["music_id"], row["chunk"], plan, row["size"], row["state"],
-               row["worker"], row["time_ms"], row["attempts"], row["error"], row["queued_at"], row["done_at"])
+               row["worker"], row["time_ms"], row["attempts"], row["error"], row["queued_at"], row["done_at"],
+               frozenset(row["attempt_tokens"].split()), row["publications"], row["failures"], row["published_at"])
 
 
 class Store:
@@ -149,9 +178,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(music)")}
-        if "ready" not in columns:  # a database from before uploads were decoded in the background
-            self._db.execute("ALTER TABLE music ADD COLUMN ready INTEGER NOT NULL DEFAULT 1")
+        for table, added in ADDED_COLUMNS.items():  # a database written by an earlier version
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in added.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -264,25 +295,52 @@ class Store:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT id FROM job ORDER BY id")]
 
+    def issue_attempt(self, job_id: int, token: str) -> None:
+        """Record a new publication of a job, with the token its result must echo."""
+        with self._tx() as db:
+            db.execute("UPDATE job SET attempt_tokens = trim(attempt_tokens || ' ' || ?), "
+                       "publications = publications + 1, attempts = publications + 1, published_at = ? "
+                       "WHERE id = ? AND state != 'done'", (token, time.time(), job_id))
+
+    def republish(self, job_id: int) -> bool:
+        """Queue a job again (it failed, or missed its deadline); False if it is no longer queued."""
+        with self._tx() as db:
+            return db.execute("UPDATE job SET state = 'pending' WHERE id = ? AND state = 'queued'",
+                              (job_id,)).rowcount == 1
+
     def mark_queued(self, job_id: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE job SET state = 'queued', queued_at = ? WHERE id = ? AND state = 'pending'",
                        (time.time(), job_id))
 
-    def record_result(self, job_id: int, worker: str, time_ms: int, attempt: int) -> bool:
+    def record_result(self, job_id: int, worker: str, time_ms: int) -> bool:
         """Mark a job done; False if it already was (a redelivered duplicate changes nothing)."""
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE job SET state = 'done', worker = ?, time_ms = ?, attempts = ?, done_at = ? "
-                "WHERE id = ? AND state != 'done'", (worker, time_ms, attempt, time.time(), job_id))
+                "UPDATE job SET state = 'done', worker = ?, time_ms = ?, done_at = ? "
+                "WHERE id = ? AND state != 'done'", (worker, time_ms, time.time(), job_id))
             self._end_attempt(db, job_id, worker, "done")
             return cur.rowcount == 1
 
-    def record_failure(self, job_id: int, worker: str, attempt: int, error: str) -> None:
+    def record_failure(self, job_id: int, worker: str, token: str, error: str, max_attempts: int) -> str:
+        """Close a failed attempt: 'retry' (publish again), 'failed' (its song fails) or 'wait'.
+
+        'wait': another copy of the job is still outstanding (a deadline re-publication).
+        """
         with self._tx() as db:
-            db.execute("UPDATE job SET error = ?, attempts = ? WHERE id = ? AND state != 'done'",
-                       (error, attempt, job_id))
+            row = db.execute("SELECT attempt_tokens, publications, state FROM job WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] == "done":
+                return "wait"
+            left = [t for t in row["attempt_tokens"].split() if t != token]
+            db.execute("UPDATE job SET error = ?, failures = failures + 1, attempt_tokens = ? WHERE id = ?",
+                       (error, " ".join(left), job_id))
             self._end_attempt(db, job_id, worker, "failed")
+            if left:
+                return "wait"
+            if row["publications"] >= max_attempts:
+                return "failed"
+            db.execute("UPDATE job SET state = 'pending' WHERE id = ?", (job_id,))
+            return "retry"
 
     def progress(self, music_id: int) -> tuple[int, int]:
         """(jobs done, jobs in all) of a song."""
@@ -299,7 +357,8 @@ class Store:
 
     def start_attempt(self, job_id: int, worker: str, started_at: float) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT music_id FROM job WHERE id = ?", (job_id,)).fetchone()
+            # only a job that is out with a worker: a worker's presence must not write into a finished song
+            row = db.execute("SELECT music_id FROM job WHERE id = ? AND state = 'queued'", (job_id,)).fetchone()
             if row is None:
                 return
             open_row = db.execute("SELECT 1 FROM attempt WHERE job_id = ? AND worker = ? AND outcome = 'running'",

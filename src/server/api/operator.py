@@ -33,10 +33,17 @@ def metrics():
 
 @bp.get("/health")
 def health():
+    """200 while the broker is connected (503 otherwise); "degraded" with the reasons when workers are missing."""
     services = _services()
     broker_ok = services.broker.connected
-    body = {"status": "ok" if broker_ok else "degraded", "broker": broker_ok,
-            "workers": len(services.collector.workers.snapshot()), "model": services.spec.name}
+    alive, configured = services.collector.workers.count(), services.settings.workers_configured
+    reasons = [] if broker_ok else ["the broker is not connected"]
+    if alive == 0:
+        reasons.append("no worker is alive: the jobs queue has no consumer")
+    elif alive < configured:
+        reasons.append(f"{alive} of {configured} configured workers alive")
+    body = {"status": "degraded" if reasons else "ok", "reasons": reasons, "broker": broker_ok,
+            "workers": alive, "workers_configured": configured, "model": services.spec.name}
     return jsonify(body), 200 if broker_ok else 503
 
 

@@ -1,0 +1,182 @@
+"""Fuzzing with a worker's login: hostile messages on every destination a worker may write, while a song runs.
+
+A few hundred malformed and forged results, failures and presence messages go to the
+results route and the presence topic (the only destinations a worker login may write,
+tests/test_trust.py). The song must still come out exact, no process may die, the
+operator endpoints must answer 200 with valid JSON throughout, and every bad message
+must be parked on the dead queue with its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import struct
+import time
+import uuid
+
+import stomp
+
+from src.messaging.destinations import Destinations
+from src.messaging.schema import AUDIO_ENCODING
+from tests.conftest import Cluster
+from tests.helpers import get, get_json, metric, wait_for
+from tests.test_faults import SLOW, assert_whole, start_song
+from tests.test_trust import stomp_login
+
+
+def results(rng: random.Random, music_id: int, job_ids: list[int], token: str) -> list[tuple[dict, bytes]]:
+    """Hostile results and failures: each one malformed, forged or not fitting its job."""
+    def base(**changes) -> dict:
+        job = rng.choice(job_ids)
+        headers = {"type": "result", "music-id": str(music_id), "job-id": str(job), "song-token": token,
+                   "attempt-token": uuid.uuid4().hex, "worker": "fuzzer", "attempt": "1", "out-start": "0",
+                   "sources": "drums,bass,other,vocals", "channels": "2", "frames": "4", "compute-ms": "5",
+                   "encoding": AUDIO_ENCODING}
+        headers.update(changes)
+        return {k: v for k, v in headers.items() if v is not None}
+
+    floats = lambda values: base64.b64encode(struct.pack(f"<{len(values)}f", *values))  # noqa: E731
+    good_body = floats([0.0] * 32)
+    messages = [
+        ({}, rng.randbytes(64)),
+        ({"type": "result"}, b""),
+        (base(**{"music-id": "abc"}), good_body),
+        (base(**{"music-id": "-1"}), good_body),
+        (base(**{"music-id": "99999999999999999999999"}), good_body),
+        (base(**{"job-id": "9223372036854775808"}), good_body),
+        (base(**{"channels": "-1", "frames": "-2"}), b"12345678"),
+        (base(**{"channels": "1000000", "frames": "1000000000"}), good_body),
+        (base(frames="0"), b""),
+        (base(**{"channels": "1"}), floats([0.0] * 16)),  # one channel instead of two
+        (base(), floats([math.nan] * 32)),
+        (base(), floats([math.inf] * 32)),
+        (base(), b"not base64 !!"),
+        (base(sources="drums,bass"), floats([0.0] * 16)),
+        (base(sources=",".join(["x"] * 100)), good_body),
+        (base(encoding="raw"), good_body),
+        (base(**{"compute-ms": "1e9"}), good_body),
+        (base(**{"song-token": "0" * 32}), good_body),  # forged song token
+        (base(), good_body),  # forged attempt token
+        (base(worker="x" * 5000), good_body),
+        (base(type="failure", error="attacker's text", final="true"), b""),  # forged failure
+        (base(type="failure", error="x\x01y", final="maybe"), b""),
+        (base(type="failure", error="e" * 10_000, final="true"), b""),
+        (base(type="job"), good_body),
+        (base(type="control", action="reset", **{"music-ids": "999999999"}), b""),
+        (base(type="presence"), b"{}"),
+        (base(type="?" * 300), rng.randbytes(10)),
+    ]
+    hostile = [messages[i % len(messages)] for i in range(200)]
+    return [(h, b if i < len(messages) else (b + rng.randbytes(rng.randrange(0, 4)) if b else b))
+            for i, (h, b) in enumerate(hostile)]
+
+
+def presences(rng: random.Random, live_worker: str, job_id: int) -> list[bytes]:
+    """Hostile presence bodies."""
+    valid = {"worker": live_worker, "host": "h", "address": "a", "pid": 1, "state": "idle", "job_id": None,
+             "music_id": None, "jobs_done": 0, "mean_job_seconds": None, "model": "demucs_unittest",
+             "sent_at": time.time(), "session": uuid.uuid4().hex}  # another session than the worker's
+    variants = [
+        {**valid, "state": "leaving"},  # forged goodbye of a live worker
+        {**valid, "state": "busy", "job_id": job_id, "music_id": 1},  # forged attempt in the timeline
+        {**valid, "worker": 12345},
+        {**valid, "worker": ["a"]},
+        {**valid, "pid": "1"},
+        {**valid, "pid": True},
+        {**valid, "pid": -5},
+        {**valid, "jobs_done": 2**70},
+        {**valid, "job_id": 2**63},
+        {**valid, "state": "dancing"},
+        {**valid, "session": "short"},
+        {**valid, "extra": 1},
+        {k: v for k, v in valid.items() if k != "host"},
+        {**valid, "host": "h" * 10_000},
+    ]
+    bodies = [json.dumps(v).encode() for v in variants]
+    bodies += [json.dumps(valid).replace('"mean_job_seconds": null', '"mean_job_seconds": NaN').encode(),
+               json.dumps(valid).replace('"sent_at": ', '"sent_at": Infinity, "x": ').encode(),
+               b"[1, 2, 3]", b"null", b"", b"{" * 5000, rng.randbytes(100)]
+    return [bodies[i % len(bodies)] for i in range(100)]
+
+
+def operator_endpoints_answer(base: str) -> None:
+    for path in ("/workers", "/health"):
+        status, body = get(base + path)
+        assert status == 200, (path, status, body[:300])
+        json.loads(body)  # valid JSON: no NaN, no Infinity
+    status, _ = get(base + "/metrics")
+    assert status == 200
+
+
+def test_hostile_messages_from_a_worker_login_are_parked_and_the_song_comes_out_exact(
+        least_privilege, tmp_path, make_song, capsys):
+    settings = least_privilege
+    cluster = Cluster(settings, tmp_path)
+    try:
+        cluster.start_server()
+        workers = [cluster.start_worker(**SLOW), cluster.start_worker(**SLOW)]
+        live = cluster.wait_workers(2)
+        song = make_song(8.0, "wav")
+        music_id = start_song(cluster.base, song)
+        token_free_jobs = get_json(f"{cluster.base}/job")
+        wait_for(lambda: get_json(f"{cluster.base}/music/{music_id}")["state"] == "processing", 30, "processing")
+
+        rng = random.Random(16)
+        d = Destinations(settings.queue_prefix)
+        sent = {"results": 0, "presence": 0}
+        conn, frames = stomp_login(settings, *settings.worker_login)
+        for index, (headers, body) in enumerate(results(rng, music_id, token_free_jobs, uuid.uuid4().hex)):
+            conn.send(d.results_route, body, headers=headers)
+            sent["results"] += 1
+            if index % 25 == 0:
+                operator_endpoints_answer(cluster.base)
+        for index, body in enumerate(presences(rng, live[0]["worker"], token_free_jobs[0])):
+            conn.send(d.presence, body, headers={"type": "presence"})
+            sent["presence"] += 1
+            if index % 25 == 0:
+                operator_endpoints_answer(cluster.base)
+        conn.disconnect()
+        assert not frames.errors, frames.errors  # the broker took them all: the server had to cope
+
+        assert_whole(cluster.base, music_id, song)
+        operator_endpoints_answer(cluster.base)
+        assert live[0]["worker"] in [w["worker"] for w in get_json(f"{cluster.base}/workers")], \
+            "a forged 'leaving' removed a live worker"
+        assert all(p.poll() is None for p in [cluster.server, *workers]), "a process died"
+
+        total = sum(sent.values())
+        wait_for(lambda: metric(cluster.base, "karaoke_refused_messages") >= total, 60, "every message refused")
+        parked = read_dead_queue(settings, total)
+        reasons = [h.get("x-refused-reason") for h in parked]
+        assert len(parked) == total and all(reasons), "every bad message parked once, with its reason"
+        by_source = {s: sum(h.get("x-refused-from", "").endswith(s) for h in parked) for s in sent}
+        assert by_source == sent
+        with capsys.disabled():
+            print(f"\n  FUZZ sent {sent} ({total}); parked {by_source} with reasons; "
+                  f"{1 + len(workers)} processes alive; song exact; e.g. {reasons[0]!r}")
+    finally:
+        cluster.stop()
+
+
+def read_dead_queue(settings, expected: int) -> list[dict]:
+    """The headers of the messages parked on the dead queue (consumed with the server's login)."""
+    d = Destinations(settings.queue_prefix)
+    conn = stomp.Connection12([(settings.broker_host, settings.broker_port)], vhost="/", auto_decode=False)
+    parked: list[dict] = []
+
+    class Collect(stomp.ConnectionListener):
+        def on_message(self, frame):
+            parked.append(dict(frame.headers))
+
+    conn.set_listener("collect", Collect())
+    conn.connect(*settings.server_login, wait=True)
+    conn.subscribe(d.dead, id="dead", ack="auto", headers=d.declaration(d.dead))
+    try:
+        wait_for(lambda: len(parked) >= expected, 60, f"{expected} parked messages")
+        time.sleep(1)  # anything beyond them would have arrived by now
+    finally:
+        conn.disconnect()
+    return parked
