@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "WORKER_THREADS": 0,
     "WORKER_PREFETCH": 1,
     "WORKER_SLOWDOWN": 1.0,
+    "DEVICE": "auto",
     "MAX_UPLOAD_MB": 200,
     "MAX_DURATION_S": 7200.0,
     "MAX_CHANNELS": 8,
@@ -92,6 +93,7 @@ class Settings:
     worker_threads: int
     worker_prefetch: int
     worker_slowdown: float
+    device: str
     max_upload_mb: int
     max_duration_s: float
     max_channels: int
@@ -206,6 +208,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     if not explicit & set(LOGIN_SETTINGS):
         values.update(provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]))
 
+    if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
+        raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
     if values["WORKER_SIMULATE"] not in {"crash", "hang"}:
         raise ValueError("WORKER_SIMULATE must be 'crash' or 'hang'")
     if values["SSE_MAX_CLIENTS"] >= values["SERVER_THREADS"]:

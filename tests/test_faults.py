@@ -277,3 +277,18 @@ def test_model_that_cannot_load_fails_the_song_with_the_reason(settings, make_so
         wait_for(lambda: jobs <= queue_depth(settings.queue_prefix, "dead") <= most, 30, "every publication parked")
     finally:
         app.extensions["karaoke"].close()
+
+
+def test_a_worker_told_to_use_a_gpu_it_lacks_fails_the_song_with_the_reason(client, cluster, make_song):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU: DEVICE=cuda works here")
+    cluster.start_worker(DEVICE="cuda")
+    music = client.post("/music", data=make_song(3.0, "wav").read_bytes(),
+                        content_type="application/octet-stream").get_json()
+    client.post(f"/music/{music['music_id']}", json=[])
+    status = wait_for(lambda: (s := client.get(f"/music/{music['music_id']}").get_json())["state"] == "failed"
+                      and s, 90, "the song to fail")
+    assert "cannot be moved to cuda" in status["error"]
+    assert [w["device"] for w in client.get("/workers").get_json()] == ["cuda"]

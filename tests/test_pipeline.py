@@ -56,6 +56,11 @@ def test_uploaded_song_comes_back_whole_with_the_chosen_instruments(client, clus
     assert mp3.status_code == 200 and mp3.mimetype == "audio/mpeg"
     assert decode_with_ffmpeg(mp3.data).shape[0] == input_frames, "the MP3 decodes to the input's length"
 
+    import torch
+
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"  # DEVICE=auto
+    assert {w["device"] for w in client.get("/workers").get_json()} == {expected_device}
+
     job_ids = client.get("/job").get_json()
     assert len(job_ids) == status["jobs_total"] >= 3
     for job_id in job_ids:

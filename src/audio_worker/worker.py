@@ -51,7 +51,7 @@ from src.messaging.schema import (
     decode,
 )
 from src.separation.compute import JobCancelled, model_mismatch, run_job
-from src.separation.model import ModelUnavailable, load_model
+from src.separation.model import ModelUnavailable, load_model, pick_device
 
 log = logging.getLogger("worker")
 
@@ -61,6 +61,7 @@ class Worker:
         self.settings = settings
         self.name = uuid.uuid4().hex[:7]
         self.simulate = simulate  # None, "crash" or "hang": see make workers
+        self.device = pick_device(settings.device)
         self.session = uuid.uuid4().hex  # binds this process's presence messages (see presence.py)
         self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
@@ -76,8 +77,8 @@ class Worker:
 
     def run(self) -> None:
         torch.set_num_threads(self.settings.threads_per_worker)
-        log.info("Worker[%s] starting: pid %d, %d torch thread(s), model %s", self.name, os.getpid(),
-                 self.settings.threads_per_worker, self.settings.model)
+        log.info("Worker[%s] starting: pid %d, %d torch thread(s), model %s on %s", self.name, os.getpid(),
+                 self.settings.threads_per_worker, self.settings.model, self.device)
         try:
             self._model(self.settings.model)
         except ModelUnavailable as exc:
@@ -107,7 +108,7 @@ class Worker:
     def _model(self, name: str) -> Any:
         if name not in self._models:
             try:
-                self._models[name] = load_model(name, self.settings.model_repo)
+                self._models[name] = load_model(name, self.settings.model_repo, self.device)
             except ModelUnavailable as exc:
                 self._models[name] = exc
         model = self._models[name]
@@ -269,7 +270,7 @@ class Worker:
             state=state, job_id=job.job_id if job else None, music_id=job.music_id if job else None,
             jobs_done=self._jobs_done,
             mean_job_seconds=round(self._job_seconds / self._jobs_done, 3) if self._jobs_done else None,
-            model=self.settings.model, sent_at=time.time(), session=self.session,
+            model=self.settings.model, sent_at=time.time(), session=self.session, device=self.device,
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

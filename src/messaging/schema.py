@@ -236,6 +236,7 @@ class PresenceMessage:
     model: str
     sent_at: float
     session: str = ""
+    device: str = "cpu"  # where the worker runs its model: cpu | cuda
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -442,6 +443,8 @@ def _decode_presence(body: bytes) -> PresenceMessage:
         raise MalformedMessage("sent_at is not a time")
     if not TOKEN.fullmatch(_value(data, "session", (str,))):
         raise MalformedMessage("presence session is not a token")
+    if data["device"] not in ("cpu", "cuda"):
+        raise MalformedMessage(f"presence device {_show(data['device'])} is not cpu or cuda")
     return PresenceMessage(**data)
 
 

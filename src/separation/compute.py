@@ -73,7 +73,9 @@ def run_job(model: Any, job: JobMessage, should_stop: Callable[[], bool] = lambd
     mean = torch.tensor(p["mean"], dtype=torch.float32)
     std = torch.tensor(p["std"], dtype=torch.float32)
     wav = torch.from_numpy(np.array(job.audio, dtype=np.float32))
-    mix = ((wav - mean) / std)[None]
+    # Normalised on the CPU, as demucs.api does, then moved to wherever the model lives (DEVICE);
+    # the weighted sum stays on the CPU, where the server's merge adds it up.
+    mix = ((wav - mean) / std)[None].to(next(model.parameters()).device)
 
     out_start = offsets[0]
     out_end = min(offsets[-1] + segment_frames, job.total_frames)
@@ -87,7 +89,7 @@ def run_job(model: Any, job: JobMessage, should_stop: Callable[[], bool] = lambd
             if should_stop():
                 raise JobCancelled()
             chunk = TensorChunk(mix, offset - job.slice_start, segment_frames)
-            out = apply_model(member, chunk, shifts=0, split=False, segment=p["segment"])[0]
+            out = apply_model(member, chunk, shifts=0, split=False, segment=p["segment"])[0].cpu()
             n = out.shape[-1]
             partial[..., offset - out_start : offset - out_start + n] += weight[:n] * out
         if weights is None:

@@ -23,8 +23,15 @@ class ModelUnavailable(RuntimeError):
     """The configured model cannot be loaded; the message says why."""
 
 
-def load_model(name: str, repo: str = "") -> Any:
-    """The demucs model (or bag of models) named `name`, from `repo` when given."""
+def pick_device(wanted: str) -> str:
+    """DEVICE as a torch device name: `auto` is a GPU when torch sees one, else the CPU."""
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def load_model(name: str, repo: str = "", device: str = "cpu") -> Any:
+    """The demucs model (or bag of models) named `name`, from `repo` when given, on `device`."""
     # Test models (demucs_unittest) are built with random weights: seed them so that every
     # worker process builds the same model and chunks from different workers agree.
     torch.manual_seed(0)
@@ -36,7 +43,10 @@ def load_model(name: str, repo: str = "") -> Any:
         where = f" from {repo}" if repo else ""
         raise ModelUnavailable(f"model {name!r} cannot be loaded{where}: {type(exc).__name__}: {exc}") from None
     model.eval()
-    return model
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError) as exc:  # DEVICE=cuda on a host whose torch sees no GPU
+        raise ModelUnavailable(f"model {name!r} cannot be moved to {device}: {exc}") from None
 
 
 def sub_models(model: Any) -> list[Any]:

@@ -102,7 +102,7 @@ class WorkerRegistry:
             {
                 "worker": p.worker, "host": p.host, "address": p.address, "pid": p.pid, "state": p.state,
                 "job_id": p.job_id, "music_id": p.music_id, "jobs_done": p.jobs_done,
-                "mean_job_seconds": p.mean_job_seconds, "model": p.model,
+                "mean_job_seconds": p.mean_job_seconds, "model": p.model, "device": p.device,
                 "last_heartbeat_age": round(now - seen, 2),
             }
             for p, seen in sorted(entries, key=lambda e: e[0].worker)
