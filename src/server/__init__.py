@@ -69,10 +69,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_mb * 1024 * 1024
     app.extensions["karaoke"] = services
 
-    from src.server.api import errors, jobs, music, operator, web
+    from src.server.api import docs, errors, jobs, music, operator, web
 
     errors.register(app)
-    for blueprint in (music.bp, jobs.bp, operator.bp, web.bp):
+    for blueprint in (music.bp, jobs.bp, operator.bp, web.bp, docs.bp):
         app.register_blueprint(blueprint)
     return app
 
