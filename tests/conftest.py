@@ -32,6 +32,9 @@ from src.server import create_app, wsgi
 from tests import helpers as http
 from tests.helpers import wait_for
 
+# Every answer the tests get from a server is checked against the OpenAPI document (see that module).
+pytest_plugins = ("tests.openapi_check",)
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,10 +10,16 @@ import time
 import urllib.error
 import urllib.request
 import wave
+from collections.abc import Callable
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Called with (method, url, status, response headers, body) after every answer request() gets:
+# tests/openapi_check.py adds the check of each answer against the API's OpenAPI document.
+observers: list[Callable[[str, str, int, Message, bytes], None]] = []
 
 
 def request(method: str, url: str, body: bytes | None = None, content_type: str | None = None,
@@ -23,9 +29,12 @@ def request(method: str, url: str, body: bytes | None = None, content_type: str 
         req.add_header("Content-Type", content_type)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
+            status, headers, data = resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as err:
-        return err.code, err.read()
+        status, headers, data = err.code, err.headers, err.read()
+    for observe in observers:
+        observe(method, url, status, headers, data)
+    return status, data
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -71,13 +71,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["karaoke"] = services
 
     from src.server import wsgi
-    from src.server.api import converters, errors, jobs, music, operator, security, web
+    from src.server.api import converters, docs, errors, jobs, music, operator, security, web
 
     wsgi.install(app, settings)
     security.install(app, settings)
     errors.register(app)
     converters.register(app)
-    for blueprint in (music.bp, jobs.bp, operator.bp, web.bp):
+    for blueprint in (music.bp, jobs.bp, operator.bp, web.bp, docs.bp):
         app.register_blueprint(blueprint)
     return app
 
