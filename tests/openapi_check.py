@@ -11,9 +11,7 @@ without one); HEAD and OPTIONS (CORS preflight) are not part of the document; th
 not API. An undocumented route may only answer a JSON `{"error": ...}` 404 or 405.
 
 A mismatch fails the test phase (set-up, call or tear-down) that received it, naming the request and what
-is wrong. The document describes the target API; where today's server still differs, KNOWN_GAPS names the
-difference and why, so it is counted in the end-of-session summary instead of failing. Delete an entry once
-the server answers as documented: the summary also lists the entries that no answer of the run hit.
+is wrong; the end-of-session summary counts the answers checked.
 
 The document and its validators are built once per session; a check costs about a millisecond.
 """
@@ -48,17 +46,6 @@ from tests import helpers
 # (operation, what) -> why today's server differs from the document. `what` is "status N", "content type X",
 # or "<JSON path>: <schema keyword>" with list indices as `*` (a missing property is "<path>/<name>: required").
 # Each is a change the server still has to make (issue #10); delete the entry when it lands.
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("POST /music", "ready: required"): "the upload answer has no `ready` yet",
-    ("GET /music", "*/ready: required"): "the listed songs have no `ready` yet",
-    ("GET /music/{music_id}", "ready: required"): "the status has no `ready` yet",
-    ("GET /music/{music_id}", "instruments/*/track: type"): "`track` is null before the song is done, not absent",
-    ("GET /music/{music_id}", "final: type"): "`final` is null before the song is done, not absent",
-    ("GET /music/{music_id}", "instruments/*/track: pattern"): "`track` is a relative link, not an absolute URL",
-    ("GET /music/{music_id}", "final: pattern"): "`final` is a relative link, not an absolute URL",
-    ("POST /music/{music_id}", "status 422"): "track ids that are not the song's answer 422, not the course's 405",
-}
-
 # The web page and the static files of /docs: not API, so not in the document.
 NOT_API = re.compile(r"^/($|web/|docs/static/|docs/vendor/)")
 UNCHECKED_METHODS = {"HEAD", "OPTIONS"}
@@ -79,10 +66,6 @@ class Mismatch:
     what: str
     detail: str
 
-    @property
-    def known(self) -> str | None:
-        return KNOWN_GAPS.get((self.operation, self.what))
-
     def __str__(self) -> str:
         return f"{self.request}: {self.what} ({self.detail})"
 
@@ -98,7 +81,6 @@ class ResponseChecker:
         self.error_schema = OAS30Validator(document["components"]["schemas"]["Error"])
         self.checked = 0
         self.unexpected: list[Mismatch] = []
-        self.gaps_seen: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
 
     def check(self, method: str, host_url: str, path: str, status: int, mimetype: str,
@@ -112,11 +94,7 @@ class ResponseChecker:
         found = self._mismatches(method, host_url, path, status, mimetype, body, label)
         with self._lock:
             self.checked += 1
-            for mismatch in found:
-                if mismatch.known:
-                    self.gaps_seen[mismatch.operation, mismatch.what] += 1
-                else:
-                    self.unexpected.append(mismatch)
+            self.unexpected.extend(found)
         return found
 
     def _mismatches(self, method: str, host_url: str, path: str, status: int, mimetype: str,
@@ -252,13 +230,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     terminalreporter.section("OpenAPI response check")
     write(f"{CHECKER.checked} answers checked against src/server/openapi.yaml; "
-          f"{len(CHECKER.unexpected)} mismatches outside KNOWN_GAPS")
+          f"{len(CHECKER.unexpected)} mismatches")
     unexpected = Counter((m.operation, m.what) for m in CHECKER.unexpected)
     examples = {(m.operation, m.what): m for m in CHECKER.unexpected}
     for key, count in sorted(unexpected.items()):
         write(f"  MISMATCH ({count}x) {examples[key]}")
-    for (operation, what), count in sorted(CHECKER.gaps_seen.items()):
-        write(f"  known gap ({count}x) {operation}: {what} -- {KNOWN_GAPS[operation, what]}")
-    unseen = [f"{operation}: {what}" for operation, what in KNOWN_GAPS if (operation, what) not in CHECKER.gaps_seen]
-    if unseen:
-        write(f"  KNOWN_GAPS entries no answer hit (fixed, or not exercised by these tests): {'; '.join(unseen)}")
