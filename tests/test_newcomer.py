@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import free_port
+from src.messaging import accounts
 from tests.conftest import ROOT, delete_queues
 from tests.helpers import get, get_json, post_json, upload, wait_for
 
@@ -70,6 +71,10 @@ def test_make_run_in_a_fresh_clone_serves_the_page_and_every_download(fresh_clon
                 assert answer == 200 and len(body) > 10_000, (url, fmt, body[:200])
         assert (fresh_clone / "storage" / "songs" / str(music["music_id"]) / "mix.f32").is_file(), \
             "STORAGE_DIR's default is storage/ under the folder make run was started in"
+        users = subprocess.run(["rabbitmqctl", "-q", "list_stomp_connections", "auth_login"], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        assert users.count(f"{prefix}-worker") == 2, "make run's workers use the least-privilege login make broker made"
+        assert f"{prefix}-server" in users
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         try:
@@ -78,3 +83,5 @@ def test_make_run_in_a_fresh_clone_serves_the_page_and_every_download(fresh_clon
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
         delete_queues(prefix)
+        # what `make broker` provisioned for this prefix (see broker-logins.yaml in the clone)
+        accounts.remove(accounts.Ctl(), prefix, [f"{prefix}-server", f"{prefix}-worker"])
