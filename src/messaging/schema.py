@@ -365,6 +365,18 @@ def _decode_job(headers: dict[str, str], body: bytes, models: Collection[str] | 
     )
 
 
+def _reply_to(headers: dict[str, str]) -> dict:
+    """The fields by which a result or a failure names the job, song and attempt it answers."""
+    return {
+        "music_id": _int(headers, "music-id", 1, MAX_ID),
+        "job_id": _int(headers, "job-id", 1, MAX_ID),
+        "song_token": _match(headers, "song-token", TOKEN),
+        "attempt_token": _match(headers, "attempt-token", TOKEN),
+        "worker": _match(headers, "worker", NAME),
+        "attempt": _int(headers, "attempt", 1, MAX_ATTEMPT),
+    }
+
+
 def _decode_result(headers: dict[str, str], body: bytes) -> ResultMessage:
     _check_encoding(headers)
     sources = tuple(_header(headers, "sources").split(","))
@@ -372,12 +384,7 @@ def _decode_result(headers: dict[str, str], body: bytes) -> ResultMessage:
         raise MalformedMessage(f"header 'sources' is not a list of source names: {_show(headers['sources'])}")
     shape = (len(sources), _int(headers, "channels", 1, MAX_CHANNELS), _int(headers, "frames", 1, MAX_FRAMES))
     return ResultMessage(
-        music_id=_int(headers, "music-id", 1, MAX_ID),
-        job_id=_int(headers, "job-id", 1, MAX_ID),
-        song_token=_match(headers, "song-token", TOKEN),
-        attempt_token=_match(headers, "attempt-token", TOKEN),
-        worker=_match(headers, "worker", NAME),
-        attempt=_int(headers, "attempt", 1, MAX_ATTEMPT),
+        **_reply_to(headers),
         out_start=_int(headers, "out-start", 0, MAX_TOTAL_FRAMES),
         sources=sources,
         compute_ms=_int(headers, "compute-ms", 0, 10**9),
@@ -395,12 +402,7 @@ def _decode_failure(headers: dict[str, str], body: bytes) -> FailureMessage:
     if final not in ("true", "false"):
         raise MalformedMessage(f"header 'final' is not true or false: {_show(final)}")
     return FailureMessage(
-        music_id=_int(headers, "music-id", 1, MAX_ID),
-        job_id=_int(headers, "job-id", 1, MAX_ID),
-        song_token=_match(headers, "song-token", TOKEN),
-        attempt_token=_match(headers, "attempt-token", TOKEN),
-        worker=_match(headers, "worker", NAME),
-        attempt=_int(headers, "attempt", 1, MAX_ATTEMPT),
+        **_reply_to(headers),
         error=error,
         final=final == "true",
     )
