@@ -9,6 +9,7 @@ Each test prints how long the work took to move on after the fault.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import signal
 import subprocess
@@ -246,8 +247,12 @@ def test_make_workers_crash_simulation_loses_nothing(cluster, make_song, capsys)
         log = cluster.log("supervisor")
         assert "Simulating workers crash. Killing 1 workers." in log
         assert "simulating a crash mid-Job" in log
-        # The song can finish before the crashed worker's presence has expired.
-        wait_for(lambda: len(get_json(f"{cluster.base}/workers")) == 1, 15, "the crashed worker to leave the panel")
+        crashed = re.search(r"Worker\[(\w+)\] - simulating a crash", log).group(1)
+        # The song can finish before the crashed worker's presence has expired; the supervisor
+        # has started another worker in its place by then.
+        wait_for(lambda: crashed not in {w["worker"] for w in get_json(f"{cluster.base}/workers")}, 15,
+                 "the crashed worker to leave the panel")
+        cluster.wait_workers(2)
     finally:
         supervisor.terminate()
         supervisor.wait(20)
