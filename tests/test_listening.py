@@ -5,6 +5,7 @@
 - tempo and key: rubberband's output measured (duration, and pitch by FFT peak).
 - MP3, WAV and FLAC are tagged with title, artist and the stems they hold; FLAC is the
   WAV's samples exactly.
+- `/stream/{stem}`: what the page's player streams, a WAV made on the fly with Range.
 - `DELETE /music/{id}` removes one song and nothing else.
 """
 
@@ -66,6 +67,15 @@ def test_listening_mix_is_the_weighted_sum_and_changes_nothing_saved(client, clu
         assert after[key] == status[key], f"a listening mix changed the song's {key}"
     saved, _ = wav_array(client.get(f"{song}/final?format=wav").data)
     assert np.abs(saved - (stems["drums"] + stems["bass"] + stems["other"])).max() <= 3 / 32767
+
+    # the player's stream is the WAV download's samples, made on the fly, and any byte range of it
+    whole = client.get(f"{song}/stream/drums")
+    assert whole.status_code == 200 and whole.headers["Accept-Ranges"] == "bytes"
+    assert np.array_equal(wav_array(whole.data)[0], stems["drums"])
+    part = client.get(f"{song}/stream/drums", headers={"Range": "bytes=1001-200000"})
+    assert part.status_code == 206 and part.data == whole.data[1001:200001]
+    assert part.headers["Content-Range"] == f"bytes 1001-200000/{len(whole.data)}"
+    assert client.get(f"{song}/stream/kazoo").status_code == 404
 
     # what a client sends is checked: a foreign track is the course's 405, a bad number 400
     assert client.get(f"{song}/mix?tracks=999999").status_code == 405

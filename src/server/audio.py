@@ -222,6 +222,18 @@ def render(source: Path, target: Path, samplerate: int, channels: int, fmt: str,
     _ffmpeg([*raw_input, *(["-af", stretch] if stretch else []), *ENCODERS[fmt]], target, fmt, tags)
 
 
+def stretch_raw(source: Path, target: Path, samplerate: int, channels: int, tempo: float = 1.0,
+                semitones: int = 0) -> None:
+    """A float32 file re-timed or re-keyed by rubberband, into another float32 file."""
+    raw = ["-f", "f32le", "-ar", str(samplerate), "-ac", str(channels)]
+    proc = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", *raw, "-i", str(source), "-af", stretch_filter(tempo, semitones),
+         *raw, "-y", str(target)], capture_output=True, text=True, timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"rubberband failed: {proc.stderr.strip()[-300:]}")
+
+
 def _ffmpeg(arguments: list[str], target: Path, fmt: str, tags: Tags) -> None:
     proc = subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", *arguments, *tags.ffmpeg_args(), "-f", fmt, "-y", str(target)],

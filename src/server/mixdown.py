@@ -128,6 +128,22 @@ def rendering(store: Store, files: SongFiles, music: Music, source: str | None, 
     return target
 
 
+def practice_source(files: SongFiles, music: Music, source: str, semitones: int = 0) -> Path:
+    """The float32 file the page's player streams: a stem or the original, key-shifted if asked.
+
+    A key shift is rendered once by rubberband (tempo kept) and cached beside the stems;
+    the player goes on with the unshifted audio until it is there.
+    """
+    raw = _raw(files, music.id, source)
+    if not semitones:
+        return raw
+    target = raw.with_name(f"{raw.stem}.st{semitones:+d}.pcm")
+    if not target.exists():
+        with files.atomic(target) as temporary:
+            audio.stretch_raw(raw, temporary, music.samplerate, music.channels, semitones=semitones)
+    return target
+
+
 def listening_mix(files: SongFiles, music: Music, parts: Sequence[tuple[Track, float]], fmt: str,
                   tempo: float = 1.0, semitones: int = 0) -> Path:
     """A one-off rendering of these stems at these volumes, tempo and key: what the page plays.

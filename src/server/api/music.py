@@ -23,7 +23,7 @@ from urllib.parse import unquote
 from flask import Blueprint, current_app, jsonify, request, send_file
 from werkzeug.http import parse_options_header
 
-from src.server import mixdown
+from src.server import mixdown, pcmstream
 from src.server.api.errors import ApiError
 from src.server.audio import FORMATS, RefusedAudio, UnreadableAudio, clean_tag
 from src.server.orchestrator import BadSelection, NotFound, NotProcessable
@@ -201,6 +201,19 @@ def final(music_id: int):
 @bp.get("/music/<id:music_id>/original")
 def original(music_id: int):
     return _download(music_id, mixdown.ORIGINAL, mixdown.ORIGINAL)
+
+
+@bp.get("/music/<id:music_id>/stream/<name>")
+def stream(music_id: int, name: str):
+    """A stem (by name) or the original as a WAV made on the fly, with Range: what the page plays.
+    `?semitones=` shifts the key (rendered once, then cached)."""
+    services = _services()
+    music = _finished(music_id)
+    if name not in {t.name for t in services.store.tracks(music_id)} | {mixdown.ORIGINAL}:
+        raise ApiError(404, f"music {music_id} has no stem named {name[:40]!r}")
+    semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
+    source = mixdown.practice_source(services.files, music, name, semitones)
+    return pcmstream.wav_response(request, source, music.samplerate, music.channels)
 
 
 def _id_list(name: str) -> list[str]:
