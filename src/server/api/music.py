@@ -37,6 +37,12 @@ SEMITONE_RANGE = (-12, 12)
 MAX_GAIN = 2.0
 
 
+@bp.errorhandler(FileNotFoundError)
+def _deleted_meanwhile(_error):
+    """A song deleted (or reset) while one of its files was being read: gone, not a server fault."""
+    return jsonify({"error": "this song was deleted"}), 404
+
+
 def _services():
     return current_app.extensions["karaoke"]
 
