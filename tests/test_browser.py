@@ -299,7 +299,7 @@ def test_status_is_honest_about_workers_and_the_server(page, cluster, make_song,
     assert page.evaluate("document.body.classList.contains('offline')")
     shot(page, "13-server-unreachable")
     cluster.start_server()
-    page.wait_for_selector("#offline-banner[hidden]", timeout=30_000)
+    expect(page.locator("#offline-banner")).to_be_hidden(timeout=30_000)
     expect(page.locator("#connection")).to_have_text("live")
     expect(page.locator(f"#workers tr[data-pid='{survivor.pid}']")).to_have_count(1, timeout=30_000)
     expect(page.locator("#song-state")).to_have_text("done")

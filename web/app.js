@@ -12,7 +12,7 @@
 import { api } from "./js/api.js";
 import { $, showMessage } from "./js/dom.js";
 import { UploadQueue, renderLibrary, setUpDropzone } from "./js/library.js";
-import { clearTimeline, drawTimeline, renderWorkers, setWorkers } from "./js/operator.js";
+import { clearTimeline, drawTimeline, renderWorkers, setWorkers, timelineRunning } from "./js/operator.js";
 import { Player } from "./js/player.js";
 import { chosenNames, renderSong, updateStartButton } from "./js/song.js";
 import { connect } from "./js/connection.js";
@@ -197,7 +197,7 @@ async function main() {
     music: (status) => { onStatus(status); if (status.music_id === selectedId) refreshTimeline(); },
     workers: (data) => {
       setWorkers(data.workers);
-      if (selectedId !== null && songs.get(selectedId)?.state === "processing") refreshTimeline();
+      if (selectedId !== null && (songs.get(selectedId)?.state === "processing" || timelineRunning)) refreshTimeline();
     },
     deleted: (data) => onDeleted(data.music_id),
     reset: () => { songs.clear(); waiting.clear(); closeSong(); },

@@ -40,13 +40,18 @@ export function renderWorkers() {
 }
 
 export function clearTimeline(text = "Open a song to see its jobs.") {
+  timelineRunning = false;
   $("#timeline").replaceChildren(el("p", { class: "muted" }, text));
 }
 
+// Whether the drawn timeline still has attempts that can change: it is redrawn as workers report.
+export let timelineRunning = false;
+
 export function drawTimeline(attempts) {
   const box = $("#timeline");
+  timelineRunning = attempts.some((a) => a.outcome === "running");
   if (!attempts.length) { clearTimeline("No job has started yet."); return; }
-  const stale = staleWorkers();
+  const stale = staleWorkers(), alive = new Set(workers.map((w) => w.worker));
   const names = [...new Set(attempts.map((a) => a.worker))];
   const now = Date.now() / 1000;
   const start = Math.min(...attempts.map((a) => a.started_at));
@@ -55,7 +60,8 @@ export function drawTimeline(attempts) {
   const lanes = names.map((worker) => {
     const track = el("div", { class: "lane-track" });
     for (const a of attempts.filter((x) => x.worker === worker)) {
-      const outcome = a.outcome === "running" && stale.has(worker) ? "stalled" : a.outcome;
+      // a running attempt on a worker that stopped heart-beating: the server calls it lost after its timeout
+      const outcome = a.outcome === "running" && (stale.has(worker) || !alive.has(worker)) ? "stalled" : a.outcome;
       const seconds = (a.ended_at || now) - a.started_at;
       const bar = el("div", { class: `job ${outcome}`, "data-job": a.job_id,
                               title: `job #${a.job_id} on ${worker}: ${outcome}, ${clock(seconds)}` });
