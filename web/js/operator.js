@@ -6,10 +6,10 @@ import { $, el, clock } from "./dom.js";
 
 let workers = [];          // the latest snapshot, and when it arrived
 let receivedAt = 0;
-const STALE_AFTER = 1.5;   // heart-beat intervals; a live worker's age stays below one (plus delivery)
+const SLACK_SECONDS = 0.5;   // a live worker's presence is at most one interval old, plus its delivery
 
 export function staleWorkers() {
-  return new Set(workers.filter((w) => age(w) > STALE_AFTER * w.heartbeat_seconds).map((w) => w.worker));
+  return new Set(workers.filter((w) => age(w) > w.heartbeat_seconds + SLACK_SECONDS).map((w) => w.worker));
 }
 
 function age(worker) {
