@@ -104,6 +104,7 @@ class WorkerRegistry:
                 "job_id": p.job_id, "music_id": p.music_id, "jobs_done": p.jobs_done,
                 "mean_job_seconds": p.mean_job_seconds, "model": p.model, "device": p.device,
                 "last_heartbeat_age": round(now - seen, 2),
+                "heartbeat_seconds": self.expiry_seconds / 2,  # the page marks a worker stale past this
             }
             for p, seen in sorted(entries, key=lambda e: e[0].worker)
         ]

@@ -270,6 +270,12 @@ class Store:
                 "WHERE id = ? AND state IN ('uploaded', 'processing')", (error, time.time(), music_id))
             return cur.rowcount == 1
 
+    def delete_music(self, music_id: int) -> None:
+        """Forget one song with its tracks, jobs and attempts (the id is never reused)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM attempt WHERE music_id = ?", (music_id,))
+            db.execute("DELETE FROM music WHERE id = ?", (music_id,))  # tracks and jobs cascade
+
     def delete_everything(self) -> None:
         with self._tx() as db:
             for table in ("attempt", "job", "track", "music"):

@@ -46,7 +46,7 @@ def music_status(store: Store, music: Music, base: str = "") -> dict:
         if finished:
             instrument["track"] = f"{song}/tracks/{t.id}"
         instruments.append(instrument)
-    links = {"final": f"{song}/final"} if finished else {}
+    links = {"final": f"{song}/final", "original": f"{song}/original"} if finished else {}
     return {
         "progress": progress(music, done, total),
         "instruments": instruments,

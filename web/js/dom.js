@@ -1,0 +1,41 @@
+// Small DOM and formatting helpers shared by every module of the page.
+// Elements are built with `el` (never innerHTML), and inline styles are never written as
+// attributes: the Content-Security-Policy forbids them, so positions go through the CSSOM.
+
+export const $ = (selector, root = document) => root.querySelector(selector);
+export const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
+
+export function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== false && value !== null && value !== undefined) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+export function clock(seconds) {
+  if (!Number.isFinite(seconds) || seconds < 0) return "–";
+  if (seconds < 10 && seconds % 1 !== 0) return `${seconds.toFixed(1)}s`;
+  const m = Math.floor(seconds / 60), s = Math.floor(seconds % 60);
+  return `${m}:${String(s).padStart(2, "0")}`;
+}
+
+export function showMessage(node, text, kind = "error") {
+  node.textContent = text;
+  node.className = `message ${kind}`;
+  node.hidden = !text;
+}
+
+// A file or link download the browser saves, started from script.
+export function download(href) {
+  const link = el("a", { href, download: "" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+}
