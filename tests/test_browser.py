@@ -274,7 +274,8 @@ def test_status_is_honest_about_workers_and_the_server(page, cluster, make_song,
     page.set_input_files("#file-input", str(make_song(8.0, "wav", name="victim.wav")))
     page.wait_for_selector("#start:not([disabled])")
     page.click("#start")
-    busy = page.locator(f"#workers tr[data-pid='{victim.pid}'] td:nth-child(6)")
+    expect(page.locator(f"#workers tr[data-pid='{victim.pid}'] td:nth-child(5)")).to_have_text("cpu")  # DEVICE
+    busy = page.locator(f"#workers tr[data-pid='{victim.pid}'] td:nth-child(7)")
     expect(busy).to_contain_text("#", timeout=60_000)
     job = busy.inner_text().split()[0]
     expect(page.locator(f"#timeline .job.running[data-job='{job[1:]}']")).to_have_count(1, timeout=10_000)

@@ -30,6 +30,7 @@ export function renderWorkers() {
     const state = stale.has(w.worker) ? "stale" : w.state;
     return el("tr", { class: state, "data-pid": w.pid, "data-worker": w.worker },
       el("td", {}, w.worker), el("td", {}, w.host), el("td", {}, w.address), el("td", {}, w.pid),
+      el("td", {}, w.device),
       el("td", {}, el("span", { class: `state ${state}`,
                                 title: state === "stale" ? "no heart-beat: crashed or hung; dropped soon" : null },
                       state === "stale" ? "stale" : w.state)),
