@@ -6,10 +6,12 @@ report. Figures are medians over `runs`, with min and max.
 
 from __future__ import annotations
 
+import io
 import itertools
 import statistics
 import threading
 import time
+import wave
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +127,8 @@ def speed(profile: Profile, workdir: Path) -> dict:
             worker_rss = max(peak_rss(w.pid) for w in deployment.workers)
         served_sdr = {}
         for index, name in enumerate(spec.sources):
-            pcm = np.frombuffer(served[name][44:], dtype="<i2").reshape(-1, 2).T / 32767
+            with wave.open(io.BytesIO(served[name])) as stem:  # a tagged WAV: its header is not 44 bytes
+                pcm = np.frombuffer(stem.readframes(stem.getnframes()), dtype="<i2").reshape(-1, 2).T / 32767
             served_sdr[name] = sdr(quantised(plain[index]), pcm)
         results["configs"].append({
             "label": label, "wall": spread(walls), "ratio": statistics.median(walls) / statistics.median(plain_times),
