@@ -115,6 +115,41 @@ def test_a_job_that_never_returns_is_published_again_after_its_deadline(least_pr
         cluster.stop()
 
 
+class _Requeuer(stomp.ConnectionListener):
+    """A rogue consumer: every job it is given goes straight back to the queue."""
+
+    def __init__(self) -> None:
+        self.conn: stomp.Connection12 | None = None
+        self.requeued = 0
+
+    def on_message(self, frame):
+        self.conn.nack(frame.headers["ack"], requeue="true")
+        self.requeued += 1
+
+
+def test_a_rogue_consumer_that_requeues_jobs_cannot_fail_a_song(least_privilege, tmp_path, make_song):
+    """It once inflated the delivery count until a healthy song failed "after 13 attempts"."""
+    settings = least_privilege.with_overrides(job_deadline_seconds=4.0, job_deadline_factor=2.0)
+    cluster = Cluster(settings, tmp_path)
+    rogue = _Requeuer()
+    try:
+        cluster.start_server()
+        rogue.conn, _ = stomp_login(settings, *settings.worker_login)
+        rogue.conn.set_listener("rogue", rogue)
+        rogue.conn.subscribe(Destinations(settings.queue_prefix).worker_jobs, id="1", ack="client-individual",
+                             headers={"prefetch-count": "1"})
+        song = make_song(6.0, "wav")
+        music_id = start_song(cluster.base, song)
+        wait_for(lambda: rogue.requeued >= 3 * settings.max_attempts * 2, 60, "the rogue to requeue every job a lot")
+        cluster.start_worker()  # a healthy worker shares the queue with the rogue from now on
+        assert_whole(cluster.base, music_id, song)
+        assert rogue.requeued > 3 * settings.max_attempts
+    finally:
+        if rogue.conn is not None and rogue.conn.is_connected():
+            rogue.conn.disconnect()
+        cluster.stop()
+
+
 def test_a_reset_beyond_the_songs_a_worker_has_seen_stops_nothing(app, client, cluster, make_song, settings):
     worker = cluster.start_worker()
     wait_for(lambda: client.get("/workers").get_json(), 60, "the worker to subscribe")
