@@ -200,7 +200,8 @@ def least_privilege(settings: Settings) -> Iterator[Settings]:
     from src.messaging.broker import Broker
 
     tag = uuid.uuid4().hex[:8]
-    server, worker = (f"test-server-{tag}", uuid.uuid4().hex), (f"test-worker-{tag}", uuid.uuid4().hex)
+    # passwords that begin with "-", as make broker's random ones sometimes do
+    server, worker = (f"test-server-{tag}", f"-{uuid.uuid4().hex}"), (f"test-worker-{tag}", f"-{uuid.uuid4().hex}")
     ctl = accounts.Ctl()
     accounts.provision(ctl, settings.queue_prefix, server, worker)
     try:

@@ -105,10 +105,11 @@ def provision_user(ctl: Ctl, user: str, password: str, grant: Grant) -> None:
     if user == "guest":
         raise ValueError("refusing to change the guest account's permissions")
     existing = {line.split("\t")[0] for line in ctl("list_users").splitlines()[1:]}
+    # "--": a password may begin with "-" (token_urlsafe makes such), which rabbitmqctl would read as options
     if user in existing:
-        ctl("change_password", user, password)
+        ctl("change_password", "--", user, password)
     else:
-        ctl("add_user", user, password)
+        ctl("add_user", "--", user, password)
     ctl("set_permissions", "-p", VHOST, user, grant.configure, grant.write, grant.read)
     ctl("clear_topic_permissions", "-p", VHOST, user, check=False)
     ctl("set_topic_permissions", "-p", VHOST, user, "amq.topic", grant.topic_write, grant.topic_read)
