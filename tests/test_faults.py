@@ -237,8 +237,9 @@ def test_foreign_messages_are_parked_and_hurt_no_one(app, client, cluster, make_
 
 def test_make_workers_crash_simulation_loses_nothing(cluster, make_song, capsys):
     cluster.start_server()
+    # A first job lasts about 4 s at this slowdown: the crash 1 s into it lands mid-job, never after it.
     supervisor = cluster._spawn("src.audio_worker.supervisor", "supervisor", WORKERS_HEALTHY="1",
-                                WORKERS_UNHEALTHY="1", WORKER_SIMULATE_CRASH_AFTER="2", **SLOW)
+                                WORKERS_UNHEALTHY="1", WORKER_SIMULATE_CRASH_AFTER="1", WORKER_SLOWDOWN="12")
     try:
         cluster.wait_workers(2)
         song = make_song(10.0, "wav")
