@@ -80,22 +80,25 @@ def write_stems(store: Store, files: SongFiles, spec: ModelSpec, music_id: int) 
 def render_mix(store: Store, files: SongFiles, music_id: int, track_ids: list[int]) -> None:
     """Re-mix a finished song from its stems with another choice of instruments."""
     music = store.music(music_id)
-    chosen = [t.name for t in store.tracks(music_id) if t.id in set(track_ids)]
-    with ExitStack() as stack:
-        readers = [audio.iter_blocks(files.stem(music_id, name), music.channels) for name in chosen]
-        path = stack.enter_context(files.atomic(files.mix(music_id)))
-        out = stack.enter_context(path.open("wb"))
-        remaining = music.frames
-        while remaining > 0:
-            n = min(audio.BLOCK_FRAMES, remaining)
-            mix = np.zeros((n, music.channels), dtype=np.float32)
-            for reader in readers:
-                mix += next(reader)
-            mix.astype("<f4").tofile(out)
-            remaining -= n
-        out.close()
+    chosen = [(t.name, 1.0) for t in store.tracks(music_id) if t.id in set(track_ids)]
+    with files.atomic(files.mix(music_id)) as path, path.open("wb") as out:
+        _write_mix(files, music, chosen, out)
     _forget_renderings(files, music_id)
     store.mark_done(music_id, track_ids)
+
+
+def _write_mix(files: SongFiles, music: Music, parts: Sequence[tuple[str, float]], out: BinaryIO) -> None:
+    """Write the sum of these stems, each times its gain, as float32 frames, block by block."""
+    readers = [(audio.iter_blocks(files.stem(music.id, name), music.channels), np.float32(gain))
+               for name, gain in parts]
+    remaining = music.frames
+    while remaining > 0:
+        n = min(audio.BLOCK_FRAMES, remaining)
+        mix = np.zeros((n, music.channels), dtype=np.float32)
+        for reader, gain in readers:
+            mix += gain * next(reader)  # a gain of 1 is exact: the saved mix stays the plain sum
+        mix.astype("<f4").tofile(out)
+        remaining -= n
 
 
 def _raw(files: SongFiles, music_id: int, source: str | None) -> Path:
@@ -155,17 +158,8 @@ def listening_mix(files: SongFiles, music: Music, parts: Sequence[tuple[Track, f
     work.mkdir(parents=True, exist_ok=True)
     raw, target = work / f"{uuid.uuid4().hex}.f32", work / f"{uuid.uuid4().hex}.{fmt}"
     try:
-        readers = [(audio.iter_blocks(files.stem(music.id, track.name), music.channels), gain)
-                   for track, gain in parts]
         with raw.open("wb") as out:
-            remaining = music.frames
-            while remaining > 0:
-                n = min(audio.BLOCK_FRAMES, remaining)
-                mix = np.zeros((n, music.channels), dtype=np.float32)
-                for reader, gain in readers:
-                    mix += np.float32(gain) * next(reader)
-                mix.astype("<f4").tofile(out)
-                remaining -= n
+            _write_mix(files, music, [(track.name, gain) for track, gain in parts], out)
         audio.render(raw, target, music.samplerate, music.channels, fmt,
                      audio.Tags(music.name, music.band, tuple(track.name for track, _ in parts)), tempo, semitones)
     except BaseException:
