@@ -43,10 +43,9 @@ def one_run(mode: str, threads: int, duty: float, seconds: float) -> tuple[float
     import torch
 
     from bench.sections import whole_file
-    from src.messaging.schema import JobMessage
-    from src.separation.compute import job_params, run_job
-    from src.separation.model import describe, load_model
-    from src.separation.plan import plan_jobs
+    from src.kinds.separation.compute import run_job
+    from src.kinds.separation.model import describe, load_model
+    from src.kinds.separation.plan import job_params, plan_jobs
 
     torch.set_num_threads(threads)
     model = load_model("htdemucs_random", str(MODELS))
@@ -62,11 +61,7 @@ def one_run(mode: str, threads: int, duty: float, seconds: float) -> tuple[float
     else:
         frames = wav.shape[1]
         for plan in plan_jobs(spec, frames, 30.0):
-            job = JobMessage(1, plan.chunk + 1, plan.chunk, "t" * 32, "separate", spec.name, 44100, frames,
-                             plan.slice_start, wav[:, plan.slice_start:plan.slice_end],
-                             job_params(plan.first_offset, plan.segments, spec.stride, spec.segment_frames, None,
-                                        0.0, 1.0))
-            run_job(model, job)
+            run_job(model, job_params(spec, plan, frames, 0.0, 1.0), wav[:, plan.slice_start:plan.slice_end])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if rival:
         stop.set()

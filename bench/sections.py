@@ -22,12 +22,11 @@ from demucs.apply import apply_model
 
 from bench.harness import Deployment, cpu_seconds, get_json, http, make_song, peak_rss
 from src import config
-from src.messaging.schema import JobMessage
-from src.separation.compute import job_params, run_job
-from src.separation.merge import merge_results
-from src.separation.model import describe, load_model, load_spec
-from src.separation.plan import plan_jobs
-from src.server import audio
+from src.kinds.separation.compute import run_job
+from src.kinds.separation.merge import merge_results
+from src.kinds.separation.model import describe, load_model, load_spec
+from src.kinds.separation.plan import job_params, plan_jobs
+from src.media import pcm as decoding
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,8 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 def decoded(song: Path, workdir: Path) -> np.ndarray:
     target = workdir / (song.stem + ".f32")
-    frames = audio.decode(song, target, 44100, 2, config.DEFAULTS["MAX_DURATION_S"])
-    wav = audio.read_frames(target, 2, 0, frames).copy()
+    frames = decoding.decode(song, target, 44100, 2, config.DEFAULTS["MAX_DURATION_S"])
+    wav = decoding.read_frames(target, 2, 0, frames).copy()
     target.unlink()
     return wav
 
@@ -170,11 +169,8 @@ def fidelity(profile: Profile, workdir: Path) -> dict:
     plans = plan_jobs(spec, frames, 30.0)
     results = {}
     for plan in plans:
-        job = JobMessage(1, plan.chunk, plan.chunk, "t", "separate", spec.name, 44100, frames, plan.slice_start,
-                         wav[:, plan.slice_start:plan.slice_end],
-                         job_params(plan.first_offset, plan.segments, spec.stride, spec.segment_frames, None,
-                                    mean, std))
-        results[plan.chunk] = run_job(model, job)[1]
+        params = job_params(spec, plan, frames, mean, std)
+        results[plan.chunk] = run_job(model, params, wav[:, plan.slice_start:plan.slice_end])[1]
     ours = np.zeros_like(whole)
 
     def emit(start: int, block: np.ndarray) -> None:

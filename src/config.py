@@ -12,6 +12,7 @@ object is passed down, so no module below reads the environment itself.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "WORKERS_UNHEALTHY": 0,
     "WORKER_SIMULATE_CRASH_AFTER": 20.0,
     "WORKER_SIMULATE": "crash",
+    "WORKER_KINDS": "",  # empty: every kind this host can run
     "WORKER_THREADS": 0,
     "WORKER_PREFETCH": 1,
     "WORKER_SLOWDOWN": 1.0,
@@ -90,6 +92,7 @@ class Settings:
     workers_unhealthy: int
     worker_simulate_crash_after: float
     worker_simulate: str
+    worker_kinds: str
     worker_threads: int
     worker_prefetch: int
     worker_slowdown: float
@@ -210,8 +213,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
 
     if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
         raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
-    if values["WORKER_SIMULATE"] not in {"crash", "hang"}:
-        raise ValueError("WORKER_SIMULATE must be 'crash' or 'hang'")
+    if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt"}:
+        raise ValueError("WORKER_SIMULATE must be 'crash', 'hang' or 'corrupt'")
     if values["SSE_MAX_CLIENTS"] >= values["SERVER_THREADS"]:
         raise ValueError("SSE_MAX_CLIENTS must be below SERVER_THREADS: each live page holds a server thread")
     # Relative paths mean "from where the command was started", resolved once here: a path
@@ -225,3 +228,13 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         if values[name] <= 0:
             raise ValueError(f"{name} must be positive")
     return Settings(**{name.lower(): value for name, value in values.items()})
+
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s"
+
+
+def configure_logging() -> None:
+    """One log format for the server, the workers and their supervisor."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("stomp").setLevel(logging.WARNING)

@@ -28,9 +28,10 @@ from playwright.sync_api import sync_playwright
 from bench import harness
 from src import config
 from src.config import Settings
+from src.kinds import registry
 from src.server import create_app, wsgi
 from tests import helpers as http
-from tests.helpers import wait_for
+from tests.helpers import services_of, wait_for
 
 # Every answer the tests get from a server is checked against the OpenAPI document (see that module).
 pytest_plugins = ("tests.openapi_check",)
@@ -41,7 +42,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def delete_queues(prefix: str) -> None:
-    for name in ("jobs", "results", "dead"):
+    for name in (*(f"jobs.{kind}" for kind in registry.names()), "results", "dead"):
         subprocess.run(["rabbitmqctl", "-q", "delete_queue", f"{prefix}.{name}"], capture_output=True,
                        timeout=30)
 
@@ -67,9 +68,12 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
 
 @pytest.fixture
 def app(settings: Settings):
+    """The app with its pipeline started (connected to the broker)."""
     application = create_app(settings)
+    services_of(application).start()
     yield application
-    application.extensions["karaoke"].close()
+    services_of(application).close()
+
 
 
 @pytest.fixture
@@ -207,7 +211,7 @@ def least_privilege(settings: Settings) -> Iterator[Settings]:
     try:
         provisioned = settings.with_overrides(broker_user=server[0], broker_password=server[1],
                                               broker_worker_user=worker[0], broker_worker_password=worker[1])
-        Broker(provisioned, "provision").declare_topology()
+        Broker(provisioned, "provision").declare_topology(registry.names())
         yield provisioned
     finally:
         accounts.remove(ctl, settings.queue_prefix, [server[0], worker[0]])

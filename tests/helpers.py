@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.server.services import EXTENSION, Services
+
 # Called with (method, url, status, response headers, body) after every answer request() gets:
 # tests/openapi_check.py adds the check of each answer against the API's OpenAPI document.
 observers: list[Callable[[str, str, int, Message, bytes], None]] = []
@@ -148,3 +150,8 @@ def queue_counts(prefix: str, name: str) -> tuple[int, int]:
         if len(parts) == 3 and parts[0] == f"{prefix}.{name}":
             return int(parts[1]), int(parts[2])
     return 0, 0
+
+
+def services_of(app) -> Services:
+    """The services of an app made by the factory."""
+    return app.extensions[EXTENSION]

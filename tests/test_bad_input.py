@@ -8,7 +8,7 @@ import pytest
 
 from src import config
 from src.server import create_app
-from tests.helpers import wait_ready
+from tests.helpers import services_of, wait_ready
 
 
 def upload_raw(client, data: bytes, content_type: str = "application/octet-stream", **kw):
@@ -93,7 +93,7 @@ def test_upload_over_the_limit_is_413(settings, make_song):
         assert_error(answer, 413, "1 mb", "max_upload_mb")
         assert app.test_client().get("/music").get_json() == []
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()
 
 
 @pytest.mark.parametrize("body", [b"not json", b"{\"tracks\": [1]}", b"[1, \"two\"]", b"[true]", b""],

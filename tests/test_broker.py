@@ -20,9 +20,9 @@ def test_a_worker_holds_as_many_unacknowledged_jobs_as_its_prefetch(settings: Se
     consumer = Broker(settings, client_name="test-consumer")
     try:
         for index in range(5):
-            publisher.send(publisher.destinations.jobs, f"job {index}", {})
+            publisher.send(publisher.destinations.jobs("separate"), f"job {index}", {})
         delivered: queue.Queue = queue.Queue()
-        consumer.subscribe(consumer.destinations.jobs, delivered.put, prefetch=prefetch)
+        consumer.subscribe(consumer.destinations.jobs("separate"), delivered.put, prefetch=prefetch)
         consumer.connect()
         wait_for(lambda: delivered.qsize() >= expected, 10, f"{expected} deliveries")
         time.sleep(1.0)  # anything beyond the prefetch would have arrived by now
@@ -41,9 +41,9 @@ def test_connecting_while_the_dead_queue_holds_messages_takes_none_of_them(setti
         for attempt in range(3):  # every connect declares the dead queue again
             worker = Broker(settings, client_name=f"test-worker-{attempt}")
             delivered: queue.Queue = queue.Queue()
-            worker.subscribe(worker.destinations.jobs, delivered.put, prefetch=1)
+            worker.subscribe(worker.destinations.jobs("separate"), delivered.put, prefetch=1)
             worker.connect()
-            parker.send(parker.destinations.jobs, "a job", {})
+            parker.send(parker.destinations.jobs("separate"), "a job", {})
             worker.ack(delivered.get(timeout=10))
             time.sleep(0.5)
             ready, unacked = queue_counts(settings.queue_prefix, "dead")

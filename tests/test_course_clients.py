@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from src.server import create_app
-from tests.helpers import wait_for
+from tests.helpers import services_of, wait_for
 
 
 def no_nulls_in_links(status: dict) -> None:
@@ -88,7 +88,7 @@ def test_configured_origins_are_allowed(settings):
         answer = app.test_client().get("/music", headers={"Origin": "https://karaoke.example"})
         assert answer.headers["Access-Control-Allow-Origin"] == "https://karaoke.example"
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()
 
 
 def test_every_answer_carries_the_security_headers(client):
@@ -112,14 +112,14 @@ def test_links_follow_the_proxy_only_when_told_to_trust_it(settings):
     for proxies, expected in ((0, "http://localhost/music/1/final"), (1, "https://karaoke.example/music/1/final")):
         app = create_app(settings.with_overrides(trusted_proxies=proxies, allowed_hosts="karaoke.example"))
         try:
-            store = app.extensions["karaoke"].store
+            store = services_of(app).store
             store.create_music("song", "", "token", 44100, 44100, 2, ["drums"])
             store.mark_done(1, [])  # links appear once a song is done
             status = app.test_client().get("/music/1", headers=forwarded).get_json()
             assert status["final"] == expected
             assert status["instruments"][0]["track"].startswith(expected.removesuffix("final"))
         finally:
-            app.extensions["karaoke"].close()
+            services_of(app).close()
 
 
 @pytest.mark.parametrize("host, token, sent, status", [
@@ -136,4 +136,4 @@ def test_reset_is_an_operator_action_beyond_loopback(settings, host, token, sent
         answer = app.test_client().post("/reset", headers=headers)
         assert answer.status_code == status, answer.get_json()
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()

@@ -19,7 +19,6 @@ import pytest
 import stomp
 
 from src.messaging.destinations import Destinations
-from src.separation.plan import plan_jobs
 from tests.helpers import (
     get,
     get_json,
@@ -29,6 +28,7 @@ from tests.helpers import (
     reference_stems,
     sdr,
     served_stems,
+    services_of,
     upload,
     wait_for,
     wait_ready,
@@ -158,7 +158,7 @@ def test_broker_restarted_mid_song_finishes_it(cluster, make_song, capsys):
 
 
 def test_poison_job_is_parked_and_only_its_song_fails(app, client, cluster, make_song, settings, capsys):
-    services = app.extensions["karaoke"]
+    services = services_of(app)
     cluster.start_worker()
     cluster.start_worker()
     good_song = make_song(6.0, "wav")
@@ -169,12 +169,13 @@ def test_poison_job_is_parked_and_only_its_song_fails(app, client, cluster, make
 
     # One job that no worker can run (more segments than its audio holds), published by the
     # server itself: every worker refuses it, and the server publishes it MAX_ATTEMPTS times.
-    music = services.store.music(bad["music_id"])
-    plan = plan_jobs(services.spec, music.frames, settings.chunk_seconds)[0]
-    services.store.start_processing(music.id, [dataclasses.replace(plan, segments=plan.segments + 50)],
-                                    bytes_per_frame=8)
+    task = services.store.task(bad["music_id"])
+    plan = services.pipeline.kind("separate").plan(services.pipeline.view(task))[0]
+    poisoned = dataclasses.replace(plan, facts={**plan.facts, "segments": plan.facts["segments"] + 50})
+    services.store.request(task.id)
+    services.store.start_jobs(task.id, [poisoned])
     sent_at = time.time()
-    services.orchestrator._wake.put(music.id)
+    services.pipeline.wake_publisher()
     client.post(f"/music/{good['music_id']}", json=[t["track_id"] for t in good["tracks"]])
 
     failed = wait_for(lambda: (s := client.get(f"/music/{bad['music_id']}").get_json())["state"] == "failed" and s,
@@ -184,7 +185,7 @@ def test_poison_job_is_parked_and_only_its_song_fails(app, client, cluster, make
     wait_for(lambda: client.get(f"/music/{good['music_id']}").get_json()["state"] == "done", 120, "the good song")
     wait_for(lambda: queue_depth(settings.queue_prefix, "dead") == settings.max_attempts, 30,
              "each publication of the poison job on the dead queue")
-    assert queue_depth(settings.queue_prefix, "jobs") == 0
+    assert queue_depth(settings.queue_prefix, "jobs.separate") == 0
     assert all(w.poll() is None for w in cluster.workers), "no worker died"
     report(capsys, f"poison job ({settings.max_attempts} attempts)", failed_at - sent_at,
            "parked on the dead queue, its song failed with the reason, the other song done")
@@ -203,8 +204,8 @@ def test_reset_mid_song_stops_every_worker_and_empties_the_queue(app, client, cl
     assert client.get("/music").get_json() == [] and client.get("/job").get_json() == []
     wait_for(lambda: all(w["state"] == "idle" for w in client.get("/workers").get_json()), 30, "workers idle")
     stopped_after = time.time() - reset_at
-    assert queue_depth(settings.queue_prefix, "jobs") == 0
-    assert all(cluster.log(f"worker{i}").count("its song was reset") >= 1 for i in range(2))
+    assert queue_depth(settings.queue_prefix, "jobs.separate") == 0
+    assert all(cluster.log(f"worker{i}").count("its task was stopped") >= 1 for i in range(2))
     assert all(w.poll() is None for w in workers)
 
     song = make_song(4.0, "wav")
@@ -219,9 +220,9 @@ def test_foreign_messages_are_parked_and_hurt_no_one(app, client, cluster, make_
     conn = stomp.Connection12([(settings.broker_host, settings.broker_port)], vhost="/")
     conn.connect(settings.broker_user, settings.broker_password, wait=True)
     for destination, headers, body in [
-        (destinations.jobs, {"type": "job", "music-id": "x"}, b"not audio"),
-        (destinations.jobs, {}, b"\x00\x01 hello"),
-        (destinations.results, {"type": "result", "music-id": "1"}, b"garbage"),
+        (destinations.jobs("separate"), {"type": "job", "task-id": "x"}, b"not audio"),
+        (destinations.jobs("separate"), {}, b"\x00\x01 hello"),
+        (destinations.results, {"type": "result", "task-id": "1"}, b"garbage"),
         (destinations.results, {"type": "presence"}, b"{}"),
     ]:
         conn.send(destination, body, headers={**destinations.declaration(destination), **headers})
@@ -279,10 +280,10 @@ def test_model_that_cannot_load_fails_the_song_with_the_reason(settings, make_so
         assert "htdemucs_small" in status["error"] and "cannot be loaded" in status["error"]
         # The server publishes a failed job again until MAX_ATTEMPTS: each publication is parked once.
         jobs, most = status["jobs_total"], status["jobs_total"] * settings.max_attempts
-        wait_for(lambda: queue_depth(settings.queue_prefix, "jobs") == 0, 30, "nothing left on the jobs queue")
+        wait_for(lambda: queue_depth(settings.queue_prefix, "jobs.separate") == 0, 30, "nothing left on the jobs queue")
         wait_for(lambda: jobs <= queue_depth(settings.queue_prefix, "dead") <= most, 30, "every publication parked")
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()
 
 
 def test_a_worker_told_to_use_a_gpu_it_lacks_fails_the_song_with_the_reason(client, cluster, make_song):

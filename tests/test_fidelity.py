@@ -12,12 +12,12 @@ import pytest
 import torch
 from demucs.api import Separator
 
-from src.messaging.schema import JobMessage
-from src.separation.compute import job_params, run_job
-from src.separation.merge import merge_results
-from src.separation.model import describe, load_model
-from src.separation.plan import grid, plan_jobs
-from src.server import audio
+from src.kinds.separation.compute import run_job
+from src.kinds.separation.merge import merge_results
+from src.kinds.separation.model import describe, load_model
+from src.kinds.separation.plan import grid, job_params, plan_jobs
+from src.kinds.separation.prepare import normalisation
+from src.media import pcm
 from tests.helpers import decode_with_ffmpeg, sdr, wait_for, wav_array
 from tools.random_model import save_random_htdemucs
 
@@ -43,11 +43,8 @@ def distributed(model, spec, wav: np.ndarray, mean: float, std: float, chunk_sec
     plans = plan_jobs(spec, frames, chunk_seconds)
     results = {}
     for plan in plans:
-        job = JobMessage(1, plan.chunk, plan.chunk, "token", "separate", spec.name, spec.samplerate, frames,
-                         plan.slice_start, wav[:, plan.slice_start:plan.slice_end],
-                         job_params(plan.first_offset, plan.segments, spec.stride, spec.segment_frames,
-                                    spec.segment_override, mean, std))
-        _, results[plan.chunk] = run_job(model, job)
+        params = job_params(spec, plan, frames, mean, std)
+        _, results[plan.chunk] = run_job(model, params, wav[:, plan.slice_start:plan.slice_end])
     out = np.zeros((len(spec.sources), wav.shape[0], frames), np.float32)
 
     def emit(start: int, block: np.ndarray) -> None:
@@ -60,9 +57,9 @@ def distributed(model, spec, wav: np.ndarray, mean: float, std: float, chunk_sec
 def test_merge_equals_whole_file_demucs_and_runs_no_extra_segments(htdemucs_repo, make_song, tmp_path, capsys):
     torch.set_num_threads(2)
     song = tmp_path / "song.f32"
-    frames = audio.decode(make_song(14.0, "wav"), song, 44100, 2, max_duration_s=60)
-    wav = audio.read_frames(song, 2, 0, frames).copy()
-    mean, std = audio.normalisation(song, 2)
+    frames = pcm.decode(make_song(14.0, "wav"), song, 44100, 2, max_duration_s=60)
+    wav = pcm.read_frames(song, 2, 0, frames).copy()
+    mean, std = normalisation(song, 2)
 
     separator = Separator(model="htdemucs_small", repo=htdemucs_repo, shifts=0, overlap=0.25, split=True,
                           device="cpu")

@@ -20,21 +20,21 @@ import uuid
 import stomp
 
 from src.messaging.destinations import Destinations
-from src.messaging.schema import AUDIO_ENCODING
+from src.messaging.schema import BODY_ENCODING
 from tests.conftest import Cluster
 from tests.helpers import get, get_json, metric, wait_for
 from tests.test_faults import SLOW, assert_whole, start_song
 from tests.test_trust import stomp_login
 
 
-def results(rng: random.Random, music_id: int, job_ids: list[int], token: str) -> list[tuple[dict, bytes]]:
+def results(rng: random.Random, task_id: int, job_ids: list[int], token: str) -> list[tuple[dict, bytes]]:
     """Hostile results and failures: each one malformed, forged or not fitting its job."""
-    def base(**changes) -> dict:
+    def base(params: dict | None = None, **changes) -> dict:
         job = rng.choice(job_ids)
-        headers = {"type": "result", "music-id": str(music_id), "job-id": str(job), "song-token": token,
-                   "attempt-token": uuid.uuid4().hex, "worker": "fuzzer", "attempt": "1", "out-start": "0",
-                   "sources": "drums,bass,other,vocals", "channels": "2", "frames": "4", "compute-ms": "5",
-                   "encoding": AUDIO_ENCODING}
+        shape = {"out_start": 0, "sources": ["drums", "bass", "other", "vocals"], "channels": 2, "frames": 4}
+        headers = {"type": "result", "kind": "separate", "task-id": str(task_id), "job-id": str(job),
+                   "task-token": token, "attempt-token": uuid.uuid4().hex, "worker": "fuzzer", "attempt": "1",
+                   "compute-ms": "5", "params": json.dumps({**shape, **(params or {})}), "encoding": BODY_ENCODING}
         headers.update(changes)
         return {k: v for k, v in headers.items() if v is not None}
 
@@ -43,29 +43,33 @@ def results(rng: random.Random, music_id: int, job_ids: list[int], token: str) -
     messages = [
         ({}, rng.randbytes(64)),
         ({"type": "result"}, b""),
-        (base(**{"music-id": "abc"}), good_body),
-        (base(**{"music-id": "-1"}), good_body),
-        (base(**{"music-id": "99999999999999999999999"}), good_body),
+        (base(**{"task-id": "abc"}), good_body),
+        (base(**{"task-id": "-1"}), good_body),
+        (base(**{"task-id": "99999999999999999999999"}), good_body),
         (base(**{"job-id": "9223372036854775808"}), good_body),
-        (base(**{"channels": "-1", "frames": "-2"}), b"12345678"),
-        (base(**{"channels": "1000000", "frames": "1000000000"}), good_body),
-        (base(frames="0"), b""),
-        (base(**{"channels": "1"}), floats([0.0] * 16)),  # one channel instead of two
+        (base({"channels": -1, "frames": -2}), b"12345678"),
+        (base({"channels": 1000000, "frames": 1000000000}), good_body),
+        (base({"frames": 0}), b""),
+        (base({"channels": 1}), floats([0.0] * 16)),  # one channel instead of two
         (base(), floats([math.nan] * 32)),
         (base(), floats([math.inf] * 32)),
         (base(), b"not base64 !!"),
-        (base(sources="drums,bass"), floats([0.0] * 16)),
-        (base(sources=",".join(["x"] * 100)), good_body),
+        (base({"sources": ["drums", "bass"]}), floats([0.0] * 16)),
+        (base({"sources": ["x"] * 100}), good_body),
+        (base(params="{not json"), good_body),
+        (base(params="[1, 2]"), good_body),
+        (base(params="x" * 10_000), good_body),
+        (base(kind="transcode"), good_body),
         (base(encoding="raw"), good_body),
         (base(**{"compute-ms": "1e9"}), good_body),
-        (base(**{"song-token": "0" * 32}), good_body),  # forged song token
+        (base(**{"task-token": "0" * 32}), good_body),  # forged task token
         (base(), good_body),  # forged attempt token
         (base(worker="x" * 5000), good_body),
-        (base(type="failure", error="attacker's text", final="true"), b""),  # forged failure
+        (base(type="failure", error="attacker's text", final="true", params=None, encoding=None), b""),  # forged
         (base(type="failure", error="x\x01y", final="maybe"), b""),
         (base(type="failure", error="e" * 10_000, final="true"), b""),
         (base(type="job"), good_body),
-        (base(type="control", action="reset", **{"music-ids": "999999999"}), b""),
+        (base(type="control", action="reset", **{"task-ids": "999999999"}), b""),
         (base(type="presence"), b"{}"),
         (base(type="?" * 300), rng.randbytes(10)),
     ]
@@ -77,11 +81,12 @@ def results(rng: random.Random, music_id: int, job_ids: list[int], token: str) -
 def presences(rng: random.Random, live_worker: str, job_id: int) -> list[bytes]:
     """Hostile presence bodies."""
     valid = {"worker": live_worker, "host": "h", "address": "a", "pid": 1, "state": "idle", "job_id": None,
-             "music_id": None, "jobs_done": 0, "mean_job_seconds": None, "model": "demucs_unittest",
-             "sent_at": time.time(), "session": uuid.uuid4().hex}  # another session than the worker's
+             "task_id": None, "jobs_done": 0, "mean_job_seconds": None, "model": "demucs_unittest",
+             "sent_at": time.time(), "device": "cpu", "kinds": ["separate"],
+             "session": uuid.uuid4().hex}  # another session than the worker's
     variants = [
         {**valid, "state": "leaving"},  # forged goodbye of a live worker
-        {**valid, "state": "busy", "job_id": job_id, "music_id": 1},  # forged attempt in the timeline
+        {**valid, "state": "busy", "job_id": job_id, "task_id": 1},  # forged attempt in the timeline
         {**valid, "worker": 12345},
         {**valid, "worker": ["a"]},
         {**valid, "pid": "1"},

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from src.server import audio, create_app, wsgi
-from tests.helpers import wait_for, wait_ready
+from src.media import pcm
+from src.media.probe import RefusedMedia
+from src.server import create_app, wsgi
+from tests.helpers import services_of, wait_for, wait_ready
 
 ONE_MB = 1024 * 1024
 
@@ -73,15 +75,15 @@ def test_a_silent_flac_longer_than_max_duration_is_refused_before_decoding(setti
         assert_nothing_kept(client, settings)
         assert not any((settings.storage_dir / "songs").iterdir())
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()
 
 
 def test_decoding_stops_at_max_duration_whatever_the_header_said(make_song, tmp_path):
     """The byte and time cap of the decoder itself: a header that under-states the length gains nothing."""
     song = make_song(4.0, "wav")
     target = tmp_path / "decoded.f32"
-    with pytest.raises(audio.RefusedAudio, match="MAX_DURATION_S"):
-        audio.decode(song, target, 44100, 2, max_duration_s=1.0)
+    with pytest.raises(RefusedMedia, match="MAX_DURATION_S"):
+        pcm.decode(song, target, 44100, 2, max_duration_s=1.0)
     assert target.stat().st_size <= (2 * 44100 + 44100) * 2 * 4  # capped just past the limit, not 4 s
 
 
@@ -173,7 +175,7 @@ def test_unfinished_uploads_are_swept_at_start(settings):
     try:
         assert leftovers(settings) == []
     finally:
-        app.extensions["karaoke"].close()
+        services_of(app).close()
 
 
 # -- over a real socket: the production server --------------------------------------------------
@@ -191,7 +193,7 @@ def limited_server(small_limit):
     threading.Thread(target=server.run, daemon=True).start()
     yield small_limit
     server.close()
-    app.extensions["karaoke"].close()
+    services_of(app).close()
 
 
 def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(limited_server):

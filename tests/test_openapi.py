@@ -165,8 +165,9 @@ def test_the_response_check_catches_answers_that_differ_from_the_document():
     def whats(method, path, status, mimetype="application/json", body=b"{}"):
         return sorted(m.what for m in checker.check(method, host, path, status, mimetype, body))
 
-    job = (b'{"job_id": 1, "size": 10, "time": 1.5, "music_id": 1, "track_id": [1, 2], "chunk": 0, "state": "done",'
-           b' "worker": "w", "attempts": 1, "segments": 2, "queued_at": 1.0, "done_at": 2.0}')
+    job = (b'{"job_id": 1, "size": 10, "time": 1.5, "music_id": 1, "task_id": 1, "kind": "separate",'
+           b' "track_id": [1, 2], "chunk": 0, "state": "done", "worker": "w", "attempts": 1, "seconds": 7.5,'
+           b' "queued_at": 1.0, "done_at": 2.0}')
     assert whats("GET", "/job/1", 200, body=job) == []
     assert whats("GET", "/job/1/", 200, body=job) == [], "a trailing slash is the same path"
     assert whats("GET", "/job/1", 200, body=job.replace(b'"size": 10', b'"size": "10"')) == ["size: type"]
@@ -178,8 +179,8 @@ def test_the_response_check_catches_answers_that_differ_from_the_document():
     assert whats("GET", "/music/1/final", 200, "audio/mpeg", None) == []
     assert whats("GET", "/music/1/final", 200, "audio/ogg", None) == ["content type audio/ogg"]
     assert whats("GET", "/events", 200, "text/event-stream", None) == []
-    assert whats("GET", "/media", 404, body=b'{"error": "not built yet"}') == [], "unknown routes may 404 as JSON"
-    assert whats("GET", "/media", 200, body=b"[]") == ["undocumented operation"]
+    assert whats("GET", "/nothing", 404, body=b'{"error": "not built yet"}') == [], "unknown routes may 404 as JSON"
+    assert whats("GET", "/nothing", 200, body=b"[]") == ["undocumented operation"]
     assert whats("DELETE", "/job/1", 405, body=b'{"error": "no"}') == []
     assert whats("OPTIONS", "/music", 200, "text/html", b"") == [], "CORS preflight is not in the document"
     assert whats("GET", "/", 200, "text/html", b"") == [], "the page is not API"

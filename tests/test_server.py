@@ -11,7 +11,7 @@ import socket
 from contextlib import ExitStack
 
 from src.server.events import EventHub
-from tests.helpers import get, wait_for
+from tests.helpers import get, services_of, wait_for
 
 
 def test_stalled_uploads_hold_no_thread(live_server, settings):
@@ -39,7 +39,7 @@ def test_event_streams_are_capped_and_the_api_still_answers(app, live_server, se
         assert status == 503 and b"SSE_MAX_CLIENTS" in body
         assert get(live_server + "/music")[0] == 200
     # pages that went away free their slots (noticed at the next keep-alive at the latest)
-    events = app.extensions["karaoke"].events
+    events = services_of(app).events
     wait_for(lambda: events.listeners() == 0, 40, "closed streams to free their slots")
     assert get(live_server + "/health")[0] in (200, 503)
 

@@ -63,12 +63,12 @@ def attempt(settings, action) -> _Frames:
 
 def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_privilege):
     s, d = least_privilege, Destinations(least_privilege.queue_prefix)
-    job = {"type": "job", "receipt": "r"}
+    job, jobs, worker_jobs = {"type": "job", "receipt": "r"}, d.jobs("separate"), d.worker_jobs("separate")
     refused = {
-        "job via /queue/": lambda c: c.send(d.jobs, b"forged job", headers={**d.declaration(d.jobs), **job}),
-        "job via /amq/queue/": lambda c: c.send(d.worker_jobs, b"forged job", headers=job),
+        "job via /queue/": lambda c: c.send(jobs, b"forged job", headers={**d.declaration(jobs), **job}),
+        "job via /amq/queue/": lambda c: c.send(worker_jobs, b"forged job", headers=job),
         "control via /topic/": lambda c: c.send(d.control, b"", headers={"type": "control", "action": "reset",
-                                                                         "music-ids": "999999999", "receipt": "r"}),
+                                                                         "task-ids": "999999999", "receipt": "r"}),
         "control via amq.topic": lambda c: c.send(f"/exchange/amq.topic/{s.queue_prefix}.control", b"",
                                                   headers={"type": "control", "receipt": "r"}),
         "results queue read": lambda c: c.subscribe(f"/amq/queue/{s.queue_prefix}.results", id="1",
@@ -82,7 +82,7 @@ def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_pr
     allowed = {
         "result": lambda c: c.send(d.results_route, b"", headers={"type": "nothing", "receipt": "r"}),
         "presence": lambda c: c.send(d.presence, b"{}", headers={"receipt": "r"}),
-        "jobs read": lambda c: c.subscribe(d.worker_jobs, id="1", headers={"receipt": "r", "prefetch-count": "1"}),
+        "jobs read": lambda c: c.subscribe(worker_jobs, id="1", headers={"receipt": "r", "prefetch-count": "1"}),
         "control read": lambda c: c.subscribe(d.control, id="1", headers={"receipt": "r"}),
     }
     for what, action in allowed.items():
@@ -90,7 +90,7 @@ def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_pr
         assert not frames.errors and frames.receipts, f"{what}: {frames.errors}"
     # (the broker's queue statistics lag a few seconds behind)
     wait_for(lambda: queue_depth(s.queue_prefix, "results") == 1, 30, "the worker's result through its route")
-    assert queue_depth(s.queue_prefix, "jobs") == 0, "no forged job reached the jobs queue"
+    assert queue_depth(s.queue_prefix, "jobs.separate") == 0, "no forged job reached the jobs queue"
 
 
 def test_a_job_that_never_returns_is_published_again_after_its_deadline(least_privilege, tmp_path, make_song):
@@ -100,7 +100,7 @@ def test_a_job_that_never_returns_is_published_again_after_its_deadline(least_pr
         cluster.start_server()
         # A rogue consumer with a worker's login: it takes one job, ACKs it and never answers.
         hole, frames = stomp_login(settings, *settings.worker_login)
-        hole.subscribe(Destinations(settings.queue_prefix).worker_jobs, id="1", ack="client-individual",
+        hole.subscribe(Destinations(settings.queue_prefix).worker_jobs("separate"), id="1", ack="client-individual",
                        headers={"prefetch-count": "1"})
         song = make_song(6.0, "wav")
         music_id = start_song(cluster.base, song)
@@ -136,7 +136,8 @@ def test_a_rogue_consumer_that_requeues_jobs_cannot_fail_a_song(least_privilege,
         cluster.start_server()
         rogue.conn, _ = stomp_login(settings, *settings.worker_login)
         rogue.conn.set_listener("rogue", rogue)
-        rogue.conn.subscribe(Destinations(settings.queue_prefix).worker_jobs, id="1", ack="client-individual",
+        rogue.conn.subscribe(Destinations(settings.queue_prefix).worker_jobs("separate"), id="1",
+                             ack="client-individual",
                              headers={"prefetch-count": "1"})
         song = make_song(6.0, "wav")
         music_id = start_song(cluster.base, song)
@@ -155,10 +156,10 @@ def test_a_reset_beyond_the_songs_a_worker_has_seen_stops_nothing(app, client, c
     wait_for(lambda: client.get("/workers").get_json(), 60, "the worker to subscribe")
     conn, _ = stomp_login(settings, *settings.server_login)  # control needs the server's login now
     d = Destinations(settings.queue_prefix)
-    conn.send(d.control, b"", headers={"type": "control", "action": "reset", "music-ids": "999999999"})
-    conn.send(d.control, b"", headers={"type": "control", "action": "reset", "music-ids": "-1,x"})
+    conn.send(d.control, b"", headers={"type": "control", "action": "reset", "task-ids": "999999999"})
+    conn.send(d.control, b"", headers={"type": "control", "action": "reset", "task-ids": "-1,x"})
     conn.disconnect()
-    wait_for(lambda: "goes beyond the highest song seen" in cluster.log("worker0"), 30, "the worker to hear it")
+    wait_for(lambda: "goes beyond the highest task seen" in cluster.log("worker0"), 30, "the worker to hear it")
     music = client.post("/music", data=make_song(4.0, "wav").read_bytes(),
                         content_type="application/octet-stream").get_json()
     client.post(f"/music/{music['music_id']}", json=[])

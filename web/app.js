@@ -1,36 +1,48 @@
-// The karaoke page's entry point: it holds the page's state (the songs, the open one, its
-// player, the upload batches) and wires the modules together. Data flows one way: the
-// server (HTTP answers and live events) → `songs` → the render functions; user actions
-// only ever call the server and wait for its answer to show up.
+// The page's entry point: it holds the songs' state (the songs, the open one, its player,
+// the upload batches) and wires the modules together; the video section keeps its own
+// (js/video.js). Data flows one way: the server (HTTP answers and live events) → `songs`
+// → the render functions; user actions only ever call the server and wait for its answer
+// to show up.
+//   js/tabs.js     the two sections, Songs and Video, as tabs; the hash says which is open
 //   js/library.js  the song list and the upload queue
 //   js/song.js     the open song: instrument choice, stages and progress
 //   js/player.js   the practice player (stems, original, tempo, key, loop, download mix)
 //   js/operator.js workers panel and job timeline
 //   js/connection.js  the live event stream, the offline banner, re-fetch on reconnect
 //   js/shortcuts.js   the player's keyboard shortcuts
+//   js/video.js       the video section: upload, run a task, follow it, cancel, reopen
+//   js/kinds.js       a job kind's settings form, generated from GET /kinds
+//   js/videotask.js   the open video and task: facts, progress, result players and figures
+//   js/videolist.js   the videos and their tasks, to reopen
+//   js/upload.js      one file uploaded with its progress
 // Plain JavaScript modules on purpose: the page works offline, with nothing to build.
 import { api } from "./js/api.js";
 import { $, showMessage } from "./js/dom.js";
 import { UploadQueue, renderLibrary, setUpDropzone } from "./js/library.js";
-import { clearTimeline, drawTimeline, renderWorkers, setWorkers, timelineRunning } from "./js/operator.js";
+import { clearTimeline, drawTimeline, renderWorkers, setWorkers, timelineFor, timelineRunning } from "./js/operator.js";
 import { Player } from "./js/player.js";
 import { chosenNames, renderSong, updateStartButton } from "./js/song.js";
 import { connect } from "./js/connection.js";
 import { installShortcuts } from "./js/shortcuts.js";
+import { currentView, installTabs, onViewChange, selectView, viewOfHash } from "./js/tabs.js";
+import * as video from "./js/video.js";
 
 const songs = new Map();     // music_id -> latest status (or upload summary)
 const waiting = new Map();   // music_id -> its upload batch, for songs uploaded here and not yet started
 let selectedId = null;
 let player = null;
+const songsShown = () => currentView() === "songs";
 
 // ---------------------------------------------------------------- songs
 
 function open(id, { scroll = false } = {}) {
   if (selectedId !== id && player) { player.close(); player = null; }
   selectedId = id;
-  history.replaceState(null, "", `#song=${id}`);   // reload and shared links open the same song
+  if (songsShown()) {
+    history.replaceState(null, "", `#song=${id}`);   // reload and shared links open the same song
+    clearTimeline("Loading…");
+  }
   showList();
-  clearTimeline("Loading…");
   api("GET", `/music/${id}`).then((status) => {
     onStatus(status);
     if (scroll) revealSong();
@@ -55,8 +67,10 @@ function closeSong() {
   selectedId = null;
   if (player) { player.close(); player = null; }
   $("#song-panel").hidden = true;
-  history.replaceState(null, "", location.pathname);
-  clearTimeline();
+  if (songsShown()) {
+    history.replaceState(null, "", location.pathname);
+    clearTimeline();
+  }
   showList();
 }
 
@@ -140,10 +154,10 @@ function refreshTimeline() {
   timelineTimer = setTimeout(async () => {
     timelineTimer = null;
     const id = selectedId;
-    if (id === null) return;
+    if (id === null || !songsShown()) return;
     try {
       const attempts = await api("GET", `/music/${id}/timeline`);
-      if (id === selectedId) drawTimeline(attempts);
+      if (id === selectedId && songsShown()) drawTimeline(attempts);
     } catch (_) { /* song gone, or server away: the banner says so */ }
   }, 300);
 }
@@ -162,6 +176,24 @@ async function fetchEverything() {
     closeSong();
   } else {
     showList();
+  }
+}
+
+// ---------------------------------------------------------------- sections
+
+function viewChanged(view) {
+  if (view === "video") {
+    player?.pause();
+    video.showVideo();
+    return;
+  }
+  video.hideVideo();
+  timelineFor("song");
+  if (selectedId !== null) {
+    history.replaceState(null, "", `#song=${selectedId}`);
+    refreshTimeline();
+  } else if (viewOfHash() === "video") {   // a #song=N is kept: it names the song to open
+    history.replaceState(null, "", location.pathname);
   }
 }
 
@@ -188,23 +220,31 @@ async function main() {
     try { await api("POST", "/reset"); } catch (error) { alert(`Reset failed: ${error.message}`); }
   });
   window.addEventListener("hashchange", () => {
+    selectView(viewOfHash());
+    if (!songsShown()) { video.openFromHash(); return; }
     const id = Number(new URLSearchParams(location.hash.slice(1)).get("song"));
     if (id && id !== selectedId) open(id, { scroll: true });
   });
-  installShortcuts(() => player);
+  installShortcuts(() => (songsShown() ? player : null));
+  video.initVideo();
+  onViewChange(viewChanged);
+  installTabs();
 
   const live = connect({
     music: (status) => { onStatus(status); if (status.music_id === selectedId) refreshTimeline(); },
     workers: (data) => {
       setWorkers(data.workers);
       if (selectedId !== null && (songs.get(selectedId)?.state === "processing" || timelineRunning)) refreshTimeline();
+      if (!songsShown()) video.onWorkers();
     },
+    task: video.onTask,
     deleted: (data) => onDeleted(data.music_id),
-    reset: () => { songs.clear(); waiting.clear(); closeSong(); },
-  }, () => fetchEverything().catch(() => live.lost()));
+    reset: () => { songs.clear(); waiting.clear(); closeSong(); video.onReset(); },
+  }, () => { fetchEverything().catch(() => live.lost()); video.refresh(); });
   setInterval(() => {   // ages and elapsed times move on between events
     if (document.body.classList.contains("offline")) return;
     renderWorkers();
+    video.tick();
     const song = songs.get(selectedId);
     if (song?.state === "processing") renderSong(song, pendingInBatch(selectedId));
   }, 500);

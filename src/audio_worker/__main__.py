@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from src import config
 from src.audio_worker.worker import Worker
 
-LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--simulate", choices=["crash", "hang"], default=None,
-                        help="die (or freeze) WORKER_SIMULATE_CRASH_AFTER seconds into the first job")
+    parser.add_argument("--simulate", choices=["crash", "hang", "corrupt"], default=None,
+                        help="die (or freeze) WORKER_SIMULATE_CRASH_AFTER s into the first job, or corrupt its result")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger("stomp").setLevel(logging.WARNING)
+    config.configure_logging()
     Worker(config.load(), simulate=args.simulate).run()
 
 

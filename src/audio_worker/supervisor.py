@@ -30,8 +30,7 @@ log = logging.getLogger("workers")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    config.configure_logging()
     settings = config.load()
     healthy, unhealthy = settings.workers_healthy, settings.workers_unhealthy
     if unhealthy and settings.worker_simulate == "crash":

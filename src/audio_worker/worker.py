@@ -1,16 +1,19 @@
-"""One worker process: take a job from the broker, run it, send the result, ACK.
+"""One worker process: take a job from the broker, run it with its kind's runner, send the result, ACK.
 
-The worker needs nothing but the broker address: a job message carries its audio and
-everything else it needs. It subscribes with `ack: client-individual` and a prefetch
-of WORKER_PREFETCH (1: it pulls a job only when free). Its result goes to the results
-queue with a receipt, and the job is ACKed only after the receipt came back, so a
-worker that dies at any point leaves its job to the broker, which hands it to another.
+The worker needs nothing but the broker address: a job message carries its input and
+everything else it needs. It consumes the jobs queue of each kind in WORKER_KINDS
+(default: every kind this host can run, `src.kinds.registry`) with `ack:
+client-individual` and a prefetch of WORKER_PREFETCH (1: it pulls a job only when
+free). Its result goes to the results route with a receipt, and the job is ACKed only
+after the receipt came back, so a worker that dies at any point leaves its job to the
+broker, which hands it to another. Kinds are loaded when the worker starts, so a
+worker that does not run separation never imports torch.
 
 The worker logs in as BROKER_WORKER_USER, which may read jobs and control and write
 results and presence, nothing else (src/messaging/accounts.py). It trusts nothing it
-receives: a job is decoded and checked by the schema (and against the model it runs)
-before anything else, anything that goes wrong with one job is contained to that job,
-and no message can end the process.
+receives: a job is decoded by the schema and checked by its kind's runner
+(`Runner.problem`) before anything else, anything that goes wrong with one job is
+contained to that job, and no message can end the process.
 
 Attempts are bounded with the jobs queue's delivery count: a job that has already
 been delivered MAX_ATTEMPTS times (it crashed or hung every worker that took it) is
@@ -18,11 +21,12 @@ not run again. A failed, refused or exhausted job is reported on the results rou
 with its attempt token and NACKed without requeue, which parks it on the dead queue;
 the server counts the failure and decides whether to publish the job again.
 
-A reset (control topic) stops work on songs up to the id it names, but never beyond the
-highest song id this worker has seen in a job: a forged reset cannot stop future songs.
+Control: a `reset` stops work on tasks up to the id it names, a `cancel` on the tasks it
+names, but never beyond the highest task id this worker has seen in a job: a forged
+control message cannot stop future tasks.
 
 Presence: every heart-beat interval, and at every job start and end, the worker
-publishes what it is doing on the presence topic for the server's worker panel.
+publishes what it is doing and which kinds it runs on the presence topic.
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
-
-import torch
+from collections import deque
 
 from src.config import Settings
+from src.kinds import registry
+from src.kinds.base import Cancelled, Runner
 from src.messaging.broker import Broker, Delivery
 from src.messaging.schema import (
     ControlMessage,
@@ -50,24 +54,38 @@ from src.messaging.schema import (
     ResultMessage,
     decode,
 )
-from src.separation.compute import JobCancelled, model_mismatch, run_job
-from src.separation.model import ModelUnavailable, load_model, pick_device
 
 log = logging.getLogger("worker")
+
+REMEMBERED_CANCELS = 1000
+
+
+def kinds_to_run(settings: Settings) -> list[str]:
+    """WORKER_KINDS, or every kind this host can run; ValueError for a kind it cannot."""
+    wanted = [k.strip() for k in settings.worker_kinds.split(",") if k.strip()]
+    for name in wanted:
+        if name not in registry.names():
+            raise ValueError(f"WORKER_KINDS names {name!r}; the kinds are {', '.join(registry.names())}")
+        reason = registry.unavailable(name)
+        if reason:
+            raise ValueError(f"WORKER_KINDS names {name!r}, which this host cannot run: {reason}")
+    return wanted or registry.runnable()
 
 
 class Worker:
     def __init__(self, settings: Settings, simulate: str | None = None):
         self.settings = settings
         self.name = uuid.uuid4().hex[:7]
-        self.simulate = simulate  # None, "crash" or "hang": see make workers
-        self.device = pick_device(settings.device)
+        self.simulate = simulate  # None, "crash", "hang" or "corrupt": see make workers
         self.session = uuid.uuid4().hex  # binds this process's presence messages (see presence.py)
+        self.kinds = kinds_to_run(settings)
+        self.runners: dict[str, Runner] = {name: registry.worker(name, settings) for name in self.kinds}
+        self.device = next((getattr(r, "device", "cpu") for r in self.runners.values() if hasattr(r, "device")), "cpu")
         self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
-        self._models: dict[str, Any] = {}
-        self._cancelled_up_to = 0  # songs with ids up to this one were reset
-        self._highest_seen = 0  # the highest song id of a valid job this worker received
+        self._reset_up_to = 0  # tasks with ids up to this one were reset
+        self._cancelled: deque[int] = deque(maxlen=REMEMBERED_CANCELS)
+        self._highest_seen = 0  # the highest task id of a valid job this worker received
         self._current: JobMessage | None = None
         self._jobs_done = 0
         self._job_seconds = 0.0
@@ -76,20 +94,16 @@ class Worker:
     # -- life cycle ---------------------------------------------------------------------
 
     def run(self) -> None:
-        torch.set_num_threads(self.settings.threads_per_worker)
-        log.info("Worker[%s] starting: pid %d, %d torch thread(s), model %s on %s", self.name, os.getpid(),
-                 self.settings.threads_per_worker, self.settings.model, self.device)
-        try:
-            self._model(self.settings.model)
-        except ModelUnavailable as exc:
-            log.error("Worker[%s] - %s; its jobs will fail with this reason", self.name, exc)
+        log.info("Worker[%s] starting: pid %d, kinds %s, %d thread(s), model %s on %s", self.name, os.getpid(),
+                 ",".join(self.kinds), self.settings.threads_per_worker, self.settings.model, self.device)
         d = self.broker.destinations
-        # A worker login of its own has no `configure` permission, so it consumes the jobs queue
-        # that `make broker` (or the server's first job) declared; one that shares the server's
-        # login declares it as the server does, so workers may start before the first song.
+        # A worker login of its own has no `configure` permission, so it consumes the jobs queues
+        # that `make broker` (or the server) declared; one that shares the server's login
+        # declares them as the server does, so workers may start before the first task.
         shared = self.settings.worker_login == self.settings.server_login
-        self.broker.subscribe(d.jobs if shared else d.worker_jobs, self._inbox.put,
-                              prefetch=self.settings.worker_prefetch)
+        for kind in self.kinds:
+            self.broker.subscribe(d.jobs(kind) if shared else d.worker_jobs(kind), self._inbox.put,
+                                  prefetch=self.settings.worker_prefetch)
         self.broker.subscribe(d.control, self._on_control, ack="auto")
         self.broker.connect()
         threading.Thread(target=self._announce_loop, name="presence", daemon=True).start()
@@ -105,26 +119,15 @@ class Worker:
         self.broker.close()
         log.info("Worker[%s] stopped", self.name)
 
-    def _model(self, name: str) -> Any:
-        if name not in self._models:
-            try:
-                self._models[name] = load_model(name, self.settings.model_repo, self.device)
-            except ModelUnavailable as exc:
-                self._models[name] = exc
-        model = self._models[name]
-        if isinstance(model, ModelUnavailable):
-            raise model
-        return model
-
     # -- jobs -----------------------------------------------------------------------------
 
     def _handle(self, delivery: Delivery) -> None:
-        """One delivery from the jobs queue; whatever it holds, the worker lives on."""
+        """One delivery from a jobs queue; whatever it holds, the worker lives on."""
         try:
-            job = decode(delivery.headers, delivery.body, models={self.settings.model})
+            job = decode(delivery.headers, delivery.body, kinds=self.kinds)
             if not isinstance(job, JobMessage):
                 raise MalformedMessage(f"a {type(job).__name__} does not belong on the jobs queue")
-            problem = self._model_problem(job)
+            problem = self.runners[job.kind].problem(job.params, job.payload)
             if problem:
                 raise MalformedMessage(problem)
         except MalformedMessage as exc:
@@ -138,21 +141,13 @@ class Worker:
             log.exception("Worker[%s] - Job[%d] failed unexpectedly; parked", self.name, job.job_id)
             self.broker.nack(delivery, requeue=False)
 
-    def _model_problem(self, job: JobMessage) -> str | None:
-        try:
-            model = self._model(job.model)
-        except ModelUnavailable:
-            return None  # _run reports that as the job's failure, with the loader's message
-        return model_mismatch(model, job)
-
     def _refuse(self, delivery: Delivery, reason: str) -> None:
         """Park an invalid job; if it names a job of ours, say why, so the server counts the failure."""
         log.warning("Worker[%s] refused a message on the jobs queue (%s); parked on the dead queue", self.name, reason)
         h = delivery.headers
         try:
-            failure = FailureMessage(int(h["music-id"]), int(h["job-id"]), h["song-token"], self.name,
-                                     delivery.delivery_count + 1, f"refused by the worker: {reason}", True,
-                                     h["attempt-token"])
+            failure = FailureMessage(int(h["task-id"]), int(h["job-id"]), h["task-token"], h["attempt-token"],
+                                     self.name, delivery.delivery_count + 1, f"refused by the worker: {reason}")
             decode(failure.headers(), b"")  # only a report the server can read
         except (KeyError, ValueError):
             failure = None
@@ -160,10 +155,13 @@ class Worker:
             self._report(failure)
         self.broker.nack(delivery, requeue=False)
 
+    def _stopped(self, task_id: int) -> bool:
+        return task_id <= self._reset_up_to or task_id in self._cancelled
+
     def _run(self, delivery: Delivery, job: JobMessage) -> None:
-        self._highest_seen = max(self._highest_seen, job.music_id)
-        if job.music_id <= self._cancelled_up_to:
-            log.info("Worker[%s] dropped Job[%d]: its song was reset", self.name, job.job_id)
+        self._highest_seen = max(self._highest_seen, job.task_id)
+        if self._stopped(job.task_id):
+            log.info("Worker[%s] dropped Job[%d]: its task was stopped", self.name, job.job_id)
             self.broker.ack(delivery)
             return
         attempt = delivery.delivery_count + 1
@@ -173,33 +171,30 @@ class Worker:
                           "that took it")
             return
 
-        log.info("Worker[%s] started Job[%d] (music %d, chunk %d, attempt %d)", self.name, job.job_id,
-                 job.music_id, job.chunk, attempt)
+        log.info("Worker[%s] started Job[%d] (%s, task %d, chunk %d, attempt %d)", self.name, job.job_id, job.kind,
+                 job.task_id, job.chunk, attempt)
         self._current = job
         self._announce("busy")
-        self._maybe_simulate_fault()
+        corrupt = self._maybe_simulate_fault()
         started = time.monotonic()
+        runner = self.runners[job.kind]
         try:
-            if job.kind != "separate":
-                raise ModelUnavailable(f"this worker does not know the job kind {job.kind!r}")
-            cancelled = lambda: job.music_id <= self._cancelled_up_to  # noqa: E731
-            out_start, output = run_job(self._model(job.model), job, should_stop=cancelled)
-            self._slow_down(time.monotonic() - started, cancelled)
-        except JobCancelled:
-            log.info("Worker[%s] stopped Job[%d]: its song was reset", self.name, job.job_id)
+            stopped = lambda: self._stopped(job.task_id)  # noqa: E731
+            params, payload = runner.run(job.params, job.payload, stopped)
+            self._slow_down(time.monotonic() - started, stopped)
+        except Cancelled:
+            log.info("Worker[%s] stopped Job[%d]: its task was stopped", self.name, job.job_id)
             self.broker.ack(delivery)
-        except ModelUnavailable as exc:
-            self._give_up(delivery, job, attempt, str(exc))
         except Exception as exc:
             log.exception("Worker[%s] - Job[%d] failed (attempt %d)", self.name, job.job_id, attempt)
-            self._report(FailureMessage(job.music_id, job.job_id, job.song_token, self.name, attempt,
-                                        f"{type(exc).__name__}: {exc}", True, job.attempt_token))
-            self.broker.nack(delivery, requeue=False)  # the server decides whether it runs again
+            self._give_up(delivery, job, attempt, f"{type(exc).__name__}: {exc}")
         else:
+            if corrupt:
+                log.warning("Worker[%s] - simulating a corrupt result for Job[%d]", self.name, job.job_id)
+                payload = runner.corrupt(payload)
             seconds = time.monotonic() - started
-            result = ResultMessage(job.music_id, job.job_id, job.song_token, self.name, attempt, out_start,
-                                   tuple(self._model(job.model).sources), int(seconds * 1000), output,
-                                   job.attempt_token)
+            result = ResultMessage(job.kind, job.task_id, job.job_id, job.task_token, job.attempt_token, self.name,
+                                   attempt, int(seconds * 1000), params, payload)
             self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
             self.broker.ack(delivery)
             self._jobs_done += 1
@@ -209,18 +204,18 @@ class Worker:
             self._current = None
             self._announce("idle")
 
-    def _slow_down(self, seconds: float, cancelled) -> None:
+    def _slow_down(self, seconds: float, stopped) -> None:
         """WORKER_SLOWDOWN: act as a machine that many times slower (benchmarks, fault tests)."""
         deadline = time.monotonic() + (self.settings.worker_slowdown - 1) * seconds
         while time.monotonic() < deadline:
-            if cancelled():
-                raise JobCancelled()
+            if stopped():
+                raise Cancelled()
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _give_up(self, delivery: Delivery, job: JobMessage, attempt: int, reason: str) -> None:
-        log.error("Worker[%s] - Job[%d] failed for good: %s", self.name, job.job_id, reason)
-        self._report(FailureMessage(job.music_id, job.job_id, job.song_token, self.name, attempt, reason, True,
-                                    job.attempt_token))
+        """Report a failed attempt and park the job; the server decides whether it runs again."""
+        log.error("Worker[%s] - Job[%d] failed: %s", self.name, job.job_id, reason)
+        self._report(FailureMessage.answering(job, self.name, attempt, reason))
         self.broker.nack(delivery, requeue=False)
 
     def _report(self, failure: FailureMessage) -> None:
@@ -232,24 +227,33 @@ class Worker:
         except MalformedMessage as exc:
             log.warning("Worker[%s] ignored a control message: %s", self.name, exc)
             return
-        if not isinstance(message, ControlMessage) or not message.music_ids:
+        if not isinstance(message, ControlMessage) or not message.task_ids:
             return
-        wanted = max(message.music_ids)
-        up_to = min(wanted, self._highest_seen)  # nothing beyond the songs this worker has seen
-        if wanted > up_to:
-            log.warning("Worker[%s] - reset up to song %d goes beyond the highest song seen (%d); "
-                        "applied up to %d only", self.name, wanted, self._highest_seen, up_to)
-        if up_to > self._cancelled_up_to:
-            self._cancelled_up_to = up_to
-            log.info("Worker[%s] - reset: dropping work on songs up to %d", self.name, self._cancelled_up_to)
+        beyond = [i for i in message.task_ids if i > self._highest_seen]
+        if beyond:
+            log.warning("Worker[%s] - %s of task %d goes beyond the highest task seen (%d); not applied there",
+                        self.name, message.action, max(beyond), self._highest_seen)
+        if message.action == "cancel":
+            for task_id in message.task_ids:
+                if task_id <= self._highest_seen and task_id not in self._cancelled:
+                    self._cancelled.append(task_id)
+                    log.info("Worker[%s] - cancel: dropping work on task %d", self.name, task_id)
+            return
+        up_to = min(max(message.task_ids), self._highest_seen)
+        if up_to > self._reset_up_to:
+            self._reset_up_to = up_to
+            log.info("Worker[%s] - reset: dropping work on tasks up to %d", self.name, self._reset_up_to)
 
     # -- fault simulation ------------------------------------------------------------------
 
-    def _maybe_simulate_fault(self) -> None:
-        """An unhealthy worker dies (or freezes) WORKER_SIMULATE_CRASH_AFTER seconds into its work."""
+    def _maybe_simulate_fault(self) -> bool:
+        """An unhealthy worker dies (or freezes) WORKER_SIMULATE_CRASH_AFTER seconds into its work,
+        or returns a damaged result (True: corrupt this one). Once."""
         if self.simulate is None:
-            return
+            return False
         mode, self.simulate = self.simulate, None  # arm once
+        if mode == "corrupt":
+            return True
 
         def fault() -> None:
             job = self._current
@@ -260,6 +264,7 @@ class Worker:
         timer = threading.Timer(self.settings.worker_simulate_crash_after, fault)
         timer.daemon = True
         timer.start()
+        return False
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -267,10 +272,11 @@ class Worker:
         job = self._current
         presence = PresenceMessage(
             worker=self.name, host=socket.gethostname(), address=self.broker.local_address, pid=os.getpid(),
-            state=state, job_id=job.job_id if job else None, music_id=job.music_id if job else None,
+            state=state, job_id=job.job_id if job else None, task_id=job.task_id if job else None,
             jobs_done=self._jobs_done,
             mean_job_seconds=round(self._job_seconds / self._jobs_done, 3) if self._jobs_done else None,
             model=self.settings.model, sent_at=time.time(), session=self.session, device=self.device,
+            kinds=tuple(self.kinds),
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

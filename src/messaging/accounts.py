@@ -11,7 +11,7 @@ queue of the virtual host. Workers therefore get no write on `amq.default` at al
 publish results and presence through `amq.topic`, where topic permissions allow exactly
 the routing keys `{p}.results` and `{p}.presence`; the server binds the results queue to
 `{p}.results` (destinations.py). They read the jobs queue (consumed without declaring it,
-as `/amq/queue/{p}.jobs`) and the control topic, whose subscription queue is their own
+as `/amq/queue/{p}.jobs.{kind}`) and the control topic, whose subscription queue is their own
 `stomp-subscription-*` queue (hence configure/write/read on those names). Measured
 against RabbitMQ 3.10 (tests/test_trust.py): a worker login is refused publishing a job
 (`/queue/`, `/amq/queue/`) or a control message (`/topic/`, `/exchange/amq.topic/`),
@@ -59,7 +59,7 @@ class Grant:
 def grants(prefix: str) -> dict[str, Grant]:
     """What the server and a worker of deployment `prefix` may do."""
     p = re.escape(prefix)
-    queues = rf"^{p}\.(jobs|results|dead)$"
+    queues = rf"^{p}\.(jobs\.[A-Za-z0-9_-]+|results|dead)$"
     return {
         "server": Grant(
             configure=f"{queues}|{SUBSCRIPTION_QUEUES}",
@@ -71,7 +71,7 @@ def grants(prefix: str) -> dict[str, Grant]:
         "worker": Grant(
             configure=SUBSCRIPTION_QUEUES,
             write=rf"^amq\.topic$|{SUBSCRIPTION_QUEUES}",
-            read=rf"^{p}\.jobs$|^amq\.topic$|{SUBSCRIPTION_QUEUES}",
+            read=rf"^{p}\.jobs\.[A-Za-z0-9_-]+$|^amq\.topic$|{SUBSCRIPTION_QUEUES}",
             topic_write=rf"^{p}\.(results|presence)$",
             topic_read=rf"^{p}\.control$",
         ),
@@ -82,7 +82,7 @@ def policies(prefix: str) -> dict[str, tuple[str, dict]]:
     """name → (queue pattern, definition): the delivery limit and the bounded dead queue."""
     p = re.escape(prefix)
     return {
-        f"{prefix}-delivery-limit": (rf"^{p}\.(jobs|results)$", {"delivery-limit": DELIVERY_LIMIT}),
+        f"{prefix}-delivery-limit": (rf"^{p}\.(jobs\..+|results)$", {"delivery-limit": DELIVERY_LIMIT}),
         f"{prefix}-dead-length": (rf"^{p}\.dead$", {"max-length": DEAD_QUEUE_LENGTH}),
     }
 
@@ -145,7 +145,7 @@ def upgrade_queues(ctl: Ctl, prefix: str) -> list[str]:
     """
     destinations = Destinations(prefix)
     wanted = {name.removeprefix("/queue/"): destinations.declaration(name)["x-queue-type"]
-              for name in (destinations.jobs, destinations.results, destinations.dead)}
+              for name in (destinations.results, destinations.dead)}
     problems = []
     for line in ctl("list_queues", "-p", VHOST, "name", "type", "messages").splitlines()[1:]:
         parts = line.split("\t")
@@ -189,9 +189,11 @@ def main() -> None:
     provision(ctl, settings.queue_prefix, server, worker)
     for problem in upgrade_queues(ctl, settings.queue_prefix):
         print(f"broker: {problem}", file=sys.stderr)
+    from src.kinds import registry
     from src.messaging.broker import Broker
 
-    Broker(settings.with_overrides(broker_user=server[0], broker_password=server[1]), "provision").declare_topology()
+    provisioner = Broker(settings.with_overrides(broker_user=server[0], broker_password=server[1]), "provision")
+    provisioner.declare_topology(registry.names())
     print(f"broker: logins for QUEUE_PREFIX={settings.queue_prefix}: server {server[0]!r}, workers {worker[0]!r}"
           + (f" (passwords in {settings.broker_logins_file})" if generated else ""))
 

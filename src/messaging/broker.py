@@ -115,7 +115,6 @@ class Broker:
         self._conn: stomp.Connection12 | None = None
         self._connected_at = 0.0
         self._retry_delay = 0.5
-        self.on_reconnect: Callable[[], None] | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -202,8 +201,6 @@ class Broker:
             finally:
                 with self._lock:
                     self._reconnecting = False
-            if self.on_reconnect is not None and not self._closing:
-                self.on_reconnect()
 
         threading.Thread(target=reconnect, name="broker-reconnect", daemon=True).start()
 
@@ -229,10 +226,6 @@ class Broker:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    @property
-    def generation(self) -> int:
-        return self._generation
-
     # -- subscribing and receiving --------------------------------------------------
 
     def subscribe(
@@ -256,13 +249,14 @@ class Broker:
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
-    def declare_topology(self) -> None:
-        """Declare the dead, jobs and results queues and the results route (provisioning).
+    def declare_topology(self, kinds: list[str]) -> None:
+        """Declare the dead queue, the jobs queue of each kind, the results queue and route (provisioning).
 
         Only for a moment when the queues are new or empty: a quorum queue counts a message
         that a closing subscription hands back as one more delivery.
         """
-        for destination in (self.destinations.dead, self.destinations.jobs, self.destinations.results_route):
+        jobs = [self.destinations.jobs(kind) for kind in kinds]
+        for destination in (self.destinations.dead, *jobs, self.destinations.results_route):
             self.declare(destination)
 
     def declare(self, destination: str) -> None:

@@ -5,10 +5,10 @@ with the `x-*` headers of that frame as queue arguments, and closes the connecti
 any later frame whose arguments differ. So every frame that touches a queue takes its
 headers from here.
 
-- jobs (`/queue/{p}.jobs`): a quorum queue, because a quorum queue counts deliveries
-  (`x-delivery-count`), crashes included. The server publishes and declares it; workers
-  consume it as `/amq/queue/{p}.jobs`, which declares nothing, so a worker's login needs
-  no `configure` permission on it.
+- jobs (`/queue/{p}.jobs.{kind}`, one per job kind): quorum queues, because a quorum queue
+  counts deliveries (`x-delivery-count`), crashes included. The server publishes and
+  declares them; workers consume the kinds they run as `/amq/queue/{p}.jobs.{kind}`,
+  which declares nothing, so a worker's login needs no `configure` permission on them.
 - results (`/queue/{p}.results`): a quorum queue too, so that a result the server keeps
   failing to handle is not requeued forever. Workers cannot publish to it directly:
   RabbitMQ checks `write` on the exchange a message goes through, and every `/queue/`
@@ -40,14 +40,15 @@ DEAD_QUEUE_LENGTH = 10_000
 class Destinations:
     prefix: str
 
-    @property
-    def jobs(self) -> str:
-        return f"/queue/{self.prefix}.jobs"
+    def jobs(self, kind: str) -> str:
+        return f"/queue/{self.prefix}.jobs.{kind}"
 
-    @property
-    def worker_jobs(self) -> str:
-        """The jobs queue as workers consume it: an existing queue, not declared by them."""
-        return f"/amq/queue/{self.prefix}.jobs"
+    def worker_jobs(self, kind: str) -> str:
+        """A jobs queue as workers consume it: an existing queue, not declared by them."""
+        return f"/amq/queue/{self.prefix}.jobs.{kind}"
+
+    def is_jobs(self, destination: str) -> bool:
+        return destination.startswith(f"/queue/{self.prefix}.jobs.")
 
     @property
     def results(self) -> str:
@@ -77,7 +78,7 @@ class Destinations:
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": f"{self.prefix}.dead",
         }
-        if destination == self.jobs:
+        if self.is_jobs(destination):
             return {**durable, "x-queue-type": "quorum", **dead_letter}
         if destination == self.results:
             return {**durable, "x-queue-type": "quorum", **dead_letter}
@@ -88,7 +89,3 @@ class Destinations:
         if destination == self.dead:
             return {**durable, "x-queue-type": "classic"}
         return {}
-
-    def queue_names(self) -> list[str]:
-        """Broker-side names (for rabbitmqctl), without the /queue/ prefix."""
-        return [d.removeprefix("/queue/") for d in (self.jobs, self.results, self.dead)]

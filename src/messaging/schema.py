@@ -1,25 +1,26 @@
 """The messages server and workers exchange, how they look on the wire, and what a valid one is.
 
-Every message is a STOMP frame whose headers say what it is and whose body, if any,
-is lossless audio: little-endian float32, planar (channel-major; for results
-source-major, then channel), base64-encoded. Base64 because audio bodies are full of
-NUL bytes, and stomp.py's reader re-scans its whole buffer at every NUL it sees,
-which turns a raw 40 MB frame quadratic; base64 has no NUL and keeps reading linear
-for a third more bytes.
+Every message is a STOMP frame whose headers say what it is. A job or a result carries
+its kind's own `params` (a small JSON object in one header) and a body of bytes (audio
+samples, an encoded video chunk: the kind decides), base64-encoded. Base64 because
+media bodies are full of NUL bytes, and stomp.py's reader re-scans its whole buffer at
+every NUL it sees, which turns a raw 40 MB frame quadratic; base64 has no NUL and keeps
+reading linear for a third more bytes.
 
-- `JobMessage` (server → jobs queue): one chunk of one song for one job kind.
+- `JobMessage` (server → `/queue/{p}.jobs.{kind}`): one job of one task.
 - `ResultMessage` (worker → results queue): the job's output.
 - `FailureMessage` (worker → results queue): why a job failed.
-- `ControlMessage` (server → control topic): stop work for some or all songs.
-- `PresenceMessage` (worker → presence topic): who is alive and what it is doing.
+- `ControlMessage` (server → control topic): stop the work of some tasks, or of all.
+- `PresenceMessage` (worker → presence topic): who is alive, which kinds it runs, what it does.
 
 Anything may arrive on any destination (a message from another program, a damaged one,
-a forged one), so this module is the one place that says what a valid message is: every
-field's type, range and size, samples finite, strings and lists bounded. `decode(headers,
-body)` returns a message only when all of that holds and raises `MalformedMessage` with
-the reason otherwise; `result_mismatch` then checks a result against the job it claims to
-answer (its outstanding attempt tokens and the shape the job implies). A job and its
-result carry a per-publication `attempt-token`: the server issues a new one each time it
+a forged one), so this module is the one place that says what a valid message is on the
+backbone: every header's type, range and size, the body's encoding and size. What the
+params and body mean is the kind's to check (`Runner.problem` on the worker,
+`Kind.check` on the server). `decode(headers, body)` returns a message only when all of
+this holds and raises `MalformedMessage` with the reason otherwise; `reply_mismatch` then
+checks a result or failure against the job it claims to answer. A job and its result
+carry a per-publication `attempt-token`: the server issues a new one each time it
 publishes a job and accepts a result or failure only with a token it issued for that job.
 """
 
@@ -34,25 +35,21 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
-AUDIO_ENCODING = "base64;float32le;planar"
-KINDS = frozenset({"separate"})
+BODY_ENCODING = "base64"
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
-MAX_CHANNELS = 8
-MAX_SOURCES = 16
-MAX_FRAMES = 2**28  # frames of one job's audio or output (far above what plan.MAX_RESULT_BYTES allows)
-MAX_TOTAL_FRAMES = 2**40
-MAX_SEGMENTS = 100_000
+MAX_CHUNKS = 100_000
 MAX_ATTEMPT = 1000
 MAX_ERROR_CHARS = 500
 MAX_PARAMS_CHARS = 4096
 MAX_PRESENCE_BYTES = 4096
 MAX_CONTROL_IDS = 1000
-MAX_SAMPLE = 1e6  # |sample| of a result; demucs' outputs of normalised audio are a few units
+MAX_KINDS = 16
+# RabbitMQ refuses messages above max_message_size (128 MiB on 3.x; docker-compose.rabbitmq.yml
+# sets it): a body of at most 96 MiB, base64 included, stays under it with its headers.
+MAX_BODY_BYTES = 96 * 1024 * 1024
 TOKEN = re.compile(r"[0-9a-f]{32}")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # worker, model and source names
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # worker, model, kind and source names
 PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 
@@ -65,28 +62,26 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def encode_audio(array: np.ndarray) -> bytes:
-    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes())
+def base64_size(raw_bytes: int) -> int:
+    """Bytes of the base64 encoding of `raw_bytes` bytes (padded)."""
+    return 4 * -(-raw_bytes // 3)
 
 
-def decode_audio(body: bytes, shape: tuple[int, ...], max_abs: float | None = None) -> np.ndarray:
-    """The float32 array of `shape` a body holds; every sample finite (and within `max_abs`)."""
-    samples = math.prod(shape)
-    expected = 4 * -(-samples * 4 // 3)  # base64 of samples × 4 bytes, padded
-    if len(body) != expected:
-        raise MalformedMessage(f"body is {len(body)} bytes, a base64 float32 array of shape {shape} is {expected}")
+def encode_body(raw: bytes) -> bytes:
+    return base64.b64encode(raw)
+
+
+def decode_body(body: bytes) -> bytes:
+    if len(body) > MAX_BODY_BYTES:
+        raise MalformedMessage(f"body is {len(body)} bytes, more than {MAX_BODY_BYTES}")
     try:
-        raw = base64.b64decode(body, validate=True)
+        return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise MalformedMessage(f"body is not base64: {exc}") from None
-    if len(raw) != samples * 4:
-        raise MalformedMessage(f"body holds {len(raw)} bytes of audio, headers announce {samples * 4}")
-    audio = np.frombuffer(raw, dtype="<f4").reshape(shape)
-    if not np.isfinite(audio).all():
-        raise MalformedMessage("audio holds NaN or infinite samples")
-    if max_abs is not None and audio.size and float(np.abs(audio).max()) > max_abs:
-        raise MalformedMessage(f"audio holds samples beyond ±{max_abs:g}")
-    return audio
+
+
+def params_header(params: dict[str, Any]) -> str:
+    return json.dumps(params, separators=(",", ":"), allow_nan=False)
 
 
 # -- the messages -------------------------------------------------------------------------
@@ -94,101 +89,87 @@ def decode_audio(body: bytes, shape: tuple[int, ...], max_abs: float | None = No
 
 @dataclass(frozen=True)
 class JobMessage:
-    """One job: the audio a worker needs, and where its output belongs in the song."""
+    """One job of one task: the kind's params and the input bytes it works on."""
 
-    music_id: int
+    kind: str
+    task_id: int
     job_id: int
     chunk: int
-    song_token: str
-    kind: str
-    model: str
-    samplerate: int
-    total_frames: int
-    slice_start: int
-    audio: np.ndarray = field(repr=False)  # (channels, frames) float32
-    params: dict[str, Any] = field(default_factory=dict)  # kind-specific, JSON-able
-    attempt_token: str = ""  # this publication of the job; its result must echo it
+    task_token: str
+    attempt_token: str  # this publication of the job; its result must echo it
+    params: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = field(default=b"", repr=False)
 
     def headers(self) -> dict[str, str]:
-        channels, frames = self.audio.shape
         return {
             "type": "job",
             "kind": self.kind,
-            "music-id": str(self.music_id),
+            "task-id": str(self.task_id),
             "job-id": str(self.job_id),
             "chunk": str(self.chunk),
-            "song-token": self.song_token,
+            "task-token": self.task_token,
             "attempt-token": self.attempt_token,
-            "model": self.model,
-            "samplerate": str(self.samplerate),
-            "total-frames": str(self.total_frames),
-            "slice-start": str(self.slice_start),
-            "channels": str(channels),
-            "frames": str(frames),
-            "params": json.dumps(self.params, separators=(",", ":")),
-            "encoding": AUDIO_ENCODING,
+            "params": params_header(self.params),
+            "encoding": BODY_ENCODING,
         }
 
     def body(self) -> bytes:
-        return encode_audio(self.audio)
+        return encode_body(self.payload)
 
 
 @dataclass(frozen=True)
 class ResultMessage:
-    """A job's output: `audio` is (sources, channels, frames) starting at `out_start`."""
+    """A job's output: the kind's result params and bytes."""
 
-    music_id: int
+    kind: str
+    task_id: int
     job_id: int
-    song_token: str
+    task_token: str
+    attempt_token: str
     worker: str
     attempt: int
-    out_start: int
-    sources: tuple[str, ...]
     compute_ms: int
-    audio: np.ndarray = field(repr=False)
-    attempt_token: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = field(default=b"", repr=False)
 
     def headers(self) -> dict[str, str]:
-        n_sources, channels, frames = self.audio.shape
         return {
             "type": "result",
-            "music-id": str(self.music_id),
+            "kind": self.kind,
+            "task-id": str(self.task_id),
             "job-id": str(self.job_id),
-            "song-token": self.song_token,
+            "task-token": self.task_token,
             "attempt-token": self.attempt_token,
             "worker": self.worker,
             "attempt": str(self.attempt),
-            "out-start": str(self.out_start),
-            "sources": ",".join(self.sources),
-            "channels": str(channels),
-            "frames": str(frames),
             "compute-ms": str(self.compute_ms),
-            "encoding": AUDIO_ENCODING,
+            "params": params_header(self.params),
+            "encoding": BODY_ENCODING,
         }
 
     def body(self) -> bytes:
-        return encode_audio(self.audio)
+        return encode_body(self.payload)
 
 
 @dataclass(frozen=True)
 class FailureMessage:
     """A job that failed on a worker. The server counts failures; `final` is the worker's view only."""
 
-    music_id: int
+    task_id: int
     job_id: int
-    song_token: str
+    task_token: str
+    attempt_token: str
     worker: str
     attempt: int
     error: str
-    final: bool
-    attempt_token: str = ""
+    final: bool = True
 
     def headers(self) -> dict[str, str]:
         return {
             "type": "failure",
-            "music-id": str(self.music_id),
+            "task-id": str(self.task_id),
             "job-id": str(self.job_id),
-            "song-token": self.song_token,
+            "task-token": self.task_token,
             "attempt-token": self.attempt_token,
             "worker": self.worker,
             "attempt": str(min(self.attempt, MAX_ATTEMPT)),
@@ -196,6 +177,10 @@ class FailureMessage:
             "error": clean_text(self.error),
             "final": "true" if self.final else "false",
         }
+
+    @classmethod
+    def answering(cls, job: JobMessage, worker: str, attempt: int, error: str) -> FailureMessage:
+        return cls(job.task_id, job.job_id, job.task_token, job.attempt_token, worker, attempt, error)
 
 
 def clean_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -205,13 +190,13 @@ def clean_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 @dataclass(frozen=True)
 class ControlMessage:
-    """Stop the work of these songs (`music_ids`), or of every song when empty."""
+    """`reset`: stop the work of every task up to the highest id named. `cancel`: of these tasks."""
 
     action: str
-    music_ids: tuple[int, ...] = ()
+    task_ids: tuple[int, ...] = ()
 
     def headers(self) -> dict[str, str]:
-        return {"type": "control", "action": self.action, "music-ids": ",".join(map(str, self.music_ids))}
+        return {"type": "control", "action": self.action, "task-ids": ",".join(map(str, self.task_ids))}
 
 
 @dataclass(frozen=True)
@@ -230,13 +215,14 @@ class PresenceMessage:
     pid: int
     state: str  # idle | busy | leaving
     job_id: int | None
-    music_id: int | None
+    task_id: int | None
     jobs_done: int
     mean_job_seconds: float | None
     model: str
     sent_at: float
     session: str = ""
     device: str = "cpu"  # where the worker runs its model: cpu | cuda
+    kinds: tuple[str, ...] = ()  # the job kinds it consumes
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -289,7 +275,7 @@ def _no_constants(name: str) -> None:
     raise MalformedMessage(f"JSON holds {name}")
 
 
-def _json_object(text: str | bytes, what: str, keys: Collection[str], limit: int) -> dict:
+def _json_object(text: str | bytes, what: str, limit: int, keys: Collection[str] | None = None) -> dict:
     if len(text) > limit:
         raise MalformedMessage(f"{what} is {len(text)} bytes, more than {limit}")
     try:
@@ -298,79 +284,46 @@ def _json_object(text: str | bytes, what: str, keys: Collection[str], limit: int
         raise MalformedMessage(f"{what} is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedMessage(f"{what} is not a JSON object")
-    if set(data) != set(keys):
+    if keys is not None and set(data) != set(keys):
         raise MalformedMessage(f"{what} has fields {_show(sorted(map(str, data)))}, expected {sorted(keys)}")
     return data
 
 
-def _check_encoding(headers: dict[str, str]) -> None:
-    if headers.get("encoding") != AUDIO_ENCODING:
+def _params(headers: dict[str, str]) -> dict[str, Any]:
+    return _json_object(_header(headers, "params"), "header 'params'", MAX_PARAMS_CHARS)
+
+
+def _payload(headers: dict[str, str], body: bytes) -> bytes:
+    if headers.get("encoding") != BODY_ENCODING:
         raise MalformedMessage(f"unsupported body encoding {_show(headers.get('encoding'))}")
+    return decode_body(body)
 
 
 # -- whole messages ------------------------------------------------------------------------------
 
-JOB_PARAMS = ("first_offset", "segments", "stride", "segment_frames", "segment", "mean", "std")
 
-
-def _job_params(headers: dict[str, str], slice_start: int, frames: int, total_frames: int) -> dict[str, Any]:
-    p = _json_object(_header(headers, "params"), "header 'params'", JOB_PARAMS, MAX_PARAMS_CHARS)
-    for name in ("first_offset", "segments", "stride", "segment_frames"):
-        _value(p, name, (int,))
-    segment = _value(p, "segment", (int, float), nullable=True)
-    mean, std = _value(p, "mean", (int, float)), _value(p, "std", (int, float))
-    if segment is not None and not 0 < segment <= 3600:
-        raise MalformedMessage(f"segment {segment} is outside (0, 3600] seconds")
-    if not 0 < std < 1e6 or abs(mean) > 1e6:
-        raise MalformedMessage(f"normalisation mean {mean}, std {std} is not usable")
-    _in_range("segments", p["segments"], 1, MAX_SEGMENTS)
-    _in_range("segment_frames", p["segment_frames"], 1, MAX_FRAMES)
-    _in_range("stride", p["stride"], 1, p["segment_frames"])
-    first, last = p["first_offset"], p["first_offset"] + (p["segments"] - 1) * p["stride"]
-    # every segment starts inside the audio sent, and the output stays inside the song
-    if not slice_start <= first <= last < min(slice_start + frames, total_frames):
-        raise MalformedMessage(f"segments {first}..{last} do not lie in the audio sent "
-                               f"[{slice_start}, {slice_start + frames}) of a song of {total_frames} frames")
-    if min(last + p["segment_frames"], total_frames) - first > MAX_FRAMES:
-        raise MalformedMessage("the job's output would be too long")
-    return p
-
-
-def _decode_job(headers: dict[str, str], body: bytes, models: Collection[str] | None) -> JobMessage:
-    _check_encoding(headers)
-    kind = _header(headers, "kind")
-    if kind not in KINDS:
-        raise MalformedMessage(f"unknown job kind {_show(kind)}")
-    model = _match(headers, "model", NAME)
-    if models is not None and model not in models:
-        raise MalformedMessage(f"model {model!r} is not one this deployment runs ({', '.join(sorted(models))})")
-    total_frames = _int(headers, "total-frames", 1, MAX_TOTAL_FRAMES)
-    slice_start = _int(headers, "slice-start", 0, total_frames - 1)
-    channels = _int(headers, "channels", 1, MAX_CHANNELS)
-    frames = _int(headers, "frames", 1, min(MAX_FRAMES, total_frames - slice_start))
-    params = _job_params(headers, slice_start, frames, total_frames)
+def _decode_job(headers: dict[str, str], body: bytes, kinds: Collection[str] | None) -> JobMessage:
+    kind = _match(headers, "kind", NAME)
+    if kinds is not None and kind not in kinds:
+        raise MalformedMessage(f"job kind {kind!r} is not one this worker runs ({', '.join(sorted(kinds))})")
     return JobMessage(
-        music_id=_int(headers, "music-id", 1, MAX_ID),
-        job_id=_int(headers, "job-id", 1, MAX_ID),
-        chunk=_int(headers, "chunk", 0, MAX_SEGMENTS),
-        song_token=_match(headers, "song-token", TOKEN),
-        attempt_token=_match(headers, "attempt-token", TOKEN),
         kind=kind,
-        model=model,
-        samplerate=_int(headers, "samplerate", 1000, 384_000),
-        total_frames=total_frames,
-        slice_start=slice_start,
-        audio=decode_audio(body, (channels, frames)),
-        params=params,
+        task_id=_int(headers, "task-id", 1, MAX_ID),
+        job_id=_int(headers, "job-id", 1, MAX_ID),
+        chunk=_int(headers, "chunk", 0, MAX_CHUNKS),
+        task_token=_match(headers, "task-token", TOKEN),
+        attempt_token=_match(headers, "attempt-token", TOKEN),
+        params=_params(headers),
+        payload=_payload(headers, body),
     )
 
 
 def _reply_to(headers: dict[str, str]) -> dict:
-    """The fields by which a result or a failure names the job, song and attempt it answers."""
+    """The fields by which a result or a failure names the job, task and attempt it answers."""
     return {
-        "music_id": _int(headers, "music-id", 1, MAX_ID),
+        "task_id": _int(headers, "task-id", 1, MAX_ID),
         "job_id": _int(headers, "job-id", 1, MAX_ID),
-        "song_token": _match(headers, "song-token", TOKEN),
+        "task_token": _match(headers, "task-token", TOKEN),
         "attempt_token": _match(headers, "attempt-token", TOKEN),
         "worker": _match(headers, "worker", NAME),
         "attempt": _int(headers, "attempt", 1, MAX_ATTEMPT),
@@ -378,17 +331,12 @@ def _reply_to(headers: dict[str, str]) -> dict:
 
 
 def _decode_result(headers: dict[str, str], body: bytes) -> ResultMessage:
-    _check_encoding(headers)
-    sources = tuple(_header(headers, "sources").split(","))
-    if not 1 <= len(sources) <= MAX_SOURCES or not all(NAME.fullmatch(s) for s in sources):
-        raise MalformedMessage(f"header 'sources' is not a list of source names: {_show(headers['sources'])}")
-    shape = (len(sources), _int(headers, "channels", 1, MAX_CHANNELS), _int(headers, "frames", 1, MAX_FRAMES))
     return ResultMessage(
+        kind=_match(headers, "kind", NAME),
         **_reply_to(headers),
-        out_start=_int(headers, "out-start", 0, MAX_TOTAL_FRAMES),
-        sources=sources,
         compute_ms=_int(headers, "compute-ms", 0, 10**9),
-        audio=decode_audio(body, shape, max_abs=MAX_SAMPLE),
+        params=_params(headers),
+        payload=_payload(headers, body),
     )
 
 
@@ -401,29 +349,25 @@ def _decode_failure(headers: dict[str, str], body: bytes) -> FailureMessage:
     final = _header(headers, "final")
     if final not in ("true", "false"):
         raise MalformedMessage(f"header 'final' is not true or false: {_show(final)}")
-    return FailureMessage(
-        **_reply_to(headers),
-        error=error,
-        final=final == "true",
-    )
+    return FailureMessage(**_reply_to(headers), error=error, final=final == "true")
 
 
 def _decode_control(headers: dict[str, str]) -> ControlMessage:
     action = _header(headers, "action")
-    if action != "reset":
+    if action not in ("reset", "cancel"):
         raise MalformedMessage(f"unknown control action {_show(action)}")
-    raw = headers.get("music-ids", "")
+    raw = headers.get("task-ids", "")
     items = raw.split(",") if raw else []
     if len(items) > MAX_CONTROL_IDS or not all(re.fullmatch(r"[0-9]{1,19}", i) for i in items):
-        raise MalformedMessage(f"header 'music-ids' is not a list of song ids: {_show(raw)}")
-    return ControlMessage(action, tuple(_in_range("music id", int(i), 1, MAX_ID) for i in items))
+        raise MalformedMessage(f"header 'task-ids' is not a list of task ids: {_show(raw)}")
+    return ControlMessage(action, tuple(_in_range("task id", int(i), 1, MAX_ID) for i in items))
 
 
 PRESENCE_FIELDS = tuple(f.name for f in fields(PresenceMessage))
 
 
 def _decode_presence(body: bytes) -> PresenceMessage:
-    data = _json_object(body, "presence body", PRESENCE_FIELDS, MAX_PRESENCE_BYTES)
+    data = _json_object(body, "presence body", MAX_PRESENCE_BYTES, PRESENCE_FIELDS)
     for name in ("worker", "model"):
         if not NAME.fullmatch(_value(data, name, (str,))):
             raise MalformedMessage(f"presence {name} is not a name: {_show(data[name])}")
@@ -435,7 +379,7 @@ def _decode_presence(body: bytes) -> PresenceMessage:
         raise MalformedMessage(f"presence state {_show(data['state'])} is not idle, busy or leaving")
     _in_range("pid", _value(data, "pid", (int,)), 1, 2**31)
     _in_range("jobs_done", _value(data, "jobs_done", (int,)), 0, 2**31)
-    for name in ("job_id", "music_id"):
+    for name in ("job_id", "task_id"):
         if _value(data, name, (int,), nullable=True) is not None:
             _in_range(name, data[name], 1, MAX_ID)
     mean = _value(data, "mean_job_seconds", (int, float), nullable=True)
@@ -447,17 +391,20 @@ def _decode_presence(body: bytes) -> PresenceMessage:
         raise MalformedMessage("presence session is not a token")
     if data["device"] not in ("cpu", "cuda"):
         raise MalformedMessage(f"presence device {_show(data['device'])} is not cpu or cuda")
-    return PresenceMessage(**data)
+    kinds = _value(data, "kinds", (list,))
+    if len(kinds) > MAX_KINDS or not all(isinstance(k, str) and NAME.fullmatch(k) for k in kinds):
+        raise MalformedMessage(f"presence kinds is not a list of kind names: {_show(kinds)}")
+    return PresenceMessage(**{**data, "kinds": tuple(kinds)})
 
 
-def decode(headers: dict[str, str], body: bytes, models: Collection[str] | None = None):
+def decode(headers: dict[str, str], body: bytes, kinds: Collection[str] | None = None):
     """The message a frame carries; MalformedMessage with the reason if it is not a valid one of ours.
 
-    `models`: the model names a job may ask for (a worker passes its deployment's MODEL).
+    `kinds`: the job kinds a job may be of (a worker passes the kinds it runs).
     """
     kind = headers.get("type")
     if kind == "job":
-        return _decode_job(headers, body, models)
+        return _decode_job(headers, body, kinds)
     if kind == "result":
         return _decode_result(headers, body)
     if kind == "failure":
@@ -471,29 +418,20 @@ def decode(headers: dict[str, str], body: bytes, models: Collection[str] | None 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the server expects of a job's result: the job as stored, its attempts, the model's shape."""
+    """What the server expects of a reply: the job's task, its token and outstanding attempts."""
 
-    music_id: int
-    song_token: str
+    kind: str
+    task_id: int
+    task_token: str
     attempt_tokens: frozenset[str]
-    sources: tuple[str, ...]
-    channels: int
-    out_start: int
-    frames: int
 
 
-def result_mismatch(message: ResultMessage | FailureMessage, expected: Expected) -> str | None:
+def reply_mismatch(message: ResultMessage | FailureMessage, expected: Expected) -> str | None:
     """Why a decoded result or failure does not answer its job (None when it does)."""
-    if message.music_id != expected.music_id or message.song_token != expected.song_token:
-        return f"Job[{message.job_id}] does not belong to Music[{message.music_id}] with that song token"
+    if message.task_id != expected.task_id or message.task_token != expected.task_token:
+        return f"Job[{message.job_id}] does not belong to Task[{message.task_id}] with that task token"
     if message.attempt_token not in expected.attempt_tokens:
         return f"attempt token of Job[{message.job_id}] was not issued for an outstanding attempt"
-    if isinstance(message, FailureMessage):
-        return None
-    shape = (len(expected.sources), expected.channels, expected.frames)
-    if message.sources != expected.sources:
-        return f"sources {','.join(message.sources)} are not the model's {','.join(expected.sources)}"
-    if message.out_start != expected.out_start or message.audio.shape != shape:
-        return (f"result covers {message.audio.shape} from frame {message.out_start}; Job[{message.job_id}] "
-                f"implies {shape} from frame {expected.out_start}")
+    if isinstance(message, ResultMessage) and message.kind != expected.kind:
+        return f"a {message.kind!r} result does not answer a {expected.kind!r} job"
     return None

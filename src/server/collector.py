@@ -1,18 +1,22 @@
-"""The inbound half of the server: results and presence from the broker → store → merge.
+"""The inbound half of the server: results and presence from the broker → check → store → merge.
 
 Results are handled one at a time on a thread of their own (the broker's receiver
-thread only enqueues them). A result is written to disk under its job's ID, recorded
-in the store, and only then ACKed; a result for a job already done changes nothing and
-is ACKed too, so a job that ran twice is applied once. When a song's last job is in,
-its stems and mix are merged on a merge thread so other songs' results keep flowing.
+thread only enqueues them). Whatever arrives is checked by the schema first, then
+against the job it claims to answer (an outstanding attempt token of that job's task),
+then by the job's kind (`Kind.check`: the shape a separation job implies, the frames and
+codec a transcoded chunk must have). A message that is not ours is parked on the dead
+queue with the reason in its `x-refused-reason` header, logged once and counted in
+/metrics; nothing raises out of the loop.
 
-Whatever arrives is checked by the schema first, then against the job it claims to
-answer (an outstanding attempt token, the shape the job implies). A message that fails is
-parked on the dead queue with the reason in its `x-refused-reason` header, logged once and
-counted in /metrics; nothing raises out of the loop. A result whose handling itself fails
-(a full disk) is requeued, and parked once the results queue's delivery count says it was
-tried MAX_ATTEMPTS times. A failure report counts one failed attempt of its job; the
-store, not the worker, decides whether the job is published again or its song fails.
+A result the kind refuses (a corrupt chunk) counts as a failed attempt of its job: the
+job is published again, and after MAX_ATTEMPTS its task fails with the reason. A result
+that passes is kept by the kind under the task's folder, recorded in the store, and only
+then ACKed; a result for a job already done changes nothing and is ACKed too, so a job
+that ran twice is applied once. When a task's last job is in, the kind merges the
+results on a merge thread so other tasks' results keep flowing. A result whose handling
+itself fails (a full disk) is requeued, and parked once the results queue's delivery
+count says it was tried MAX_ATTEMPTS times. A failure report counts one failed attempt;
+the store, not the worker, decides whether the job is published again or its task fails.
 """
 
 from __future__ import annotations
@@ -21,12 +25,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from src.config import Settings
-from src.messaging.broker import Broker, Delivery
+from src.messaging.broker import Delivery
 from src.messaging.schema import (
     Expected,
     FailureMessage,
@@ -34,32 +36,24 @@ from src.messaging.schema import (
     PresenceMessage,
     ResultMessage,
     decode,
-    result_mismatch,
+    reply_mismatch,
 )
-from src.separation.model import ModelSpec
-from src.server import mixdown
-from src.server.events import EventHub
-from src.server.files import SongFiles
-from src.server.metrics import Metrics
+from src.server.pipeline import Pipeline
 from src.server.presence import WorkerRegistry
-from src.server.store import Store
-from src.server.views import announce
 
 log = logging.getLogger("server")
 
 
 class Collector:
-    def __init__(self, settings: Settings, store: Store, files: SongFiles, spec: ModelSpec, broker: Broker,
-                 events: EventHub, metrics: Metrics):
-        self.settings = settings
-        self.store = store
-        self.files = files
-        self.spec = spec
-        self.broker = broker
-        self.events = events
-        self.metrics = metrics
-        self.workers = WorkerRegistry(settings.broker_heartbeat_ms, self._job_started, self._worker_gone,
-                                      metrics.presence_dropped.inc)
+    def __init__(self, pipeline: Pipeline, on_workers: Callable[[list[dict]], None] = lambda workers: None):
+        self.p = pipeline
+        self.settings = pipeline.settings
+        self.store = pipeline.store
+        self.broker = pipeline.broker
+        self.metrics = pipeline.metrics
+        self.on_workers = on_workers  # the live worker list, every second (the page's panel)
+        self.workers = WorkerRegistry(self.settings.broker_heartbeat_ms, self._job_started, self._worker_gone,
+                                      self.metrics.presence_dropped.inc)
         self.presence_refused = 0
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
@@ -75,10 +69,10 @@ class Collector:
         self.broker.subscribe(d.presence, self._on_presence, ack="auto")
         threading.Thread(target=self._results_loop, name="results", daemon=True).start()
         threading.Thread(target=self._watch_workers, name="workers", daemon=True).start()
-        for music in self.store.all_music():  # a restart may have stopped between last result and merge
-            done, total = self.store.progress(music.id)
-            if music.state == "processing" and total and done == total:
-                self._merger.submit(self._merge, music.id)
+        for task in self.store.tasks():  # a restart may have stopped between last result and merge
+            done, total = self.store.progress(task.id)
+            if task.state == "running" and total and done == total:
+                self._merger.submit(self._merge, task.id)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -118,12 +112,10 @@ class Collector:
     def _expected(self, message: ResultMessage | FailureMessage) -> Expected | str:
         """What the message's job expects, or why there is no such outstanding job."""
         job = self.store.job(message.job_id)
-        music = self.store.music(job.music_id) if job is not None else None
-        if job is None or music is None:
+        task = self.store.task(job.task_id) if job is not None else None
+        if job is None or task is None:
             return f"Job[{message.job_id}] does not exist"
-        plan = job.plan
-        return Expected(music.id, music.token, job.attempt_tokens, self.spec.sources, music.channels,
-                        plan.out_start, plan.out_end - plan.out_start)
+        return Expected(task.kind, task.id, task.token, job.attempt_tokens)
 
     def _handle(self, delivery: Delivery) -> None:
         try:
@@ -133,13 +125,13 @@ class Collector:
         if not isinstance(message, ResultMessage | FailureMessage):
             return self._refuse(delivery, f"a {type(message).__name__} does not belong on the results queue")
         expected = self._expected(message)
-        problem = expected if isinstance(expected, str) else result_mismatch(message, expected)
+        problem = expected if isinstance(expected, str) else reply_mismatch(message, expected)
         if problem is not None:
             return self._refuse(delivery, problem)
         job = self.store.job(message.job_id)
-        music = self.store.music(job.music_id)
-        if music.state not in ("processing", "done"):
-            log.info("Dropped a late message for Job[%d]: Music[%d] is %s", job.id, music.id, music.state)
+        task = self.store.task(job.task_id)
+        if task.state not in ("running", "done"):
+            log.info("Dropped a late message for Job[%d]: Task[%d] is %s", job.id, task.id, task.state)
             return self.broker.ack(delivery)
         if job.state == "done" and isinstance(message, ResultMessage):
             # a late copy (a redelivery, or the old copy of a re-published job): harmless, not hostile
@@ -147,23 +139,20 @@ class Collector:
             log.info("JobDoneMsg[%d] - duplicate from Worker[%s] ignored - ACK", job.id, message.worker)
             return self.broker.ack(delivery)
 
-        if isinstance(message, FailureMessage):
-            self.metrics.jobs_failed.inc()
+        kind, view, job_view = self.p.kind(task.kind), self.p.view(task), self.p.job_view(job)
+        if isinstance(message, ResultMessage):
+            refused = kind.check(view, job_view, message.params, message.payload)
+            if refused is not None:
+                log.warning("JobDoneMsg[%d] - from Worker[%s] refused by the %s check: %s", job.id, message.worker,
+                            task.kind, refused)
+                self.metrics.results_refused.inc()
+                return self._failed(delivery, task, job, message.worker, message.attempt_token,
+                                    f"result refused: {refused}")
+        else:
             log.warning("JobFailedMsg[%d] - on Worker[%s]: %s", job.id, message.worker, message.error)
-            verdict = self.store.record_failure(job.id, message.worker, message.attempt_token, message.error,
-                                                self.settings.max_attempts)
-            reason = f"job {job.id} (chunk {job.chunk}) failed after {job.publications} attempt(s): {message.error}"
-            if verdict == "failed" and self.store.mark_failed(music.id, reason):
-                log.error("Music[%d] - failed: %s", music.id, reason)
-                announce(self.events, self.store, music.id)
-            elif verdict == "retry":
-                self.metrics.jobs_republished.inc()
-                log.info("Music[%d] - Job[%d] will be published again (attempt %d of %d)", music.id, job.id,
-                         job.publications + 1, self.settings.max_attempts)
-            return self.broker.ack(delivery)
+            return self._failed(delivery, task, job, message.worker, message.attempt_token, message.error)
 
-        with self.files.atomic(self.files.result(music.id, job.id)) as temporary, temporary.open("wb") as f:
-            np.save(f, message.audio)
+        kind.keep(view, job_view, message.params, message.payload)
         applied = self.store.record_result(job.id, message.worker, message.compute_ms)
         self.broker.ack(delivery)
         if not applied:
@@ -175,35 +164,52 @@ class Collector:
             self.metrics.jobs_redelivered.inc()
         log.info("JobDoneMsg[%d] - ACK - job time: %.2f[s] (Worker[%s], attempt %d)", job.id,
                  message.compute_ms / 1000, message.worker, message.attempt)
-        done, total = self.store.progress(music.id)
+        done, total = self.store.progress(task.id)
         percent = int(100 * done / total)
-        if self._last_progress.get(music.id) != percent:
-            self._last_progress[music.id] = percent
-            log.info("Music[%d] - Progress: %d%%", music.id, percent)
-        announce(self.events, self.store, music.id)
-        if done == total and music.state == "processing":
-            self._merger.submit(self._merge, music.id)
+        if self._last_progress.get(task.id) != percent:
+            self._last_progress[task.id] = percent
+            log.info("Task[%d] - Progress: %d%%", task.id, percent)
+        self.p.changed(task.id)
+        if done == total and task.state == "running":
+            self._merger.submit(self._merge, task.id)
 
-    def _merge(self, music_id: int) -> None:
-        music = self.store.music(music_id)
-        if music is None or music.state != "processing":
+    def _failed(self, delivery: Delivery, task, job, worker: str, token: str, error: str) -> None:
+        """One failed attempt of a job: the store decides between another attempt and failing the task."""
+        self.metrics.jobs_failed.inc()
+        verdict = self.store.record_failure(job.id, worker, token, error, self.settings.max_attempts)
+        reason = f"job {job.id} (chunk {job.chunk}) failed after {job.publications} attempt(s): {error}"
+        if verdict == "failed" and self.store.mark_failed(task.id, reason):
+            log.error("Task[%d] - failed: %s", task.id, reason)
+            self.p.changed(task.id)
+        elif verdict == "retry":
+            self.metrics.jobs_republished.inc()
+            self.p.wake_publisher()
+            log.info("Task[%d] - Job[%d] will be published again (attempt %d of %d)", task.id, job.id,
+                     job.publications + 1, self.settings.max_attempts)
+        self.broker.ack(delivery)
+
+    def _merge(self, task_id: int) -> None:
+        task = self.store.task(task_id)
+        if task is None or task.state != "running":
             return
         started = time.monotonic()
+        jobs = [self.p.job_view(job) for job in self.store.jobs(task_id)]
         try:
-            mixed = mixdown.write_stems(self.store, self.files, self.spec, music_id)
+            stats = self.p.kind(task.kind).merge(self.p.view(task), jobs)
         except FileNotFoundError:
-            if self.store.music(music_id) is None:
-                return  # reset while merging
+            if self.store.task(task_id) is None:
+                return  # deleted while merging
             raise
         except Exception as exc:
-            log.exception("Music[%d] - merge failed", music_id)
-            self.store.mark_failed(music_id, f"merging the stems failed: {exc}")
-            announce(self.events, self.store, music_id)
+            log.exception("Task[%d] - merge failed", task_id)
+            self.store.mark_failed(task_id, f"merging the results failed: {type(exc).__name__}: {exc}")
+            self.p.changed(task_id)
             return
-        self.store.mark_done(music_id, mixed)
-        log.info("Music[%d] - merge time: %.2f[s]", music_id, time.monotonic() - started)
-        log.info("Music[%d] - total time: %.2f[s]", music_id, time.time() - (music.started_at or music.created_at))
-        announce(self.events, self.store, music_id)
+        self.store.update_facts(task_id, {"stats": stats})
+        self.store.mark_done(task_id)
+        log.info("Task[%d] - merge time: %.2f[s]", task_id, time.monotonic() - started)
+        log.info("Task[%d] - total time: %.2f[s]", task_id, time.time() - (task.started_at or task.created_at))
+        self.p.changed(task_id)
 
     # -- workers ------------------------------------------------------------------------
 
@@ -246,6 +252,6 @@ class Collector:
                 snapshot = self.workers.snapshot()
                 self.metrics.workers_alive.set(len(snapshot))
                 self.metrics.workers_configured.set(self.settings.workers_configured)
-                self.events.publish("workers", {"workers": snapshot})
+                self.on_workers(snapshot)
             except Exception:
                 log.exception("Watching workers failed")

@@ -11,7 +11,10 @@ class Metrics:
         r = self.registry
         self.jobs_published = Counter("karaoke_jobs_published", "Jobs sent to the jobs queue", registry=r)
         self.jobs_done = Counter("karaoke_jobs_done", "Job results stored", registry=r)
-        self.jobs_failed = Counter("karaoke_jobs_failed", "Job failures reported by workers", registry=r)
+        self.jobs_failed = Counter("karaoke_jobs_failed", "Failed job attempts: reported by workers, or results "
+                                   "refused by their kind's check", registry=r)
+        self.results_refused = Counter(
+            "karaoke_results_refused", "Results that failed their kind's check (a corrupt chunk)", registry=r)
         self.jobs_redelivered = Counter(
             "karaoke_jobs_redelivered", "Job results that came from a second or later attempt", registry=r)
         self.duplicate_results = Counter(

@@ -1,21 +1,22 @@
-"""Orchestration, the outbound half of the server: upload → decode → plan → jobs on the broker.
+"""Orchestration, the outbound half of the server: upload → task → prepare → plan → jobs on the broker.
 
-An upload is probed in the request (what is not audio, or would cost too much to
-decode, is refused now, not later in a worker) and answered at once; a decoder thread
-then turns it into the float32 audio that jobs are cut from. A song asked to be
-processed before its decode ends starts when it ends.
+An upload is probed in the request (what is not media, or would cost too much, is
+refused now, not later in a worker) and kept as a medium. A task asks for one kind of
+work on one medium: its params are checked by the kind, and a preparer thread then runs
+the kind's `prepare` (decode a song, read a video's keyframes). A task that is asked to
+run (`queued`) is planned into jobs as soon as it is prepared.
 
-Starting a song records its jobs as `pending` in the store first and publishes them
-from a background thread, each confirmed by a broker RECEIPT before it is marked
-`queued`; a server restarted mid-publish finds the rest still pending and publishes
-them again (a job published twice is harmless: results are idempotent).
+Planning records the task's jobs as `pending` in the store first; a publisher thread
+publishes them to the kind's jobs queue, each confirmed by a broker RECEIPT before it is
+marked `queued`; a server restarted mid-publish finds the rest still pending and
+publishes them again (a job published twice is harmless: results are idempotent).
 
 Each publication carries a fresh attempt token (store.issue_attempt). Every few seconds
 the publisher also looks for jobs past their deadline and publishes them again, so a job
 that a worker took and never answered (lost, or swallowed by a rogue consumer) is never
-silent; after MAX_ATTEMPTS publications its song fails with the reason instead. A job's
+silent; after MAX_ATTEMPTS publications its task fails with the reason instead. A job's
 deadline counts from its publication and allows JOB_DEADLINE_SECONDS plus
-JOB_DEADLINE_FACTOR seconds per second of audio of the job and of every job published
+JOB_DEADLINE_FACTOR seconds per second of media of the job and of every job published
 before it that is still out, shared among the workers alive (the queue is FIFO).
 """
 
@@ -27,26 +28,18 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PureWindowsPath
+from typing import Any
 
-from src.config import Settings
+from src.kinds.base import NotApplicable
+from src.media import probe
 from src.messaging.broker import Broker, BrokerUnavailable
-from src.messaging.destinations import Destinations
 from src.messaging.schema import ControlMessage, JobMessage
-from src.separation.compute import job_params
-from src.separation.model import ModelSpec
-from src.separation.plan import plan_jobs
-from src.server import audio, mixdown
-from src.server.events import EventHub
-from src.server.files import SongFiles
-from src.server.metrics import Metrics
-from src.server.store import Music, Store
-from src.server.views import announce
+from src.server.pipeline import Pipeline, media_of
+from src.server.store import MediaRow, Task
 
 log = logging.getLogger("server")
-
 
 DEADLINE_CHECK_SECONDS = 2.0
 
@@ -55,12 +48,8 @@ class NotFound(LookupError):
     pass
 
 
-class BadSelection(ValueError):
-    pass
-
-
 class NotProcessable(ValueError):
-    """The song can never be processed (its audio could not be decoded)."""
+    """The task can never run (its input could not be prepared)."""
 
 
 def display_name(filename: str | None) -> str:
@@ -74,118 +63,136 @@ def display_name(filename: str | None) -> str:
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, store: Store, files: SongFiles, spec: ModelSpec, broker: Broker,
-                 events: EventHub, metrics: Metrics):
-        self.settings = settings
-        self.store = store
-        self.files = files
-        self.spec = spec
-        self.broker = broker
-        self.events = events
-        self.metrics = metrics
-        self.workers_alive: Callable[[], int] = lambda: 1  # the collector's registry, wired by the app
-        self._wake = queue.Queue()
+    def __init__(self, pipeline: Pipeline):
+        self.p = pipeline
+        self.store = pipeline.store
+        self._wake: queue.Queue[int | None] = queue.Queue()
         self._stopped = threading.Event()
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decoder")
-        self._decoded = threading.Lock()  # orders "decode ended" against "processing asked for"
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+        self._prepared = threading.Lock()  # orders "prepare ended" against "run asked for"
+        pipeline.wake_publisher = lambda: self._wake.put(None)
 
     def start(self) -> None:
-        swept = self.files.sweep_incoming()
+        swept = self.p.files.sweep_incoming()
         if swept:
             log.info("Deleted %d unfinished upload(s) left from before", swept)
         self._publisher.start()
         self._wake.put(None)  # publish whatever a previous run left pending
-        for music in self.store.all_music():  # decodes a previous run did not finish
-            if not music.ready and music.state in ("uploaded", "processing"):
-                self._decoder.submit(self._decode, music.id)
-
-    # -- upload ---------------------------------------------------------------------
-
-    def upload(self, upload_path: Path, filename: str | None) -> Music:
-        """Probe an uploaded file and keep it; it is decoded in the background.
-
-        Raises UnreadableAudio or RefusedAudio; the file is the caller's to delete then.
-        """
-        if upload_path.stat().st_size == 0:
-            raise audio.UnreadableAudio("the upload is empty")
-        found = audio.probe(upload_path)
-        audio.check_limits(found, self.settings.max_duration_s, self.settings.max_channels)
-        estimate = int((found.duration or 0) * self.spec.samplerate)
-        music = self.store.create_music(
-            name=found.title or display_name(filename), band=found.artist or "", token=uuid.uuid4().hex,
-            frames=estimate, samplerate=self.spec.samplerate, channels=self.spec.channels, sources=self.spec.sources,
-        )
-        target = self.files.original(music.id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        upload_path.replace(target)
-        self._decoder.submit(self._decode, music.id)
-        log.info("Music[%d] - uploaded %r by %r, %s, about %.1fs", music.id, music.name, music.band, found.codec,
-                 found.duration or 0)
-        return music
-
-    def _decode(self, music_id: int) -> None:
-        music = self.store.music(music_id)
-        if music is None or self._stopped.is_set():
-            return
-        decoded = self.files.incoming / f"{uuid.uuid4().hex}.f32"
-        try:
-            frames = audio.decode(self.files.original(music_id), decoded, self.spec.samplerate, self.spec.channels,
-                                  self.settings.max_duration_s)
-            mean, std = audio.normalisation(decoded, self.spec.channels)
-            if self.store.music(music_id) is None:
-                return  # reset while decoding
-            decoded.replace(self.files.audio(music_id))
-        except (audio.UnreadableAudio, audio.RefusedAudio, FileNotFoundError) as exc:
-            if self.store.mark_failed(music_id, str(exc)):
-                log.warning("Music[%d] - decoding failed: %s", music_id, exc)
-                announce(self.events, self.store, music_id)
-            return
-        finally:
-            decoded.unlink(missing_ok=True)
-        with self._decoded:
-            self.store.mark_decoded(music_id, frames, mean, std)
-            music = self.store.music(music_id)
-            log.info("Music[%d] - decoded, %.1fs", music_id, frames / self.spec.samplerate)
-            if music is not None and music.state == "processing":
-                self._start_jobs(music)
-        announce(self.events, self.store, music_id)
-
-    # -- processing -------------------------------------------------------------------
-
-    def process(self, music_id: int, track_ids: Sequence[int]) -> None:
-        music = self.store.music(music_id)
-        if music is None:
-            raise NotFound(f"no music with id {music_id}")
-        own = {t.id for t in self.store.tracks(music_id)}
-        foreign = [t for t in track_ids if t not in own]
-        if foreign:
-            raise BadSelection(f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(own)})")
-        with self._decoded:
-            music = self.store.music(music_id)
-            if not music.ready and music.state == "failed":
-                raise NotProcessable(f"music {music_id} cannot be processed: {music.error}")
-            self.store.set_selection(music_id, track_ids)
-            if music.state == "done":
-                mixdown.render_mix(self.store, self.files, music_id, list(track_ids))
-                log.info("Music[%d] - remixed with tracks %s", music_id, list(track_ids))
-            elif music.state in ("uploaded", "failed") and music.ready:
-                self._start_jobs(music)
-            elif music.state == "uploaded":
-                self.store.request_processing(music_id)
-                log.info("Music[%d] - processing starts once its audio is decoded", music_id)
-        announce(self.events, self.store, music_id)
-
-    def _start_jobs(self, music: Music) -> None:
-        plans = plan_jobs(self.spec, music.frames, self.settings.chunk_seconds)
-        self.store.start_processing(music.id, plans, bytes_per_frame=4 * music.channels)
-        log.info("Music[%d] - processing in %d jobs", music.id, len(plans))
-        self._wake.put(music.id)
+        for task in self.store.tasks():  # preparations a previous run did not finish
+            if not task.ready and task.state in ("waiting", "queued"):
+                self._preparer.submit(self._prepare, task.id)
 
     def stop(self) -> None:
         self._stopped.set()
         self._wake.put(None)
-        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._preparer.shutdown(wait=True, cancel_futures=True)
+
+    # -- media ------------------------------------------------------------------------
+
+    def upload(self, upload_path: Path, filename: str | None) -> MediaRow:
+        """Probe an uploaded file and keep it as a medium.
+
+        Raises UnreadableMedia or RefusedMedia; the file is the caller's to delete then.
+        """
+        size = upload_path.stat().st_size
+        if size == 0:
+            raise probe.UnreadableMedia("the upload is empty")
+        found = probe.probe(upload_path)
+        probe.check_limits(found, self.p.settings.max_duration_s, self.p.settings.max_channels)
+        tags = {key: value for key, value in (("title", found.title), ("artist", found.artist)) if value}
+        media = self.store.create_media(found.title or display_name(filename), size, found.duration,
+                                        {"video": found.video, "audio": found.audio, "tags": tags})
+        target = self.p.files.original(media.id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        upload_path.replace(target)
+        what = "video" if found.video else f"audio ({found.audio['codec']})"
+        log.info("Media[%d] - uploaded %r, %s, about %.1fs", media.id, media.name, what, found.duration or 0)
+        return media
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def create_task(self, kind_name: str, media_id: int, raw_params: dict[str, Any], run: bool = True) -> Task:
+        """A task of `kind_name` on a medium; `run=False` keeps it `waiting` until `run()`.
+
+        Raises KeyError (unknown kind), NotFound (medium), NotApplicable, BadParams.
+        """
+        kind = self.p.kind(kind_name)
+        row = self.store.media(media_id)
+        if row is None:
+            raise NotFound(f"no media with id {media_id}")
+        media = media_of(row, self.p.files.original(media_id))
+        kind.accepts(media)
+        params = kind.parameters(raw_params, media)
+        task = self.store.create_task(kind_name, media_id, params, uuid.uuid4().hex,
+                                      "queued" if run else "waiting", kind.output_names(params, {}))
+        if run:
+            self.store.request(task.id)
+        log.info("Task[%d] - %s of Media[%d] with %s", task.id, kind_name, media_id, params)
+        self._preparer.submit(self._prepare, task.id)
+        return self.store.task(task.id)
+
+    def _prepare(self, task_id: int) -> None:
+        task = self.store.task(task_id)
+        if task is None or task.ready or self._stopped.is_set():
+            return
+        try:
+            facts = self.p.kind(task.kind).prepare(self.p.view(task))
+        except (probe.UnreadableMedia, probe.RefusedMedia, NotApplicable, FileNotFoundError) as exc:
+            if self.store.task(task_id) is not None and self.store.mark_failed(task_id, str(exc)):
+                log.warning("Task[%d] - preparing failed: %s", task_id, exc)
+                self.p.changed(task_id)
+            return
+        except Exception as exc:
+            log.exception("Task[%d] - preparing failed", task_id)
+            if self.store.mark_failed(task_id, f"preparing the input failed: {type(exc).__name__}: {exc}"):
+                self.p.changed(task_id)
+            return
+        with self._prepared:
+            if self.store.task(task_id) is None:
+                return  # deleted while preparing
+            self.store.mark_prepared(task_id, facts)
+            task = self.store.task(task_id)
+            log.info("Task[%d] - prepared", task_id)
+            if task.state == "queued":
+                self._plan(task)
+        self.p.changed(task_id)
+
+    def run(self, task_id: int, params: dict[str, Any] | None = None) -> None:
+        """Run a task that is waiting, or failed (again, from the start), with `params` if given."""
+        with self._prepared:
+            task = self.store.task(task_id)
+            if task is None:
+                raise NotFound(f"no task with id {task_id}")
+            if not task.ready and task.state == "failed":
+                raise NotProcessable(f"task {task_id} cannot run: {task.error}")
+            if params is not None:
+                self.store.set_params(task_id, params)
+            if task.state in ("waiting", "failed", "cancelled"):
+                self.store.request(task_id)
+                if task.ready:
+                    self._plan(self.store.task(task_id))
+                else:
+                    log.info("Task[%d] - runs once its input is prepared", task_id)
+        self.p.changed(task_id)
+
+    def _plan(self, task: Task) -> None:
+        planned = self.p.kind(task.kind).plan(self.p.view(task))
+        self.store.start_jobs(task.id, planned)
+        log.info("Task[%d] - %s in %d jobs", task.id, task.kind, len(planned))
+        self._wake.put(task.id)
+
+    def cancel(self, task_id: int) -> bool:
+        """Stop a task: its queued jobs are dropped by whoever takes them, running ones stopped."""
+        if not self.store.mark_cancelled(task_id):
+            return False
+        self.p.broker.send(self.p.broker.destinations.control, b"",
+                           ControlMessage("cancel", (task_id,)).headers(), persistent=False)
+        log.info("Task[%d] - cancelled", task_id)
+        self.p.changed(task_id)
+        return True
+
+    # -- publishing --------------------------------------------------------------------
 
     def _publish_loop(self) -> None:
         while not self._stopped.is_set():
@@ -209,75 +216,75 @@ class Orchestrator:
 
     def _publish_pending(self) -> None:
         for job in self.store.jobs(state="pending"):
-            music = self.store.music(job.music_id)
-            if music is None or music.state != "processing":
+            task = self.store.task(job.task_id)
+            if task is None or task.state != "running":
                 continue
-            plan = job.plan
-            message = JobMessage(
-                music_id=music.id, job_id=job.id, chunk=job.chunk, song_token=music.token, kind="separate",
-                model=self.spec.name, samplerate=music.samplerate, total_frames=music.frames,
-                slice_start=plan.slice_start,
-                audio=audio.read_frames(self.files.audio(music.id), music.channels, plan.slice_start,
-                                        plan.slice_end - plan.slice_start),
-                params=job_params(plan.first_offset, plan.segments, self.spec.stride, self.spec.segment_frames,
-                                  self.spec.segment_override, music.norm_mean, music.norm_std),
-                attempt_token=uuid.uuid4().hex,
-            )
+            params, payload = self.p.kind(task.kind).payload(self.p.view(task), self.p.job_view(job))
+            message = JobMessage(task.kind, task.id, job.id, job.chunk, task.token, uuid.uuid4().hex, params, payload)
             self.store.issue_attempt(job.id, message.attempt_token)
-            self.broker.send(self.broker.destinations.jobs, message.body(), message.headers())
+            self.p.broker.send(self.p.broker.destinations.jobs(task.kind), message.body(), message.headers())
             self.store.mark_queued(job.id)
-            self.metrics.jobs_published.inc()
-            log.info("Music[%d] - Job[%d] (chunk %d) queued (attempt %d)", music.id, job.id, job.chunk,
+            self.p.metrics.jobs_published.inc()
+            log.info("Task[%d] - Job[%d] (chunk %d) queued (attempt %d)", task.id, job.id, job.chunk,
                      job.publications + 1)
 
-    def deadline(self, seconds_of_audio: float) -> float:
-        """Seconds a job may take from its publication, given the audio ahead of it and its own."""
-        s = self.settings
-        return s.job_deadline_seconds + s.job_deadline_factor * seconds_of_audio / max(1, self.workers_alive())
+    def deadline(self, seconds_of_media: float) -> float:
+        """Seconds a job may take from its publication, given the media ahead of it and its own."""
+        s = self.p.settings
+        return s.job_deadline_seconds + s.job_deadline_factor * seconds_of_media / max(1, self.p.workers_alive())
 
     def _republish_overdue(self) -> None:
-        now, ahead = time.time(), 0.0
+        now, ahead = time.time(), {}
         outstanding = sorted(self.store.jobs(state="queued"), key=lambda j: j.published_at or 0)
-        songs: dict[int, Music | None] = {}
+        tasks: dict[int, Task | None] = {}
         for job in outstanding:
-            music = songs.setdefault(job.music_id, self.store.music(job.music_id))
-            if music is None or music.state != "processing":
+            task = tasks.setdefault(job.task_id, self.store.task(job.task_id))
+            if task is None or task.state != "running":
                 continue
-            ahead += (job.plan.slice_end - job.plan.slice_start) / music.samplerate
-            allowed = self.deadline(ahead)
+            ahead[task.kind] = ahead.get(task.kind, 0.0) + job.seconds  # each kind has its own FIFO queue
+            allowed = self.deadline(ahead[task.kind])
             if job.published_at is None or now - job.published_at <= allowed:
                 continue
-            if job.publications >= self.settings.max_attempts:
+            if job.publications >= self.p.settings.max_attempts:
                 reason = (f"job {job.id} (chunk {job.chunk}) failed: no result after {job.publications} attempt(s), "
                           f"each given {allowed:.0f}s")
-                if self.store.mark_failed(music.id, reason):
-                    log.error("Music[%d] - failed: %s", music.id, reason)
-                    announce(self.events, self.store, music.id)
+                if self.store.mark_failed(task.id, reason):
+                    log.error("Task[%d] - failed: %s", task.id, reason)
+                    self.p.changed(task.id)
             elif self.store.republish(job.id):
-                self.metrics.jobs_republished.inc()
-                log.warning("Music[%d] - Job[%d] not done %.0fs after its publication (deadline %.0fs); "
-                            "publishing it again", music.id, job.id, now - job.published_at, allowed)
+                self.p.metrics.jobs_republished.inc()
+                log.warning("Task[%d] - Job[%d] not done %.0fs after its publication (deadline %.0fs); "
+                            "publishing it again", task.id, job.id, now - job.published_at, allowed)
 
-    # -- reset ------------------------------------------------------------------------
+    # -- deleting ----------------------------------------------------------------------
+
+    def delete_task(self, task_id: int) -> None:
+        """Forget a task and its files. Its jobs still out run to their end, and their results are dropped."""
+        self.cancel(task_id)
+        self.store.delete_task(task_id)
+        self.p.files.delete_task(task_id)
 
     def reset(self) -> None:
-        """Stop every worker's current job, empty the queues, delete every song."""
-        newest = max((m.id for m in self.store.all_music()), default=0)
-        self.broker.send(self.broker.destinations.control, b"",
-                         ControlMessage("reset", (newest,)).headers(), persistent=False)
+        """Stop every worker's current job, empty the queues, delete every medium and task."""
+        newest = max((t.id for t in self.store.tasks()), default=0)
+        self.p.broker.send(self.p.broker.destinations.control, b"",
+                           ControlMessage("reset", (newest,)).headers(), persistent=False)
+        kinds = sorted({t.kind for t in self.store.tasks()})
         self.store.delete_everything()
-        self.files.delete_everything()
-        drained = drain_stale_jobs(self.settings, self.store)
-        log.info("Reset: every song deleted, %d queued jobs dropped", drained)
-        self.events.publish("reset", {})
+        self.p.files.delete_everything()
+        drained = sum(drain_stale_jobs(self.p, kind) for kind in kinds)
+        log.info("Reset: every medium and task deleted, %d queued jobs dropped", drained)
 
 
-def drain_stale_jobs(settings: Settings, store: Store, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> int:
-    """ACK every queued job whose song no longer exists, until the jobs queue is quiet."""
-    broker = Broker(settings, client_name=f"drain-{uuid.uuid4().hex[:8]}", role="server")
-    destinations = Destinations(settings.queue_prefix)
-    seen = queue.Queue()
-    broker.subscribe(destinations.jobs, seen.put, prefetch=100)
+def drain_stale_jobs(pipeline: Pipeline, kind: str, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> int:
+    """ACK every queued job of `kind` whose task no longer exists, until its queue is quiet.
+
+    A consumer of its own, not the server's connection: the server publishes jobs and
+    never consumes them anywhere else.
+    """
+    broker = Broker(pipeline.settings, client_name=f"drain-{uuid.uuid4().hex[:8]}", role="server")
+    seen: queue.Queue = queue.Queue()
+    broker.subscribe(broker.destinations.jobs(kind), seen.put, prefetch=100)
     broker.connect(give_up_after=10)
     dropped, deadline = 0, time.monotonic() + limit_seconds
     try:
@@ -286,11 +293,11 @@ def drain_stale_jobs(settings: Settings, store: Store, quiet_seconds: float = 1.
                 delivery = seen.get(timeout=quiet_seconds)
             except queue.Empty:
                 break
-            music_id = delivery.headers.get("music-id", "")
-            if not music_id.isdigit():
+            task_id = delivery.headers.get("task-id", "")
+            if not task_id.isdigit():
                 broker.nack(delivery, requeue=False)  # not ours: park it on the dead queue
                 continue
-            if store.music(int(music_id)) is None:
+            if pipeline.store.task(int(task_id)) is None:
                 broker.ack(delivery)
                 dropped += 1
             else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flask import Request, Response
 
-from src.server.audio import BLOCK_FRAMES, read_frames, to_pcm16
+from src.media.pcm import BLOCK_FRAMES, read_frames, to_pcm16
 
 HEADER_BYTES = 44
 

@@ -3,7 +3,7 @@
 Workers announce themselves on the presence topic every heart-beat interval and at
 every job start and end, so a worker on another host appears with no configuration.
 One not heard from for two heart-beat intervals is dropped, and its running attempts
-are closed as 'lost' on the song timelines.
+are closed as 'lost' on the task timelines.
 
 Presence is data from the network, not code: the schema has already checked every field
 (types, ranges, finite numbers) before a message gets here, and the registry is bounded:
@@ -86,10 +86,6 @@ class WorkerRegistry:
             self._on_worker_gone(name)
         return gone
 
-    def clear(self) -> None:
-        with self._lock:
-            self._workers.clear()
-
     def count(self) -> int:
         with self._lock:
             return len(self._workers)
@@ -101,7 +97,7 @@ class WorkerRegistry:
         return [
             {
                 "worker": p.worker, "host": p.host, "address": p.address, "pid": p.pid, "state": p.state,
-                "job_id": p.job_id, "music_id": p.music_id, "jobs_done": p.jobs_done,
+                "job_id": p.job_id, "task_id": p.task_id, "kinds": list(p.kinds), "jobs_done": p.jobs_done,
                 "mean_job_seconds": p.mean_job_seconds, "model": p.model, "device": p.device,
                 "last_heartbeat_age": round(now - seen, 2),
                 "heartbeat_seconds": self.expiry_seconds / 2,  # the page marks a worker stale past this

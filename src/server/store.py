@@ -1,15 +1,21 @@
-"""The job store: songs, their tracks, their jobs and every job attempt, in SQLite.
+"""The store: media, tasks, their outputs, their jobs and every job attempt, in SQLite.
 
-Everything the server knows lives here (plus audio files beside it), so a server that
-is killed and restarted picks up where it was. IDs are AUTOINCREMENT, so an ID is never
-reused, not even after `/reset`, and a late message for a deleted song can't land on a
-new one. Each method is one short transaction; the store is shared by threads.
+Everything the server knows lives here (plus files beside it), so a server that is
+killed and restarted picks up where it was. The tables are the backbone's and know no
+kind: what a kind needs to remember (a task's decoded length, a job's range of frames)
+is kept as JSON in `facts`. IDs are AUTOINCREMENT, so an ID is never reused, not even
+after `/reset`, and a late message for a deleted task can't land on a new one. Each
+method is one short transaction; the store is shared by threads.
+
+A task's state: `waiting` (the karaoke façade made it at upload and waits for the
+instruments to keep), `queued` (being prepared, or jobs not planned yet), `running`
+(jobs planned), then `done`, `failed` or `cancelled`.
 
 Attempts are the server's own count, not what workers say: each publication of a job
 issues an attempt token (kept in `job.attempt_tokens` unless that copy failed) and counts
 one attempt. A result or failure is accepted only with one of those tokens (a late copy of
 a done job's result is a harmless duplicate); a failure closes its token, and the job is
-published again or, after MAX_ATTEMPTS publications, fails its song. A job not done by
+published again or, after MAX_ATTEMPTS publications, fails its task. A job not done by
 its deadline is published again too.
 """
 
@@ -23,45 +29,45 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from src.separation.plan import JobPlan
+from src.kinds.base import Planned
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS music (
+CREATE TABLE IF NOT EXISTS media (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
-    band TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    duration REAL,
+    probe TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    media_id INTEGER NOT NULL REFERENCES media(id) ON DELETE CASCADE,
+    params TEXT NOT NULL,
+    facts TEXT NOT NULL DEFAULT '{}',
     token TEXT NOT NULL,
-    frames INTEGER NOT NULL,
-    samplerate INTEGER NOT NULL,
-    channels INTEGER NOT NULL,
-    norm_mean REAL NOT NULL,
-    norm_std REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'uploaded',
+    state TEXT NOT NULL,
     ready INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    selection TEXT,
-    mix_selection TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
 );
-CREATE TABLE IF NOT EXISTS track (
+CREATE TABLE IF NOT EXISTS output (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    music_id INTEGER NOT NULL REFERENCES music(id) ON DELETE CASCADE,
+    task_id INTEGER NOT NULL REFERENCES task(id) ON DELETE CASCADE,
     name TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS job (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    music_id INTEGER NOT NULL REFERENCES music(id) ON DELETE CASCADE,
+    task_id INTEGER NOT NULL REFERENCES task(id) ON DELETE CASCADE,
     chunk INTEGER NOT NULL,
-    first_offset INTEGER NOT NULL,
-    segments INTEGER NOT NULL,
-    slice_start INTEGER NOT NULL,
-    slice_end INTEGER NOT NULL,
-    out_start INTEGER NOT NULL,
-    out_end INTEGER NOT NULL,
+    facts TEXT NOT NULL,
     size INTEGER NOT NULL,
+    seconds REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     worker TEXT,
     time_ms INTEGER,
@@ -77,57 +83,68 @@ CREATE TABLE IF NOT EXISTS job (
 CREATE TABLE IF NOT EXISTS attempt (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL REFERENCES job(id) ON DELETE CASCADE,
-    music_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
     worker TEXT NOT NULL,
     started_at REAL NOT NULL,
     ended_at REAL,
     outcome TEXT NOT NULL DEFAULT 'running'
 );
-CREATE INDEX IF NOT EXISTS job_music ON job(music_id);
+CREATE INDEX IF NOT EXISTS task_media ON task(media_id);
+CREATE INDEX IF NOT EXISTS job_task ON job(task_id);
 CREATE INDEX IF NOT EXISTS job_state ON job(state);
 CREATE INDEX IF NOT EXISTS attempt_job ON attempt(job_id);
+CREATE INDEX IF NOT EXISTS output_task ON output(task_id);
 """
+
+ACTIVE = ("queued", "running")  # states in which a task's jobs may run
+ENDED = ("done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
-class Music:
+class MediaRow:
     id: int
     name: str
-    band: str
+    size: int
+    duration: float | None
+    probe: dict[str, Any]  # video, audio, tags
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    kind: str
+    media_id: int
+    params: dict[str, Any]
+    facts: dict[str, Any]
     token: str
-    frames: int
-    samplerate: int
-    channels: int
-    norm_mean: float
-    norm_std: float
     state: str
-    ready: bool  # decoded: its audio can be cut into jobs
+    ready: bool  # prepared: it can be cut into jobs
     error: str | None
-    selection: list[int] | None
-    mix_selection: list[int] | None
     created_at: float
     started_at: float | None
     finished_at: float | None
 
     @property
-    def duration(self) -> float:
-        return self.frames / self.samplerate
+    def active(self) -> bool:
+        return self.state in ACTIVE
 
 
 @dataclass(frozen=True)
-class Track:
+class OutputRow:
     id: int
-    music_id: int
+    task_id: int
     name: str
 
 
 @dataclass(frozen=True)
 class Job:
     id: int
-    music_id: int
+    task_id: int
     chunk: int
-    plan: JobPlan
+    facts: dict[str, Any]
     size: int
+    seconds: float
     state: str
     worker: str | None
     time_ms: int | None
@@ -135,38 +152,30 @@ class Job:
     error: str | None
     queued_at: float | None
     done_at: float | None
-    attempt_tokens: frozenset[str] = frozenset()
-    publications: int = 0
-    failures: int = 0
-    published_at: float | None = None
+    attempt_tokens: frozenset[str]
+    publications: int
+    failures: int
+    published_at: float | None
 
 
-# Columns added since the first release, for databases created before them.
-ADDED_COLUMNS = {
-    "music": {"ready": "INTEGER NOT NULL DEFAULT 1"},  # songs from before background decoding were decoded
-    "job": {
-        "attempt_tokens": "TEXT NOT NULL DEFAULT ''",
-        "publications": "INTEGER NOT NULL DEFAULT 0",
-        "failures": "INTEGER NOT NULL DEFAULT 0",
-        "published_at": "REAL",
-    },
-}
-
-
-def _music(row: sqlite3.Row) -> Music:
+def _media(row: sqlite3.Row) -> MediaRow:
     data = dict(row)
-    for key in ("selection", "mix_selection"):
-        data[key] = json.loads(data[key]) if data[key] else None
+    data["probe"] = json.loads(data["probe"])
+    return MediaRow(**data)
+
+
+def _task(row: sqlite3.Row) -> Task:
+    data = dict(row)
+    data["params"], data["facts"] = json.loads(data["params"]), json.loads(data["facts"])
     data["ready"] = bool(data["ready"])
-    return Music(**data)
+    return Task(**data)
 
 
 def _job(row: sqlite3.Row) -> Job:
-    plan = JobPlan(row["chunk"], row["first_offset"], row["segments"], row["slice_start"],
-                   row["slice_end"], row["out_start"], row["out_end"])
-    return Job(row["id"], row["music_id"], row["chunk"], plan, row["size"], row["state"],
-               row["worker"], row["time_ms"], row["attempts"], row["error"], row["queued_at"], row["done_at"],
-               frozenset(row["attempt_tokens"].split()), row["publications"], row["failures"], row["published_at"])
+    data = dict(row)
+    data["facts"] = json.loads(data["facts"])
+    data["attempt_tokens"] = frozenset(data["attempt_tokens"].split())
+    return Job(**data)
 
 
 class Store:
@@ -178,11 +187,6 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        for table, added in ADDED_COLUMNS.items():  # a database written by an earlier version
-            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            for column, declaration in added.items():
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -195,111 +199,140 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def _rows(self, query: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    # -- songs -----------------------------------------------------------------------
+    # -- media -----------------------------------------------------------------------
 
-    def create_music(self, name: str, band: str, token: str, frames: int, samplerate: int, channels: int,
-                     sources: Sequence[str]) -> Music:
-        """A new song, not yet decoded: `frames` is the probe's estimate until `mark_decoded`."""
+    def create_media(self, name: str, size: int, duration: float | None, probe: dict[str, Any]) -> MediaRow:
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO music (name, band, token, frames, samplerate, channels, norm_mean, norm_std,"
-                " created_at) VALUES (?,?,?,?,?,?,0,1,?)",
-                (name, band, token, frames, samplerate, channels, time.time()),
-            )
-            music_id = cur.lastrowid
-            db.executemany("INSERT INTO track (music_id, name) VALUES (?, ?)",
-                           [(music_id, source) for source in sources])
-        return self.music(music_id)
+            media_id = db.execute("INSERT INTO media (name, size, duration, probe, created_at) VALUES (?,?,?,?,?)",
+                                  (name, size, duration, json.dumps(probe), time.time())).lastrowid
+        return self.media(media_id)
 
-    def music(self, music_id: int) -> Music | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM music WHERE id = ?", (music_id,)).fetchone()
-        return _music(row) if row else None
+    def media(self, media_id: int) -> MediaRow | None:
+        rows = self._rows("SELECT * FROM media WHERE id = ?", (media_id,))
+        return _media(rows[0]) if rows else None
 
-    def all_music(self) -> list[Music]:
-        with self._lock:
-            return [_music(r) for r in self._db.execute("SELECT * FROM music ORDER BY id")]
+    def all_media(self) -> list[MediaRow]:
+        return [_media(r) for r in self._rows("SELECT * FROM media ORDER BY id")]
 
-    def tracks(self, music_id: int) -> list[Track]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM track WHERE music_id = ? ORDER BY id", (music_id,))
-            return [Track(**dict(r)) for r in rows]
-
-    def mark_decoded(self, music_id: int, frames: int, norm_mean: float, norm_std: float) -> None:
+    def delete_media(self, media_id: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE music SET ready = 1, frames = ?, norm_mean = ?, norm_std = ? WHERE id = ?",
-                       (frames, norm_mean, norm_std, music_id))
+            db.execute("DELETE FROM attempt WHERE task_id IN (SELECT id FROM task WHERE media_id = ?)", (media_id,))
+            db.execute("DELETE FROM media WHERE id = ?", (media_id,))  # tasks, outputs and jobs cascade
 
-    def request_processing(self, music_id: int) -> None:
-        """A song asked to be processed before its decode ended: processing, with no jobs yet."""
-        with self._tx() as db:
-            db.execute("UPDATE music SET state = 'processing', error = NULL, started_at = ? WHERE id = ?",
-                       (time.time(), music_id))
+    # -- tasks -----------------------------------------------------------------------
 
-    def set_selection(self, music_id: int, track_ids: Sequence[int]) -> None:
+    def create_task(self, kind: str, media_id: int, params: dict[str, Any], token: str, state: str,
+                    outputs: Sequence[str]) -> Task:
         with self._tx() as db:
-            db.execute("UPDATE music SET selection = ? WHERE id = ?", (json.dumps(list(track_ids)), music_id))
+            task_id = db.execute(
+                "INSERT INTO task (kind, media_id, params, token, state, created_at) VALUES (?,?,?,?,?,?)",
+                (kind, media_id, json.dumps(params), token, state, time.time())).lastrowid
+            db.executemany("INSERT INTO output (task_id, name) VALUES (?, ?)", [(task_id, n) for n in outputs])
+        return self.task(task_id)
 
-    def start_processing(self, music_id: int, plans: Sequence[JobPlan], bytes_per_frame: int) -> None:
-        """Record the song's jobs as pending (not yet on the broker) and the song as processing."""
+    def task(self, task_id: int) -> Task | None:
+        rows = self._rows("SELECT * FROM task WHERE id = ?", (task_id,))
+        return _task(rows[0]) if rows else None
+
+    def tasks(self, kind: str | None = None) -> list[Task]:
+        if kind is None:
+            return [_task(r) for r in self._rows("SELECT * FROM task ORDER BY id")]
+        return [_task(r) for r in self._rows("SELECT * FROM task WHERE kind = ? ORDER BY id", (kind,))]
+
+    def tasks_of(self, media_id: int) -> list[Task]:
+        return [_task(r) for r in self._rows("SELECT * FROM task WHERE media_id = ? ORDER BY id", (media_id,))]
+
+    def outputs(self, task_id: int) -> list[OutputRow]:
+        return [OutputRow(**dict(r)) for r in self._rows("SELECT * FROM output WHERE task_id = ? ORDER BY id",
+                                                          (task_id,))]
+
+    def set_params(self, task_id: int, params: dict[str, Any]) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM job WHERE music_id = ?", (music_id,))  # a failed song starts over
-            db.execute("UPDATE music SET state = 'processing', error = NULL, started_at = ? WHERE id = ?",
-                       (time.time(), music_id))
+            db.execute("UPDATE task SET params = ? WHERE id = ?", (json.dumps(params), task_id))
+
+    def update_facts(self, task_id: int, facts: dict[str, Any]) -> None:
+        """Merge `facts` into the task's facts."""
+        with self._tx() as db:
+            row = db.execute("SELECT facts FROM task WHERE id = ?", (task_id,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE task SET facts = ? WHERE id = ?",
+                           (json.dumps({**json.loads(row[0]), **facts}), task_id))
+
+    def mark_prepared(self, task_id: int, facts: dict[str, Any]) -> None:
+        self.update_facts(task_id, facts)
+        with self._tx() as db:
+            db.execute("UPDATE task SET ready = 1 WHERE id = ?", (task_id,))
+
+    def request(self, task_id: int) -> None:
+        """A task asked to run (again): queued, its jobs planned once it is prepared."""
+        with self._tx() as db:
+            db.execute("UPDATE task SET state = 'queued', error = NULL, started_at = ?, finished_at = NULL "
+                       "WHERE id = ?", (time.time(), task_id))
+
+    def start_jobs(self, task_id: int, planned: Sequence[Planned]) -> None:
+        """Record the task's jobs as pending (not yet on the broker) and the task as running."""
+        with self._tx() as db:
+            db.execute("DELETE FROM job WHERE task_id = ?", (task_id,))  # a failed task starts over
+            db.execute("UPDATE task SET state = 'running', error = NULL WHERE id = ?", (task_id,))
             db.executemany(
-                "INSERT INTO job (music_id, chunk, first_offset, segments, slice_start, slice_end,"
-                " out_start, out_end, size) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(music_id, p.chunk, p.first_offset, p.segments, p.slice_start, p.slice_end, p.out_start,
-                  p.out_end, (p.slice_end - p.slice_start) * bytes_per_frame) for p in plans],
+                "INSERT INTO job (task_id, chunk, facts, size, seconds) VALUES (?,?,?,?,?)",
+                [(task_id, chunk, json.dumps(p.facts), p.size, p.seconds) for chunk, p in enumerate(planned)],
             )
 
-    def mark_done(self, music_id: int, mix_selection: Sequence[int]) -> None:
+    def mark_done(self, task_id: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE music SET state = 'done', mix_selection = ?, finished_at = ? WHERE id = ?",
-                       (json.dumps(list(mix_selection)), time.time(), music_id))
+            db.execute("UPDATE task SET state = 'done', finished_at = ? WHERE id = ?", (time.time(), task_id))
 
-    def mark_failed(self, music_id: int, error: str) -> bool:
-        """Fail a song that is still being decoded or processed; False if it had already ended."""
+    def mark_failed(self, task_id: int, error: str) -> bool:
+        """Fail a task that has not ended yet; False if it had."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE music SET state = 'failed', error = ?, finished_at = ? "
-                "WHERE id = ? AND state IN ('uploaded', 'processing')", (error, time.time(), music_id))
-            return cur.rowcount == 1
+            return db.execute(
+                "UPDATE task SET state = 'failed', error = ?, finished_at = ? WHERE id = ? "
+                "AND state NOT IN ('done', 'failed', 'cancelled')", (error, time.time(), task_id)).rowcount == 1
 
-    def delete_music(self, music_id: int) -> None:
-        """Forget one song with its tracks, jobs and attempts (the id is never reused)."""
+    def mark_cancelled(self, task_id: int) -> bool:
         with self._tx() as db:
-            db.execute("DELETE FROM attempt WHERE music_id = ?", (music_id,))
-            db.execute("DELETE FROM music WHERE id = ?", (music_id,))  # tracks and jobs cascade
+            changed = db.execute(
+                "UPDATE task SET state = 'cancelled', finished_at = ? WHERE id = ? "
+                "AND state NOT IN ('done', 'failed', 'cancelled')", (time.time(), task_id)).rowcount == 1
+            db.execute("UPDATE attempt SET outcome = 'cancelled', ended_at = ? WHERE task_id = ? "
+                       "AND outcome = 'running'", (time.time(), task_id))
+            return changed
+
+    def delete_task(self, task_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM attempt WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM task WHERE id = ?", (task_id,))  # outputs and jobs cascade
 
     def delete_everything(self) -> None:
         with self._tx() as db:
-            for table in ("attempt", "job", "track", "music"):
+            for table in ("attempt", "job", "output", "task", "media"):
                 db.execute(f"DELETE FROM {table}")
 
     # -- jobs --------------------------------------------------------------------------
 
-    def jobs(self, music_id: int | None = None, state: str | None = None) -> list[Job]:
+    def jobs(self, task_id: int | None = None, state: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM job WHERE 1=1", []
-        if music_id is not None:
-            query, args = query + " AND music_id = ?", [*args, music_id]
+        if task_id is not None:
+            query, args = query + " AND task_id = ?", [*args, task_id]
         if state is not None:
             query, args = query + " AND state = ?", [*args, state]
-        with self._lock:
-            return [_job(r) for r in self._db.execute(query + " ORDER BY id", args)]
+        return [_job(r) for r in self._rows(query + " ORDER BY id", args)]
 
     def job(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM job WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        rows = self._rows("SELECT * FROM job WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
 
     def job_ids(self) -> list[int]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM job ORDER BY id")]
+        return [r[0] for r in self._rows("SELECT id FROM job ORDER BY id")]
 
     def issue_attempt(self, job_id: int, token: str) -> None:
         """Record a new publication of a job, with the token its result must echo."""
@@ -309,7 +342,7 @@ class Store:
                        "WHERE id = ? AND state != 'done'", (token, time.time(), job_id))
 
     def republish(self, job_id: int) -> bool:
-        """Queue a job again (it failed, or missed its deadline); False if it is no longer queued."""
+        """Queue a job again (it missed its deadline); False if it is no longer queued."""
         with self._tx() as db:
             return db.execute("UPDATE job SET state = 'pending' WHERE id = ? AND state = 'queued'",
                               (job_id,)).rowcount == 1
@@ -325,11 +358,11 @@ class Store:
             cur = db.execute(
                 "UPDATE job SET state = 'done', worker = ?, time_ms = ?, done_at = ? "
                 "WHERE id = ? AND state != 'done'", (worker, time_ms, time.time(), job_id))
-            self._end_attempt(db, job_id, worker, "done")
+            self._end_attempt(db, job_id, worker, "done", time_ms)
             return cur.rowcount == 1
 
     def record_failure(self, job_id: int, worker: str, token: str, error: str, max_attempts: int) -> str:
-        """Close a failed attempt: 'retry' (publish again), 'failed' (its song fails) or 'wait'.
+        """Close a failed attempt: 'retry' (publish again), 'failed' (its task fails) or 'wait'.
 
         'wait': another copy of the job is still outstanding (a deadline re-publication).
         """
@@ -348,29 +381,27 @@ class Store:
             db.execute("UPDATE job SET state = 'pending' WHERE id = ?", (job_id,))
             return "retry"
 
-    def progress(self, music_id: int) -> tuple[int, int]:
-        """(jobs done, jobs in all) of a song."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT SUM(state = 'done'), COUNT(*) FROM job WHERE music_id = ?", (music_id,)).fetchone()
+    def progress(self, task_id: int) -> tuple[int, int]:
+        """(jobs done, jobs in all) of a task."""
+        row = self._rows("SELECT SUM(state = 'done'), COUNT(*) FROM job WHERE task_id = ?", (task_id,))[0]
         return int(row[0] or 0), int(row[1] or 0)
 
     def job_state_counts(self) -> dict[str, int]:
-        with self._lock:
-            return {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM job GROUP BY state")}
+        return {r[0]: r[1] for r in self._rows("SELECT state, COUNT(*) FROM job GROUP BY state")}
 
-    # -- attempts (the per-song timeline) ----------------------------------------------
+    # -- attempts (the per-task timeline) ----------------------------------------------
 
     def start_attempt(self, job_id: int, worker: str, started_at: float) -> None:
+        """A worker's presence says it runs this job: the timeline shows it from now on."""
         with self._tx() as db:
-            # only a job that is out with a worker: a worker's presence must not write into a finished song
-            row = db.execute("SELECT music_id FROM job WHERE id = ? AND state = 'queued'", (job_id,)).fetchone()
+            # only a job that is out with a worker: a worker's presence must not write into a finished task
+            row = db.execute("SELECT task_id FROM job WHERE id = ? AND state = 'queued'", (job_id,)).fetchone()
             if row is None:
                 return
             open_row = db.execute("SELECT 1 FROM attempt WHERE job_id = ? AND worker = ? AND outcome = 'running'",
                                   (job_id, worker)).fetchone()
             if open_row is None:
-                db.execute("INSERT INTO attempt (job_id, music_id, worker, started_at) VALUES (?,?,?,?)",
+                db.execute("INSERT INTO attempt (job_id, task_id, worker, started_at) VALUES (?,?,?,?)",
                            (job_id, row[0], worker, started_at))
 
     def end_attempts_of(self, worker: str, outcome: str) -> None:
@@ -379,19 +410,22 @@ class Store:
             db.execute("UPDATE attempt SET outcome = ?, ended_at = ? WHERE worker = ? AND outcome = 'running'",
                        (outcome, time.time(), worker))
 
-    def _end_attempt(self, db: sqlite3.Connection, job_id: int, worker: str, outcome: str) -> None:
+    def _end_attempt(self, db: sqlite3.Connection, job_id: int, worker: str, outcome: str,
+                     time_ms: int | None = None) -> None:
+        now = time.time()
         cur = db.execute("UPDATE attempt SET outcome = ?, ended_at = ? WHERE job_id = ? AND worker = ? "
-                         "AND outcome = 'running'", (outcome, time.time(), job_id, worker))
-        if cur.rowcount == 0:  # the worker finished before its presence said it started
-            row = db.execute("SELECT music_id FROM job WHERE id = ?", (job_id,)).fetchone()
+                         "AND outcome = 'running'", (outcome, now, job_id, worker))
+        if cur.rowcount == 0:
+            # The reply came before any presence said the job started (presence is sampled every
+            # heart-beat): the reply itself says how long the job ran.
+            row = db.execute("SELECT task_id FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is not None:
-                now = time.time()
-                db.execute("INSERT INTO attempt (job_id, music_id, worker, started_at, ended_at, outcome) "
-                           "VALUES (?,?,?,?,?,?)", (job_id, row[0], worker, now, now, outcome))
+                started = now - (time_ms or 0) / 1000
+                db.execute("INSERT INTO attempt (job_id, task_id, worker, started_at, ended_at, outcome) "
+                           "VALUES (?,?,?,?,?,?)", (job_id, row[0], worker, started, now, outcome))
 
-    def attempts(self, music_id: int) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT a.job_id, j.chunk, a.worker, a.started_at, a.ended_at, a.outcome FROM attempt a "
-                "JOIN job j ON j.id = a.job_id WHERE a.music_id = ? ORDER BY a.started_at", (music_id,))
-            return [dict(r) for r in rows]
+    def attempts(self, task_id: int) -> list[dict]:
+        rows = self._rows(
+            "SELECT a.job_id, j.chunk, a.worker, a.started_at, a.ended_at, a.outcome FROM attempt a "
+            "JOIN job j ON j.id = a.job_id WHERE a.task_id = ? ORDER BY a.started_at", (task_id,))
+        return [dict(r) for r in rows]

@@ -39,3 +39,23 @@ export function download(href) {
   link.click();
   link.remove();
 }
+
+// Sizes and rates as people read them: 1.4 MB, 2.5 Mb/s (decimal units, as encoders count).
+export function bytes(count) {
+  if (!Number.isFinite(count)) return "–";
+  const units = ["B", "kB", "MB", "GB"];
+  let value = count, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+  return `${value >= 100 || unit === 0 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
+}
+
+export function bitrate(bitsPerSecond) {
+  if (!Number.isFinite(bitsPerSecond)) return "–";
+  return bitsPerSecond >= 1e6 ? `${(bitsPerSecond / 1e6).toFixed(2)} Mb/s` : `${Math.round(bitsPerSecond / 1e3)} kb/s`;
+}
+
+// A duration to the hundredth under a minute (a clip's length matters to the frame), else m:ss.
+export function seconds(value) {
+  if (!Number.isFinite(value)) return "–";
+  return value < 60 ? `${value.toFixed(2)} s` : clock(value);
+}

@@ -1,5 +1,5 @@
-// The operator's view, kept apart from the musician's flow: the live worker panel and the
-// open song's job timeline. A worker whose heart-beat is older than its interval is shown
+// The operator's view, kept apart from the musician's flow: the live worker panel (with the
+// job kinds each worker runs) and the job timeline of the open song or video task. A worker whose heart-beat is older than its interval is shown
 // stale at once (the server drops it only after two intervals), and its running attempt is
 // drawn as stalled; job numbers are the same "#id" in both places.
 import { $, el, clock } from "./dom.js";
@@ -34,13 +34,28 @@ export function renderWorkers() {
       el("td", {}, el("span", { class: `state ${state}`,
                                 title: state === "stale" ? "no heart-beat: crashed or hung; dropped soon" : null },
                       state === "stale" ? "stale" : w.state)),
-      el("td", {}, w.job_id == null ? "–" : `#${w.job_id} (song ${w.music_id})`), el("td", {}, w.jobs_done),
+      el("td", {}, jobOf(w)), el("td", {}, w.kinds?.length ? w.kinds.join(", ") : "–"), el("td", {}, w.jobs_done),
       el("td", {}, w.mean_job_seconds == null ? "–" : `${w.mean_job_seconds.toFixed(1)}s`),
       el("td", {}, `${age(w).toFixed(1)}s ago`));
   }));
 }
 
-export function clearTimeline(text = "Open a song to see its jobs.") {
+// "#12 (task 3)": the job, and the task (or song, from a server of before tasks) it is part of.
+function jobOf(worker) {
+  if (worker.job_id == null) return "–";
+  if (worker.task_id != null) return `#${worker.job_id} (task ${worker.task_id})`;
+  return worker.music_id != null ? `#${worker.job_id} (song ${worker.music_id})` : `#${worker.job_id}`;
+}
+
+// What the timeline shows the jobs of: "song" or "video task", after the page's section.
+let subject = "song";
+export function timelineFor(what) {
+  subject = what;
+  $("#timeline-title").textContent = `Jobs of the open ${what}`;
+  clearTimeline();
+}
+
+export function clearTimeline(text = `Open a ${subject} to see its jobs.`) {
   timelineRunning = false;
   $("#timeline").replaceChildren(el("p", { class: "muted" }, text));
 }

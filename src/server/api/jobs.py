@@ -1,10 +1,11 @@
-"""/job: the jobs (one chunk of one song each) and what they cost."""
+"""/job: the jobs (one chunk of one task each, of any kind) and what they cost."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from src.server.api.errors import ApiError
+from src.server.services import services
 from src.server.views import job_view
 
 bp = Blueprint("jobs", __name__)
@@ -12,12 +13,12 @@ bp = Blueprint("jobs", __name__)
 
 @bp.get("/job")
 def list_jobs():
-    return jsonify(current_app.extensions["karaoke"].store.job_ids())
+    return jsonify(services().store.job_ids())
 
 
 @bp.get("/job/<id:job_id>")
 def job(job_id: int):
-    store = current_app.extensions["karaoke"].store
+    store = services().store
     found = store.job(job_id)
     if found is None:
         raise ApiError(404, f"no job with id {job_id}")

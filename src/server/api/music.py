@@ -16,18 +16,20 @@ practice player's key shift; FLAC beside MP3 and WAV; `DELETE` removes one song.
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
-from urllib.parse import unquote
 
-from flask import Blueprint, current_app, jsonify, request, send_file
-from werkzeug.http import parse_options_header
+from flask import Blueprint, jsonify, request, send_file
 
+from src.kinds.base import NotApplicable
+from src.media.probe import clean_tag
 from src.server import mixdown, pcmstream
 from src.server.api.errors import ApiError
-from src.server.audio import FORMATS, RefusedAudio, UnreadableAudio, clean_tag
-from src.server.orchestrator import BadSelection, NotFound, NotProcessable
-from src.server.views import music_status, music_summary
+from src.server.api.uploads import receive_media
+from src.server.audio import FORMATS
+from src.server.orchestrator import NotFound, NotProcessable
+from src.server.services import services
+from src.server.store import Task
+from src.server.views import SEPARATE, music_status, music_summary, song, tracks
 
 bp = Blueprint("music", __name__)
 
@@ -43,59 +45,36 @@ def _deleted_meanwhile(_error):
     return jsonify({"error": "this song was deleted"}), 404
 
 
-def _services():
-    return current_app.extensions["karaoke"]
-
-
-def _music_or_404(music_id: int):
-    music = _services().store.music(music_id)
-    if music is None:
+def _music_or_404(music_id: int) -> Task:
+    task = services().store.task(music_id)
+    if task is None or task.kind != SEPARATE:
         raise ApiError(404, f"no music with id {music_id}")
-    return music
+    return task
 
 
-def _raw_filename() -> str | None:
-    """The file name of a raw upload: Content-Disposition, or X-Filename (percent-encoded, since
-    headers are Latin-1), or ?filename=. Only ever used as a display name."""
-    _, options = parse_options_header(request.headers.get("Content-Disposition", ""))
-    header = request.headers.get("X-Filename")
-    return options.get("filename") or (unquote(header) if header else None) or request.args.get("filename")
-
-
-def _receive(target: Path) -> str | None:
-    """Write the request's audio to `target`; returns the client's file name, if any."""
-    if request.mimetype == "multipart/form-data":
-        if "file" not in request.files:
-            raise ApiError(400, "a multipart upload needs the audio in a field named 'file'")
-        upload_file = request.files["file"]
-        upload_file.save(target)
-        return upload_file.filename
-    with target.open("wb") as out:
-        while chunk := request.stream.read(1 << 20):
-            out.write(chunk)
-    return _raw_filename()
+def _tracks(task: Task) -> dict[int, str]:
+    return dict(tracks(services().store, task))
 
 
 @bp.post("/music")
 def upload():
-    services = _services()
-    target = services.files.incoming / f"{uuid.uuid4().hex}.upload"
+    """A song: the upload as a medium, and a `separate` task of it that waits for its selection
+    (decoding starts now, so processing starts as soon as it is asked for)."""
+    s = services()
+    media = receive_media()
     try:
-        filename = _receive(target)
-        music = services.orchestrator.upload(target, filename)
-    except UnreadableAudio as exc:
-        raise ApiError(400, str(exc)) from None
-    except RefusedAudio as exc:
-        raise ApiError(422, str(exc)) from None
-    finally:  # kept songs were moved away; whatever is left here is refused, cut off or too large
-        target.unlink(missing_ok=True)
-    return jsonify(music_summary(services.store, music))
+        task = s.orchestrator.create_task(SEPARATE, media.id, {}, run=False)
+    except NotApplicable as exc:
+        s.store.delete_media(media.id)
+        s.files.delete_media(media.id, [])
+        raise ApiError(400, f"not a readable audio file ({exc})") from None
+    return jsonify(music_summary(s.store, task))
 
 
 @bp.get("/music")
 def list_music():
-    store = _services().store
-    return jsonify([music_summary(store, m) for m in store.all_music()])
+    store = services().store
+    return jsonify([music_summary(store, t) for t in store.tasks(SEPARATE)])
 
 
 def _selection() -> list[int]:
@@ -120,14 +99,26 @@ def _selection() -> list[int]:
 
 @bp.post("/music/<id:music_id>")
 def process(music_id: int):
-    _music_or_404(music_id)
+    """Keep these tracks: the song is processed, or (once done) re-mixed from its stems."""
+    s = services()
+    task = _music_or_404(music_id)
     track_ids = _selection()
+    own = _tracks(task)
+    foreign = [t for t in track_ids if t not in own]
+    if foreign:
+        raise ApiError(405, f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(own)})")
+    chosen = set(track_ids)
+    keep = [name for track_id, name in own.items() if track_id in chosen]
+    if task.state == "done":
+        mixdown.render_mix(song(s.pipeline, task), keep)
+        s.store.set_params(music_id, {"keep": keep})
+        s.store.update_facts(music_id, {"stats": {**task.facts.get("stats", {}), "mixed": keep}})
+        s.pipeline.changed(music_id)
+        return jsonify({})
     try:
-        _services().orchestrator.process(music_id, track_ids)
+        s.orchestrator.run(music_id, {"keep": keep})
     except NotFound as exc:
         raise ApiError(404, str(exc)) from None
-    except BadSelection as exc:
-        raise ApiError(405, str(exc)) from None
     except NotProcessable as exc:
         raise ApiError(409, str(exc)) from None
     return jsonify({})
@@ -135,20 +126,21 @@ def process(music_id: int):
 
 @bp.get("/music/<id:music_id>")
 def status(music_id: int):
-    return jsonify(music_status(_services().store, _music_or_404(music_id), request.url_root))
+    return jsonify(music_status(services().store, _music_or_404(music_id), request.url_root))
 
 
 @bp.get("/music/<id:music_id>/timeline")
 def timeline(music_id: int):
     _music_or_404(music_id)
-    return jsonify(_services().store.attempts(music_id))
+    return jsonify(services().store.attempts(music_id))
 
 
-def _finished(music_id: int):
-    music = _music_or_404(music_id)
-    if music.state != "done":
-        raise ApiError(409, f"music {music_id} is {music.state}; downloads are ready once it is done")
-    return music
+def _finished(music_id: int) -> mixdown.Song:
+    task = _music_or_404(music_id)
+    if task.state != "done":
+        state = music_status(services().store, task)["state"]
+        raise ApiError(409, f"music {music_id} is {state}; downloads are ready once it is done")
+    return song(services().pipeline, task)
 
 
 def _format() -> str:
@@ -171,7 +163,7 @@ def _number(name: str, default: float, low: float, high: float, kind=float):
     return value
 
 
-def _send(path: Path, music, label: str, fmt: str, temporary: bool = False):
+def _send(path: Path, music: mixdown.Song, label: str, fmt: str, temporary: bool = False):
     name = f"{clean_tag(music.name) or 'untitled'} - {label}.{fmt}".replace("/", "-").replace("\\", "-")
     if temporary:  # opened, then unlinked: the open handle keeps it readable until sent
         handle = path.open("rb")
@@ -182,21 +174,19 @@ def _send(path: Path, music, label: str, fmt: str, temporary: bool = False):
 
 
 def _download(music_id: int, source: str | None, label: str):
-    services = _services()
     music = _finished(music_id)
     fmt = _format()
     semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
-    path = mixdown.rendering(services.store, services.files, music, source, fmt, semitones)
+    path = mixdown.rendering(music, source, fmt, semitones)
     return _send(path, music, label + (f" {semitones:+d} st" if semitones else ""), fmt)
 
 
 @bp.get("/music/<id:music_id>/tracks/<id:track_id>")
 def track(music_id: int, track_id: int):
-    tracks = {t.id: t for t in _services().store.tracks(music_id)}
-    if track_id not in tracks:
-        _music_or_404(music_id)
+    names = _tracks(_music_or_404(music_id))
+    if track_id not in names:
         raise ApiError(404, f"music {music_id} has no track {track_id}")
-    return _download(music_id, tracks[track_id].name, tracks[track_id].name)
+    return _download(music_id, names[track_id], names[track_id])
 
 
 @bp.get("/music/<id:music_id>/final")
@@ -213,12 +203,11 @@ def original(music_id: int):
 def stream(music_id: int, name: str):
     """A stem (by name) or the original as a WAV made on the fly, with Range: what the page plays.
     `?semitones=` shifts the key (rendered once, then cached)."""
-    services = _services()
     music = _finished(music_id)
-    if name not in {t.name for t in services.store.tracks(music_id)} | {mixdown.ORIGINAL}:
+    if name not in set(_tracks(_music_or_404(music_id)).values()) | {mixdown.ORIGINAL}:
         raise ApiError(404, f"music {music_id} has no stem named {name[:40]!r}")
     semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
-    source = mixdown.practice_source(services.files, music, name, semitones)
+    source = mixdown.practice_source(music, name, semitones)
     return pcmstream.wav_response(request, source, music.samplerate, music.channels)
 
 
@@ -234,10 +223,9 @@ def listening_mix(music_id: int):
     The file is named by its instruments ("drums+bass+other") and tagged with them; the
     song's saved selection, mix and times are not touched.
     """
-    services = _services()
     music = _finished(music_id)
     fmt = _format()
-    tracks = {t.id: t for t in services.store.tracks(music_id)}
+    names = _tracks(_music_or_404(music_id))
     try:
         ids = [int(part) for part in _id_list("tracks")]
         gains = [float(part) for part in _id_list("gain")] or [1.0] * len(ids)
@@ -247,18 +235,18 @@ def listening_mix(music_id: int):
         raise ApiError(400, "name at least one track: ?tracks=1,3")
     if len(set(ids)) != len(ids) or len(gains) != len(ids):
         raise ApiError(400, "each track once, and one gain per track when gains are given")
-    foreign = [t for t in ids if t not in tracks]
+    foreign = [t for t in ids if t not in names]
     if foreign:
-        raise ApiError(405, f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(tracks)})")
+        raise ApiError(405, f"track ids {foreign} do not belong to music {music_id} (its tracks: {sorted(names)})")
     if not all(0 <= g <= MAX_GAIN for g in gains):
         raise ApiError(400, f"each gain is from 0 to {MAX_GAIN}")
     tempo = _number("tempo", 1.0, *TEMPO_RANGE)
     semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
-    parts = [(tracks[i], g) for i, g in zip(ids, gains, strict=True)]
-    path = mixdown.listening_mix(services.files, music, parts, fmt, tempo, semitones)
-    label = "+".join(t.name for t, _ in parts)
+    parts = [(names[i], g) for i, g in zip(ids, gains, strict=True)]
+    path = mixdown.listening_mix(music, parts, fmt, tempo, semitones)
+    label = "+".join(name for name, _ in parts)
     if any(g != 1 for g in gains):
-        label += " (" + ", ".join(f"{t.name} {round(100 * g)}%" for t, g in parts if g != 1) + ")"
+        label += " (" + ", ".join(f"{name} {round(100 * g)}%" for name, g in parts if g != 1) + ")"
     if tempo != 1:
         label += f" {tempo:g}x"
     if semitones:
@@ -268,17 +256,19 @@ def listening_mix(music_id: int):
 
 @bp.get("/music/<id:music_id>/peaks")
 def peaks(music_id: int):
-    services = _services()
-    return jsonify(mixdown.peaks(services.store, services.files, _finished(music_id)))
+    music = _finished(music_id)
+    return jsonify(mixdown.peaks(music, list(_tracks(_music_or_404(music_id)).values())))
 
 
 @bp.delete("/music/<id:music_id>")
 def delete(music_id: int):
     """Delete one song, its files and its jobs. Jobs of it still queued or running on a worker
     run to their end there, and their results are dropped: the song no longer exists."""
-    services = _services()
-    _music_or_404(music_id)
-    services.store.delete_music(music_id)
-    services.files.delete_song(music_id)
-    services.events.publish("deleted", {"music_id": music_id})
+    s = services()
+    task = _music_or_404(music_id)
+    s.orchestrator.delete_task(music_id)
+    if not s.store.tasks_of(task.media_id):
+        s.store.delete_media(task.media_id)
+        s.files.delete_media(task.media_id, [])
+    s.events.publish("deleted", {"music_id": music_id, "task_id": music_id})
     return jsonify({})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, send_from_directory
+from flask import Blueprint, Response, send_from_directory
 
 from src.server.api.errors import ApiError
 from src.server.events import TooManyListeners
+from src.server.services import services
 
 WEB_DIR = Path(__file__).resolve().parents[3] / "web"
 
@@ -27,7 +28,7 @@ def asset(name: str):
 @bp.get("/events")
 def events():
     try:
-        stream = current_app.extensions["karaoke"].events.stream()
+        stream = services().events.stream()
     except TooManyListeners as exc:
         raise ApiError(503, f"{exc}; try again later") from None
     return Response(stream, mimetype="text/event-stream",

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from src.separation.model import ModelSpec
-from src.separation.plan import JobPlan, weight_sum
+from src.kinds.separation.model import ModelSpec
+from src.kinds.separation.plan import JobPlan, weight_sum
 
 
 def merge_results(

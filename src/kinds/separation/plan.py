@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from src.separation.model import ModelSpec
+from src.kinds.separation.model import ModelSpec
+from src.media.pcm import SAMPLE_BYTES
+from src.messaging.schema import MAX_BODY_BYTES, base64_size
 
-# RabbitMQ refuses messages above max_message_size (128 MiB on 3.x, 16 MiB by default
-# on 4.x; docker-compose.rabbitmq.yml sets 128 MiB). A result carries every source,
-# base64-encoded, so keep it well under the limit whatever CHUNK_SECONDS says.
-MAX_RESULT_BYTES = 96 * 1024 * 1024
+# A result carries every source, base64-encoded: keep it under the backbone's body limit
+# whatever CHUNK_SECONDS says.
+MAX_RESULT_BYTES = MAX_BODY_BYTES
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,6 @@ class JobPlan:
     out_start: int  # output covers [out_start, out_end)
     out_end: int
 
-    def offsets(self, stride: int) -> list[int]:
-        return [self.first_offset + i * stride for i in range(self.segments)]
-
 
 def grid(spec: ModelSpec, total_frames: int) -> list[int]:
     return list(range(0, total_frames, spec.stride))
@@ -43,7 +41,7 @@ def grid(spec: ModelSpec, total_frames: int) -> list[int]:
 def segments_per_job(spec: ModelSpec, chunk_seconds: float) -> int:
     """Grid offsets per job: CHUNK_SECONDS rounded to the grid, capped by message size."""
     wanted = max(1, round(chunk_seconds * spec.samplerate / spec.stride))
-    bytes_per_frame = len(spec.sources) * spec.channels * 4 * 4 / 3
+    bytes_per_frame = base64_size(len(spec.sources) * spec.channels * SAMPLE_BYTES * 3) / 3
     fits = int((MAX_RESULT_BYTES / bytes_per_frame - spec.segment_frames) // spec.stride) + 1
     return max(1, min(wanted, fits))
 
@@ -93,3 +91,13 @@ def weight_sum(spec: ModelSpec, total_frames: int, start: int, end: int) -> np.n
         if lo < hi:
             total[lo - start : hi - start] += weight[lo - offset : hi - offset]
     return total
+
+
+def job_params(spec: ModelSpec, plan: JobPlan, total_frames: int, mean: float, std: float) -> dict:
+    """What a worker needs besides the audio of `plan`: the job message's params."""
+    return {
+        "model": spec.name, "samplerate": spec.samplerate, "channels": spec.channels,
+        "total_frames": total_frames, "slice_start": plan.slice_start, "frames": plan.slice_end - plan.slice_start,
+        "first_offset": plan.first_offset, "segments": plan.segments, "stride": spec.stride,
+        "segment_frames": spec.segment_frames, "segment": spec.segment_override, "mean": mean, "std": std,
+    }

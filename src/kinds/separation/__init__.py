@@ -1,11 +1,11 @@
-"""The stem-separation job kind: how a song splits into jobs, how a worker processes
-one, and how the results merge back. Everything that knows about demucs lives here.
+"""The stem-separation job kind (`separate`): how a song splits into jobs, how a worker
+processes one, and how the results merge back. Everything that knows about demucs lives here.
 
-A job kind is three functions over one shared plan, and a new kind (chunked video
-transcoding, per-frame filters) is a sibling package with the same three:
-
+- `kind.py`: the server half (src/kinds/base.py's `Kind`): prepare, plan, payload, check, merge.
+- `runner.py`: the worker half (`Runner`): checks a job, runs it.
+- `prepare.py`: decoding and normalisation before planning.
 - `plan.plan_jobs`: the splitter. Cuts the song into `JobPlan`s on the server.
-- `compute.run_job`: the processing. Runs on a worker, one `JobMessage` at a time.
+- `compute.run_job`: the processing. Runs on a worker, one job at a time.
 - `merge.merge_results`: the merger. Streams the stored results into whole stems.
 
 Why the merge is exact. demucs' `apply_model(split=True, shifts=0, overlap=0.25)`
@@ -20,3 +20,7 @@ exactly as many segments as one whole-file call does, and the result matches it.
 A naive split (separate each piece alone, concatenate) re-pads every piece boundary
 and loses that; `tests/test_fidelity.py` shows both.
 """
+
+# The output that mixes the kept sources (the other outputs are the sources). Here, not in
+# kind.py, so that the karaoke façade can name it without importing torch.
+MIX = "mix"

@@ -1,0 +1,154 @@
+"""What a job kind is. The backbone (store, orchestrator, collector, worker runtime, API)
+knows a kind only through the two halves below, found by name in `src.kinds.registry`.
+
+Server half, `Kind`, in the order a task meets it:
+
+1. `describe()` lists the kind's parameters for `GET /kinds`; `parameters(raw, media)`
+   checks and normalises what a client sent (`BadParams` names the parameter) and
+   `accepts(media)` says why the kind cannot run on a medium (`NotApplicable`, 422).
+2. `prepare(task)` runs once per task on the server's background thread before
+   planning: whatever slow reading of the input the kind needs (separation decodes the
+   audio; transcode probes keyframes). It returns facts the store keeps on the task.
+3. `plan(task)` cuts the task into jobs. Each `Planned` job owns an exact range of the
+   input, carries its own facts (JSON), its size in bytes and its length in media
+   seconds (the orchestrator's deadlines count those).
+4. `payload(task, job)` is what one job's message carries: params (a small JSON object,
+   a header) and a body (bytes: audio samples, an encoded video chunk).
+5. `check(task, job, params, body)` judges a worker's result before it is accepted: a
+   reason string refuses it (the attempt counts as failed, the job runs again).
+   `keep(task, job, params, body)` then stores it under the task's folder.
+6. `merge(task, jobs)` turns the accepted results into the task's outputs, once every job
+   is in, and returns figures about them (the task's `stats`); `output(task, name)` is
+   one output as a file to send (it may render it on first request and keep it).
+
+Worker half, `Runner`: `problem(params, body)` says why a job cannot run here (the
+worker refuses it), `run(params, body, should_stop)` does the work and returns the
+result's params and body. `corrupt(body)` damages a result for WORKER_SIMULATE=corrupt.
+
+A `TaskView` is what a kind sees of its task: ids, params, its own facts, the medium
+and the task's folder. Kinds never touch the store, the broker or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class BadParams(ValueError):
+    """A task's params are wrong; the message names the parameter (HTTP 400)."""
+
+
+class NotApplicable(ValueError):
+    """The kind cannot run on this medium, e.g. a video kind on audio-only input (HTTP 422)."""
+
+
+class Cancelled(Exception):
+    """The job's task was cancelled while the job ran."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a kind, as `GET /kinds` shows it."""
+
+    name: str
+    type: str  # "integer", "number", "string", "list"
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        shown = {"name": self.name, "type": self.type, "default": self.default, "description": self.description}
+        if self.choices is not None:
+            shown["choices"] = list(self.choices)
+        if self.minimum is not None:
+            shown["minimum"] = self.minimum
+        if self.maximum is not None:
+            shown["maximum"] = self.maximum
+        return shown
+
+
+@dataclass(frozen=True)
+class Media:
+    """An uploaded file as probed (`ffprobe`), the same for every kind."""
+
+    id: int
+    name: str
+    path: Path  # the file as uploaded
+    size: int
+    duration: float | None
+    video: dict | None  # codec, width, height, fps, frames
+    audio: dict | None  # codec, samplerate, channels
+    tags: dict = field(default_factory=dict)  # title, artist, ... from the container
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What a kind sees of one task."""
+
+    id: int
+    kind: str
+    params: dict[str, Any]
+    facts: dict[str, Any]  # what prepare() returned (plus anything the kind updated)
+    media: Media
+    folder: Path  # the task's own folder: results, outputs, scratch
+
+    def result_path(self, job_id: int, suffix: str = "bin") -> Path:
+        return self.folder / "results" / f"{int(job_id)}.{suffix}"
+
+    def output_path(self, name: str, suffix: str) -> Path:
+        return self.folder / "outputs" / f"{name}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One job as planned: its facts (JSON), bytes of input and seconds of media."""
+
+    facts: dict[str, Any]
+    size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What a kind sees of one job: its id, its place in the task, its planned facts."""
+
+    id: int
+    chunk: int
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output of a task: its name, the file, its MIME type."""
+
+    name: str
+    path: Path
+    mimetype: str
+
+
+class Kind(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]: ...
+    def accepts(self, media: Media) -> None: ...
+    def parameters(self, raw: dict[str, Any], media: Media) -> dict[str, Any]: ...
+    def output_names(self, params: dict[str, Any], facts: dict[str, Any]) -> list[str]: ...
+    def prepare(self, task: TaskView) -> dict[str, Any]: ...
+    def plan(self, task: TaskView) -> list[Planned]: ...
+    def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]: ...
+    def check(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> str | None: ...
+    def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None: ...
+    def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]: ...
+    def output(self, task: TaskView, name: str) -> Output: ...
+
+
+class Runner(Protocol):
+    def problem(self, params: dict[str, Any], body: bytes) -> str | None: ...
+    def run(self, params: dict[str, Any], body: bytes,
+            should_stop: Callable[[], bool]) -> tuple[dict[str, Any], bytes]: ...
+    def corrupt(self, body: bytes) -> bytes: ...

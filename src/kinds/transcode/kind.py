@@ -1,0 +1,212 @@
+"""The server half of `transcode`: parameters, prepare (probe + split), plan, payload, check,
+keep and merge, as `src.kinds.base.Kind` defines them.
+
+prepare does all the slow reading once, on the server's background thread: it probes the
+source, plans the jobs (about CHUNK_SECONDS each), cuts the pieces with stream copy and
+decodes each piece once to prove it holds the planned frames (see `split`). The plan lives
+in the task's facts, so plan() and payload() are cheap and a restarted server needs no
+re-probe. Results are chunks in NUT (see `encode`), joined in merge (see `stitch`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from src.config import Settings
+from src.kinds.base import BadParams, JobView, Media, NotApplicable, Output, Param, Planned, TaskView
+from src.kinds.transcode import check, encode, plan, probe, split, stitch
+from src.media.atomic import atomic
+
+NAME = "transcode"
+CONTAINERS = ("mp4", "mkv", "webm")
+DEFAULT_CONTAINER = {"h264": "mp4", "hevc": "mp4", "vp9": "webm", "av1": "webm"}
+WEBM_CODECS = ("vp9", "av1")
+HEIGHT_RANGE = (16, 4320)
+BITRATE = re.compile(r"^([1-9][0-9]*)(k|M)?$")
+BITRATE_RANGE = (16_000, 200_000_000)  # bits/s
+THREADS = 1  # encoder threads per job: pinned so every worker's bytes are the same
+PIECES = "pieces"  # the task folder's subfolder for source pieces
+MAX_RESULT_BYTES = 64 * 1024 * 1024  # bodies travel base64-encoded: refuse a chunk too big to send
+
+
+def server(settings: Settings) -> TranscodeKind:
+    return TranscodeKind(settings)
+
+
+def output_size(width: int, height: int, wanted: int | None) -> tuple[int, int]:
+    """The encoded size: `wanted` rows (or the source's) and the width that keeps the aspect,
+    both even as yuv420p needs (the same rounding as ffmpeg's `scale=-2:H`)."""
+    if wanted is None:
+        return max(2, width - width % 2), max(2, height - height % 2)
+    return max(2, 2 * round(width * wanted / (2 * height))), wanted
+
+
+class TranscodeKind:
+    name = NAME
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    # -- what clients see ------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        params = [
+            Param("codec", "string", "h264", choices=encode.CODECS, description="video codec of the output"),
+            Param("crf", "integer", None, minimum=0, maximum=63,
+                  description="constant quality, lower is better; default by codec "
+                  + ", ".join(f"{c} {v}" for c, v in encode.DEFAULT_CRF.items())
+                  + "; 0 is lossless for h264, hevc and vp9; not with bitrate"),
+            Param("bitrate", "string", None, description="target bitrate such as '2500k' or '4M'; not with crf"),
+            Param("height", "integer", None, minimum=HEIGHT_RANGE[0], maximum=HEIGHT_RANGE[1],
+                  description="output height in pixels, even, width follows the aspect (360 for 360p); "
+                  "default: the source's"),
+            Param("preset", "string", None, choices=encode.PRESETS,
+                  description="encoder speed, x264 names mapped per encoder; default by codec "
+                  + ", ".join(f"{c} {v}" for c, v in encode.DEFAULT_PRESET.items())),
+            Param("container", "string", None, choices=CONTAINERS,
+                  description="output file type; default mp4 for h264/hevc, webm for vp9/av1; webm only "
+                  "for vp9/av1"),
+        ]
+        return {"name": NAME, "description": "Encode a video across many workers and stitch it frame-exact.",
+                "media": "video", "params": [p.as_json() for p in params], "outputs": ["video"]}
+
+    def accepts(self, media: Media) -> None:
+        if media.video is None:
+            raise NotApplicable("transcode needs a video stream; this file has none")
+
+    def parameters(self, raw: dict[str, Any], media: Media) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise BadParams("params must be an object")
+        unknown = sorted(set(raw) - {"codec", "crf", "bitrate", "height", "preset", "container"})
+        if unknown:
+            raise BadParams(f"unknown parameter {unknown[0]!r} (transcode takes codec, crf, bitrate, height, "
+                            "preset, container)")
+        codec = raw.get("codec", "h264")
+        if codec not in encode.CODECS:
+            raise BadParams(f"codec must be one of {', '.join(encode.CODECS)}, got {codec!r}")
+        crf, bitrate = raw.get("crf"), raw.get("bitrate")
+        if crf is not None and bitrate is not None:
+            raise BadParams("crf and bitrate: give one of them, not both")
+        if crf is not None:
+            low, high = encode.CRF_RANGE[codec]
+            if isinstance(crf, bool) or not isinstance(crf, int) or not low <= crf <= high:
+                raise BadParams(f"crf must be an integer in [{low}, {high}] for {codec}, got {crf!r}")
+        if bitrate is not None:
+            bitrate = self._bitrate(bitrate)
+        elif crf is None:
+            crf = encode.DEFAULT_CRF[codec]
+        height = raw.get("height")
+        if height is not None:
+            if isinstance(height, bool) or not isinstance(height, int):
+                raise BadParams(f"height must be an integer, got {height!r}")
+            if not HEIGHT_RANGE[0] <= height <= HEIGHT_RANGE[1] or height % 2:
+                raise BadParams(f"height must be even and in [{HEIGHT_RANGE[0]}, {HEIGHT_RANGE[1]}], got {height}")
+        preset = raw.get("preset", encode.DEFAULT_PRESET[codec])
+        if preset not in encode.PRESETS:
+            raise BadParams(f"preset must be one of {', '.join(encode.PRESETS)}, got {preset!r}")
+        container = raw.get("container", DEFAULT_CONTAINER[codec])
+        if container not in CONTAINERS:
+            raise BadParams(f"container must be one of {', '.join(CONTAINERS)}, got {container!r}")
+        if container == "webm" and codec not in WEBM_CODECS:
+            raise BadParams(f"container webm holds only vp9 or av1, not {codec}; use mp4 or mkv")
+        return {"codec": codec, "crf": crf, "bitrate": bitrate, "height": height, "preset": preset,
+                "container": container, "threads": THREADS}
+
+    @staticmethod
+    def _bitrate(value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        match = BITRATE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise BadParams(f"bitrate must look like '2500k' or '4M', got {value!r}")
+        bits = int(match.group(1)) * {None: 1, "k": 1000, "M": 1_000_000}[match.group(2)]
+        if not BITRATE_RANGE[0] <= bits <= BITRATE_RANGE[1]:
+            raise BadParams(f"bitrate must be between 16k and 200M, got {value!r}")
+        return value
+
+    def output_names(self, params: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+        return ["video"]
+
+    # -- planning ---------------------------------------------------------------------
+
+    def prepare(self, task: TaskView) -> dict[str, Any]:
+        facts = probe.probe(task.media.path)
+        rate = facts.rate
+        jobs = plan.plan_jobs(facts.frames, facts.keyframes, plan.chunk_frames(self.settings.chunk_seconds,
+                                                                                  float(rate)),
+                              facts.key_bytes, facts.bytes)
+        splitter = split.Splitter(task.media.path, facts, task.folder / PIECES)
+        splitter.segment(jobs)
+        jobs = [splitter.place(job) for job in jobs]
+        width, height = output_size(facts.width, facts.height, task.params.get("height"))
+        return {"frames": facts.frames, "fps": facts.fps, "source_codec": facts.codec,
+                "source_width": facts.width, "source_height": facts.height, "width": width, "height": height,
+                "audio": facts.audio, "audio_lead": facts.audio_lead, "keyframes": len(facts.keyframes),
+                "jobs": jobs}
+
+    def plan(self, task: TaskView) -> list[Planned]:
+        rate = Fraction(task.facts["fps"])
+        return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate))
+                for job in task.facts["jobs"]]
+
+    def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]:
+        params = {name: task.params[name] for name in ("codec", "crf", "bitrate", "preset", "threads")}
+        params.update({name: job.facts[name] for name in ("start", "end", "frames", "skip")})
+        params.update(width=task.facts["width"], height=task.facts["height"], fps=task.facts["fps"])
+        piece = task.folder / PIECES / Path(job.facts["piece_file"]).name
+        return params, piece.read_bytes()
+
+    # -- results ----------------------------------------------------------------------
+
+    def check(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> str | None:
+        planned = {"codec": task.params["codec"], "frames": job.facts["frames"], "start": job.facts["start"],
+                   "end": job.facts["end"], "width": task.facts["width"], "height": task.facts["height"]}
+        if not isinstance(params, dict):
+            return "the result's params are not an object"
+        for name, value in planned.items():
+            if params.get(name) != value:
+                return f"the result says {name}={params.get(name)!r}, the job planned {value!r}"
+        if not body:
+            return "the result is empty"
+        if len(body) > MAX_RESULT_BYTES:
+            return f"the chunk is {len(body)} bytes, more than the {MAX_RESULT_BYTES} a result may carry"
+        scratch = task.folder / "checking"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=scratch, suffix=f".{encode.CHUNK_FORMAT}") as chunk:
+            chunk.write(body)
+            chunk.flush()
+            return check.check_chunk(Path(chunk.name), job.facts["frames"], task.facts["width"],
+                                     task.facts["height"], task.params["codec"])
+
+    def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None:
+        with atomic(task.result_path(job.id, encode.CHUNK_FORMAT)) as partial:
+            partial.write_bytes(body)
+
+    def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]:
+        ordered = sorted(jobs, key=lambda job: job.facts["start"])
+        expected = 0
+        for job in ordered:
+            if job.facts["start"] != expected:
+                raise ValueError(f"the jobs leave frames {expected}-{job.facts['start']} uncovered or doubled")
+            expected = job.facts["end"]
+        if expected != task.facts["frames"]:
+            raise ValueError(f"the jobs end at frame {expected}, the video has {task.facts['frames']}")
+        chunks = [(task.result_path(job.id, encode.CHUNK_FORMAT), job.facts["frames"]) for job in ordered]
+        missing = [str(path.name) for path, _ in chunks if not path.is_file()]
+        if missing:
+            raise ValueError(f"chunks missing: {', '.join(missing)}")
+        container = task.params["container"]
+        output = task.output_path("video", container)
+        stitch.stitch(chunks, task.facts["fps"], task.media.path, task.facts["audio"], container,
+                      task.params["codec"], output, audio_lead=task.facts.get("audio_lead", 0.0))
+        shutil.rmtree(task.folder / PIECES, ignore_errors=True)  # the source pieces served their jobs
+        return stitch.stats(output)
+
+    def output(self, task: TaskView, name: str) -> Output:
+        container = task.params["container"]
+        return Output(name, task.output_path("video", container), stitch.MIMETYPES[container])

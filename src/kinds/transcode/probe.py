@@ -1,0 +1,150 @@
+"""What the transcode kind needs to know about a video file, read with ffprobe's JSON output.
+
+Planning frame-exact jobs needs more than `Media.video`: the exact number of frames, which
+frames are keyframes (as display-order frame indices, where jobs may start) and where those
+keyframes sit in decode order (where a stream copy can cut: the segment muxer counts
+packets in decode order). Frames are counted as packets (demuxing only, no decode: one
+packet per frame in every codec we split), so probing a two-hour file stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from src.kinds.transcode import tools
+
+
+@dataclass(frozen=True)
+class Probe:
+    frames: int
+    fps: str  # exact, "30000/1001"
+    width: int
+    height: int
+    codec: str
+    pix_fmt: str
+    audio: bool
+    keyframes: list[int]  # display-order frame indices, ascending, starting with 0
+    key_packets: list[int]  # decode-order packet index of each keyframe (same order)
+    key_bytes: list[int]  # bytes of packets before each keyframe in decode order
+    bytes: int  # bytes of all video packets
+    leading: list[int]  # per keyframe: packets after it in decode order that display before it
+    audio_lead: float = 0.0  # seconds the first audio stream starts before the video (0 if after)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def rate(self) -> Fraction:
+        return tools.fraction(self.fps)
+
+
+def _json(args: list[str], timeout: float, what: str) -> dict[str, Any]:
+    done = tools.run([*tools.FFPROBE, "-v", "error", "-of", "json", *args], timeout=timeout, what=what)
+    try:
+        return json.loads(done.stdout or b"{}")
+    except ValueError:
+        raise tools.ToolError(f"{what}: ffprobe's answer is not JSON") from None
+
+
+def frame_rate(stream: dict[str, Any]) -> str:
+    """The stream's frame rate as an exact fraction string.
+
+    `r_frame_rate` is the container's nominal rate and exact for constant-rate video;
+    `avg_frame_rate` is frames ÷ duration and can come out as "155000/6201" from rounded
+    durations, so it wins only where the two disagree by more than 1 % (variable rate).
+    """
+    nominal = average = None
+    for key in ("r_frame_rate", "avg_frame_rate"):
+        try:
+            value = tools.fraction(stream.get(key, "0/0"))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if key == "r_frame_rate":
+            nominal = value
+        else:
+            average = value
+    rate = nominal or average
+    if nominal and average and abs(nominal - average) / average > Fraction(1, 100):
+        rate = average
+    if rate is None or not (Fraction(1, 1000) < rate <= 1000):
+        raise tools.ToolError(f"the video's frame rate ({stream.get('r_frame_rate')}) is unusable")
+    return f"{rate.numerator}/{rate.denominator}"
+
+
+def probe(path: Path, timeout: float = 600) -> Probe:
+    """Probe the first video stream of `path` (ToolError when there is none or it is unreadable)."""
+    info = _json(["-show_entries", "stream=index,codec_type,codec_name,width,height,pix_fmt,r_frame_rate,"
+                  "avg_frame_rate,start_time", str(path)], timeout=60, what="ffprobe streams")
+    streams = info.get("streams") or []
+    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    if video is None:
+        raise tools.ToolError(f"{path.name} has no video stream")
+    packets = _json(["-select_streams", "v:0", "-show_entries", "packet=pts,dts,flags,size", str(path)],
+                    timeout=timeout, what="ffprobe packets").get("packets") or []
+    if not packets:
+        raise tools.ToolError(f"{path.name}: the video stream has no packets")
+
+    # Display order: sort decode-order packets by presentation time (ties and missing
+    # times keep decode order). A keyframe's display index is its rank in that order.
+    def when(index: int) -> tuple[int, int]:
+        packet = packets[index]
+        stamp = packet.get("pts", packet.get("dts"))
+        return (int(stamp) if stamp not in (None, "N/A") else index, index)
+
+    order = sorted(range(len(packets)), key=when)
+    display = [0] * len(packets)
+    for rank, index in enumerate(order):
+        display[index] = rank
+    cumulative = [0]
+    for packet in packets:
+        cumulative.append(cumulative[-1] + int(packet.get("size") or 0))
+
+    keys = [i for i, packet in enumerate(packets) if "K" in str(packet.get("flags", ""))]
+    if not keys or keys[0] != 0:
+        # A stream that does not open on a keyframe cannot be cut or decoded from its start.
+        raise tools.ToolError(f"{path.name}: the video does not start with a keyframe")
+    pairs = sorted((display[i], i) for i in keys)
+    keyframes = [d for d, _ in pairs]
+    key_packets = [i for _, i in pairs]
+    # Open GOPs: pictures decoded after a keyframe yet shown before it ("leading"
+    # pictures) need the previous GOP; `split` uses these counts to judge its pieces.
+    leading = []
+    for (d, i), following in zip(pairs, [*key_packets[1:], len(packets)], strict=True):
+        leading.append(sum(1 for j in range(i + 1, following) if display[j] < d))
+    sound = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    lead = 0.0
+    if sound is not None:
+        try:
+            lead = max(0.0, float(video["start_time"]) - float(sound["start_time"]))
+        except (KeyError, TypeError, ValueError):
+            lead = 0.0
+    return Probe(
+        frames=len(packets),
+        fps=frame_rate(video),
+        width=int(video.get("width") or 0),
+        height=int(video.get("height") or 0),
+        codec=str(video.get("codec_name") or "unknown"),
+        pix_fmt=str(video.get("pix_fmt") or "unknown"),
+        audio=sound is not None,
+        keyframes=keyframes,
+        key_packets=key_packets,
+        key_bytes=[cumulative[i] for i in key_packets],
+        bytes=cumulative[-1],
+        leading=leading,
+        audio_lead=lead,
+    )
+
+
+def count_frames(path: Path, timeout: float = 600) -> int:
+    """Frames the first video stream decodes to (a full decode: for checking pieces)."""
+    info = _json(["-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames", str(path)],
+                 timeout=timeout, what="ffprobe count frames")
+    streams = info.get("streams") or [{}]
+    try:
+        return int(streams[0].get("nb_read_frames"))
+    except (TypeError, ValueError):
+        return 0

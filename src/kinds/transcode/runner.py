@@ -1,0 +1,108 @@
+"""The worker half of `transcode`: check a job's params, encode its piece, return the chunk.
+
+Params and body arrive from the broker and are untrusted: `problem` refuses anything
+outside the ranges the server ever sends before a byte reaches ffmpeg, and the command line
+is built from validated values only (a list, never a shell string).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from src.config import Settings
+from src.kinds.transcode import encode, tools
+
+MAX_BODY = 64 * 1024 * 1024  # a piece the planner keeps under 48 MB, plus headroom
+MAX_FRAMES = 1_000_000
+BITRATE = re.compile(r"^[1-9][0-9]{0,8}[kM]?$")
+FPS = re.compile(r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
+ECHOED = ("codec", "frames", "start", "end", "width", "height")
+
+
+def available() -> str | None:
+    """Why this host cannot run transcode jobs, or None."""
+    return tools.missing()
+
+
+def worker(settings: Settings) -> Runner:
+    return Runner(settings)
+
+
+def _integer(params: dict[str, Any], name: str, low: int, high: int) -> str | None:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return f"{name} must be an integer in [{low}, {high}], got {value!r}"
+    return None
+
+
+class Runner:
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings
+
+    def problem(self, params: dict[str, Any], body: bytes) -> str | None:
+        if not isinstance(params, dict):
+            return "params must be an object"
+        codec = params.get("codec")
+        if codec not in encode.CODECS:
+            return f"codec must be one of {', '.join(encode.CODECS)}, got {codec!r}"
+        if encode.encoder_for(codec, tools.encoders()) is None:
+            return f"this worker's ffmpeg has no {codec} encoder"
+        crf, bitrate = params.get("crf"), params.get("bitrate")
+        if (crf is None) == (bitrate is None):
+            return "exactly one of crf and bitrate must be set"
+        if crf is not None and (reason := _integer(params, "crf", *encode.CRF_RANGE[codec])):
+            return reason
+        if bitrate is not None and not (isinstance(bitrate, str) and BITRATE.match(bitrate)):
+            return f"bitrate must look like '2500k', got {bitrate!r}"
+        if params.get("preset") not in encode.PRESETS:
+            return f"preset must be one of {', '.join(encode.PRESETS)}"
+        fps = params.get("fps")
+        if not (isinstance(fps, str) and FPS.match(fps) and Fraction(fps) <= 1000):
+            return f"fps must be a fraction like '30000/1001', at most 1000, got {fps!r}"
+        for name, low, high in (("threads", 1, 64), ("width", 16, 8192), ("height", 16, 4320),
+                                ("skip", 0, MAX_FRAMES), ("frames", 1, MAX_FRAMES),
+                                ("start", 0, MAX_FRAMES * 100), ("end", 1, MAX_FRAMES * 100)):
+            if reason := _integer(params, name, low, high):
+                return reason
+        if params["width"] % 2 or params["height"] % 2:
+            return "width and height must be even (yuv420p)"
+        if params["end"] - params["start"] != params["frames"]:
+            return "end - start must equal frames"
+        if not isinstance(body, bytes | bytearray) or not body:
+            return "the body (the source piece) is empty"
+        if len(body) > MAX_BODY:
+            return f"the body is {len(body)} bytes, more than {MAX_BODY}"
+        return None
+
+    def run(self, params: dict[str, Any], body: bytes,
+            should_stop: Callable[[], bool]) -> tuple[dict[str, Any], bytes]:
+        reason = self.problem(params, body)
+        if reason:
+            raise ValueError(reason)
+        encoder = encode.encoder_for(params["codec"], tools.encoders())
+        assert encoder is not None  # problem() said so
+        # Generous: even AV1 at its slowest preset encodes more than a frame a minute.
+        timeout = 600 + 60 * params["frames"]
+        with tempfile.TemporaryDirectory(prefix="transcode-") as scratch:
+            piece, chunk = Path(scratch) / "piece", Path(scratch) / f"chunk.{encode.CHUNK_FORMAT}"
+            piece.write_bytes(body)
+            tools.run_stoppable(encode.command(params, encoder, str(piece), str(chunk)), should_stop,
+                                timeout=timeout, what=f"encoding with {encoder}")
+            data = chunk.read_bytes()
+        result = {name: params[name] for name in ECHOED}
+        result["encoder"] = encoder
+        return result, data
+
+    def corrupt(self, body: bytes) -> bytes:
+        """Damaged bytes for WORKER_SIMULATE=corrupt: the middle eighth inverted, and the
+        last quarter cut off, so both the decode and the frame count fail."""
+        data = bytearray(body[: max(1, len(body) * 3 // 4)])
+        middle = len(data) // 2
+        for index in range(middle, min(len(data), middle + max(1, len(body) // 8))):
+            data[index] ^= 0xFF
+        return bytes(data)

@@ -1,0 +1,74 @@
+"""The server's stitch: join the accepted chunks by stream copy and add the audio, once.
+
+The concat demuxer reads the chunks in order and shifts each by the exact length of the
+ones before it (given as `duration` lines: frames ÷ fps, so no container guesswork about a
+chunk's last frame); the chunks are NUT with a 1/fps time base, so the joined video has one
+frame every 1/fps with no seam. The audio is encoded here from the whole source in one run:
+encoding it per chunk would add an encoder delay and padding at every chunk edge (audible
+gaps and drift). AAC for MP4 and Matroska, Opus for WebM (the only audio WebM allows).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+from src.kinds.transcode import tools
+
+MIMETYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "webm": "video/webm"}
+FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm"}
+AUDIO_BITRATE = "128k"
+
+
+def stitch(chunks: list[tuple[Path, int]], fps: str, source: Path, audio: bool, container: str, codec: str,
+           output: Path, audio_lead: float = 0.0, timeout: float = 3600) -> None:
+    """Write `output` from the chunks (path, frames) in order, plus the source's first audio stream.
+
+    Written to a temporary name and renamed, so a half-written file is never an output.
+    """
+    if container not in FORMATS:
+        raise ValueError(f"unknown container {container!r}")
+    rate = Fraction(fps)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    listing = output.with_name(output.name + ".concat.txt")
+    lines = ["ffconcat version 1.0"]
+    for path, frames in chunks:
+        lines.append(f"file '{path.resolve()}'")
+        lines.append(f"duration {tools.seconds(Fraction(frames) / rate)}")
+    listing.write_text("\n".join(lines) + "\n")
+    args = [*tools.FFMPEG, "-v", "error", "-f", "concat", "-safe", "0", "-i", str(listing)]
+    if audio:
+        args += ["-i", str(source)]
+    args += ["-map", "0:v:0", "-c:v", "copy"]
+    if audio:
+        args += ["-map", "1:a:0", "-c:a", "libopus" if container == "webm" else "aac", "-b:a", AUDIO_BITRATE]
+        if audio_lead > 0:
+            # ffmpeg starts the source at its earliest stream; where the audio starts before
+            # the video, drop that lead so the sound stays on the picture.
+            args += ["-af", f"atrim=start={audio_lead:.6f},asetpts=PTS-STARTPTS"]
+    if container == "mp4":
+        args += ["-movflags", "+faststart"]
+        if codec == "hevc":
+            args += ["-tag:v", "hvc1"]  # Safari/QuickTime play HEVC in MP4 only as hvc1, not hev1
+    partial = output.with_name(output.name + ".part")
+    # Keep the source's title and tags where it is an input (with audio); never the chunks'.
+    args += ["-map_metadata", "1" if audio else "-1", "-f", FORMATS[container], "-y", str(partial)]
+    try:
+        tools.run(args, timeout=timeout, what="stitching the chunks")
+        partial.replace(output)
+    finally:
+        listing.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+
+
+def stats(path: Path) -> dict:
+    """What the page shows of an output: size, bitrate, frames, duration, codec, width, height."""
+    found = json.loads(tools.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
+         "stream=codec_name,width,height,nb_read_packets:format=duration,size,bit_rate", "-of", "json", str(path)],
+        timeout=120, what="ffprobe of the output").stdout)
+    stream, container = found["streams"][0], found["format"]
+    return {"size": int(container["size"]), "bitrate": int(container.get("bit_rate") or 0),
+            "duration": float(container["duration"]), "frames": int(stream["nb_read_packets"]),
+            "codec": stream["codec_name"], "width": stream["width"], "height": stream["height"]}

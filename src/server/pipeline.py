@@ -1,0 +1,58 @@
+"""What the orchestrator and the collector share: settings, store, files, broker, metrics,
+the kinds this server runs, and the one way a change of a task is made known.
+
+`changed(task_id)` is how the pipeline says "this task's state moved"; the app factory
+points it at the presentation (views.announce), so nothing in the pipeline calls up into
+HTTP or the page.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.config import Settings
+from src.kinds import registry
+from src.kinds.base import JobView, Kind, Media, TaskView
+from src.messaging.broker import Broker
+from src.server.files import Storage
+from src.server.metrics import Metrics
+from src.server.store import Job, MediaRow, Store, Task
+
+
+def media_of(row: MediaRow, path: Path) -> Media:
+    probe = row.probe
+    return Media(row.id, row.name, path, row.size, row.duration, probe.get("video"), probe.get("audio"),
+                 probe.get("tags", {}))
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    store: Store
+    files: Storage
+    broker: Broker
+    metrics: Metrics
+    changed: Callable[[int], None] = lambda task_id: None
+    workers_alive: Callable[[], int] = lambda: 1  # the collector's registry, once it runs
+    wake_publisher: Callable[[], None] = lambda: None  # the orchestrator's, once it runs
+    _kinds: dict[str, Kind] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def kind(self, name: str) -> Kind:
+        """The server half of kind `name`, imported on first use (KeyError if unknown)."""
+        with self._lock:
+            if name not in self._kinds:
+                self._kinds[name] = registry.server(name, self.settings)
+            return self._kinds[name]
+
+    def view(self, task: Task) -> TaskView:
+        media = self.store.media(task.media_id)
+        return TaskView(task.id, task.kind, task.params, task.facts,
+                        media_of(media, self.files.original(media.id)), self.files.task_dir(task.id))
+
+    @staticmethod
+    def job_view(job: Job) -> JobView:
+        return JobView(job.id, job.chunk, job.facts)
