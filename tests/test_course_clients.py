@@ -113,8 +113,9 @@ def test_links_follow_the_proxy_only_when_told_to_trust_it(settings):
         app = create_app(settings.with_overrides(trusted_proxies=proxies, allowed_hosts="karaoke.example"))
         try:
             store = services_of(app).store
-            store.create_music("song", "", "token", 44100, 44100, 2, ["drums"])
-            store.mark_done(1, [])  # links appear once a song is done
+            media = store.create_media("song", 10, 1.0, {"video": None, "audio": None, "tags": {}})
+            task = store.create_task("separate", media.id, {"keep": []}, "0" * 32, "queued", ["drums", "mix"])
+            store.mark_done(task.id)  # links appear once a song is done
             status = app.test_client().get("/music/1", headers=forwarded).get_json()
             assert status["final"] == expected
             assert status["instruments"][0]["track"].startswith(expected.removesuffix("final"))
@@ -131,6 +132,7 @@ def test_links_follow_the_proxy_only_when_told_to_trust_it(settings):
 ])
 def test_reset_is_an_operator_action_beyond_loopback(settings, host, token, sent, status):
     app = create_app(settings.with_overrides(server_host=host, operator_token=token))
+    services_of(app).start()  # a reset reaches the workers through the broker
     try:
         headers = {"Authorization": f"Bearer {sent}"} if sent else {}
         answer = app.test_client().post("/reset", headers=headers)

@@ -267,6 +267,7 @@ def test_model_that_cannot_load_fails_the_song_with_the_reason(settings, make_so
     repo = tmp_path / "models"
     save_random_htdemucs(repo, "htdemucs_small", small=True)
     app = create_app(settings.with_overrides(model="htdemucs_small", model_repo=str(repo), model_segment=0.0))
+    services_of(app).start()
     client = app.test_client()
     try:
         empty = tmp_path / "empty-models"

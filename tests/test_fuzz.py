@@ -29,12 +29,12 @@ from tests.test_trust import stomp_login
 
 def results(rng: random.Random, task_id: int, job_ids: list[int], token: str) -> list[tuple[dict, bytes]]:
     """Hostile results and failures: each one malformed, forged or not fitting its job."""
-    def base(params: dict | None = None, **changes) -> dict:
+    def base(reshape: dict | None = None, **changes) -> dict:
         job = rng.choice(job_ids)
         shape = {"out_start": 0, "sources": ["drums", "bass", "other", "vocals"], "channels": 2, "frames": 4}
         headers = {"type": "result", "kind": "separate", "task-id": str(task_id), "job-id": str(job),
                    "task-token": token, "attempt-token": uuid.uuid4().hex, "worker": "fuzzer", "attempt": "1",
-                   "compute-ms": "5", "params": json.dumps({**shape, **(params or {})}), "encoding": BODY_ENCODING}
+                   "compute-ms": "5", "params": json.dumps({**shape, **(reshape or {})}), "encoding": BODY_ENCODING}
         headers.update(changes)
         return {k: v for k, v in headers.items() if v is not None}
 

@@ -73,7 +73,7 @@ def test_a_silent_flac_longer_than_max_duration_is_refused_before_decoding(setti
         assert_refused(client.post("/music", data=flac.read_bytes(), content_type="audio/flac"), 422,
                        "120 s", "max_duration_s")
         assert_nothing_kept(client, settings)
-        assert not any((settings.storage_dir / "songs").iterdir())
+        assert not any((settings.storage_dir / "media").iterdir())
     finally:
         services_of(app).close()
 
@@ -172,6 +172,7 @@ def test_unfinished_uploads_are_swept_at_start(settings):
     incoming.mkdir(parents=True)
     (incoming / "0123abcd.upload").write_bytes(b"\0" * ONE_MB)  # what a killed server left
     app = create_app(settings)
+    services_of(app).start()
     try:
         assert leftovers(settings) == []
     finally:

@@ -69,7 +69,7 @@ def test_make_run_in_a_fresh_clone_serves_the_page_and_every_download(fresh_clon
             for fmt in ("mp3", "wav"):
                 answer, body = get(f"{url}?format={fmt}&download=1")
                 assert answer == 200 and len(body) > 10_000, (url, fmt, body[:200])
-        assert (fresh_clone / "storage" / "songs" / str(music["music_id"]) / "mix.f32").is_file(), \
+        assert (fresh_clone / "storage" / "tasks" / str(music["music_id"]) / "stems" / "mix.f32").is_file(), \
             "STORAGE_DIR's default is storage/ under the folder make run was started in"
         users = subprocess.run(["rabbitmqctl", "-q", "list_stomp_connections", "auth_login"], capture_output=True,
                                text=True, timeout=30).stdout.split()

@@ -51,8 +51,8 @@ def test_the_conversation_is_decoded(run_capture):
         assert commands[command] > 0, f"no {command} frame decoded: {dict(commands)}"
     assert any("guest" in row[3] for row in rows), "CONNECT's login is shown (clear text without TLS)"
 
-    job_sends = [row for row in rows if row[4].startswith("SEND /queue/") and ".jobs job=" in row[4]]
-    assert job_sends, "job SEND frames read like 'SEND /queue/<prefix>.jobs job=N chunk=M'"
+    job_sends = [row for row in rows if row[4].startswith("SEND /queue/") and ".jobs.separate job=" in row[4]]
+    assert job_sends, "job SEND frames read like 'SEND /queue/<prefix>.jobs.separate job=N chunk=M'"
     assert all(" chunk=" in row[4] for row in job_sends)
     acked_jobs = {int(j) for row in rows if "ACK" in row[0].split(";") for j in row[2].split(";") if j}
     sent_jobs = {int(j) for row in job_sends for j in row[2].split(";") if j}

@@ -106,6 +106,7 @@ class Worker:
                                   prefetch=self.settings.worker_prefetch)
         self.broker.subscribe(d.control, self._on_control, ack="auto")
         self.broker.connect()
+        self._announce("idle")  # on the panel at once, not one heart-beat later
         threading.Thread(target=self._announce_loop, name="presence", daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())
         log.info("Worker[%s] ready", self.name)

@@ -80,7 +80,7 @@ def probe(path: Path) -> Probe:
     )
     if proc.returncode != 0:
         reason = last_line(proc.stderr, path) or "ffprobe failed"
-        raise UnreadableMedia(f"not a readable audio or video file ({reason})")
+        raise UnreadableMedia(f"not a readable audio file nor video ({reason})")
     info = json.loads(proc.stdout or "{}")
     streams = info.get("streams", [])
     audio_streams = [s for s in streams if s.get("codec_type") == "audio"]

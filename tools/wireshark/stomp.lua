@@ -35,9 +35,8 @@ local HEADER_NAMES = {
   "x-queue-type", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-first-death-reason",
   "x-first-death-queue",
   -- this service (src/messaging/schema.py)
-  "type", "kind", "music-id", "job-id", "chunk", "song-token", "model", "samplerate", "total-frames",
-  "slice-start", "channels", "frames", "params", "encoding", "worker", "attempt", "out-start", "sources",
-  "compute-ms", "error", "final", "action", "music-ids",
+  "type", "kind", "task-id", "job-id", "chunk", "task-token", "attempt-token", "params", "encoding",
+  "worker", "attempt", "compute-ms", "error", "final", "action", "task-ids",
 }
 
 local f_command = ProtoField.string("stomp.command", "Command")
