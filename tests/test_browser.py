@@ -40,6 +40,15 @@ def serious_accessibility_violations(page) -> list[str]:
     return found
 
 
+def small_touch_targets(page, controls: str = "button, a[href], input, select, summary") -> list[str]:
+    """The visible controls (outside the drop zone) smaller than 24 x 24 px, as "name WxH"."""
+    return page.evaluate("""controls => [...document.querySelectorAll(controls)]
+        .filter(e => e.offsetParent !== null && !e.closest('.dropzone'))
+        .map(e => [e.id || e.getAttribute('aria-label') || e.textContent.trim(), e.getBoundingClientRect()])
+        .filter(([, r]) => r.width < 24 || r.height < 24).map(([n, r]) => `${n} ${r.width}x${r.height}`)""",
+                         controls)
+
+
 def downloaded(page, tmp_path: Path, click) -> tuple[Path, str]:
     with page.expect_download() as info:
         click()
@@ -252,10 +261,7 @@ def test_the_musicians_page(live_server, page, browser, cluster, make_song, clie
         if width == 390:
             tab.screenshot(path=str(SHOTS / "09-phone-song.png"))
             shot(tab, "10-phone-full-page")
-            small = tab.evaluate("""[...document.querySelectorAll('button, a[href], input, select, summary')]
-                .filter(e => e.offsetParent !== null && !e.closest('.dropzone'))
-                .map(e => [e.id || e.getAttribute('aria-label') || e.textContent.trim(), e.getBoundingClientRect()])
-                .filter(([, r]) => r.width < 24 || r.height < 24).map(([n, r]) => `${n} ${r.width}x${r.height}`)""")
+            small = small_touch_targets(tab)
             assert small == [], f"touch targets under 24 px: {small}"
             assert serious_accessibility_violations(tab) == []
         phone.close()

@@ -11,15 +11,15 @@ targets of 24 px or more, and axe-core finds nothing serious. Screenshots go to 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
+from tests import video
 from tests.conftest import ARTIFACTS
 from tests.helpers import get_json, wait_for
-from tests.test_browser import serious_accessibility_violations
+from tests.test_browser import serious_accessibility_violations, small_touch_targets
 
 pytestmark = pytest.mark.browser
 SHOTS = ARTIFACTS / "video"
@@ -32,19 +32,9 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def make_clip(path: Path) -> Path:
-    """3 s of ffmpeg's test pattern with a 440 Hz tone: 320x240, 25 fps, H.264 and AAC in MP4."""
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error",
-                    "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate={FPS}:duration={SECONDS}",
-                    "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={SECONDS}",
-                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
-                    "-movflags", "+faststart", "-y", str(path)], check=True, timeout=120)
-    return path
-
-
 @pytest.fixture
 def clip(tmp_path: Path) -> Path:
-    return make_clip(tmp_path / "test pattern.mp4")
+    return video.make_clip(tmp_path / "test pattern.mp4", SECONDS, fps=str(FPS), size="320x240")
 
 
 def fact(page, where: str, key: str) -> str:
@@ -222,10 +212,7 @@ def walk_through(page, browser, base: str, clip: Path, stop_workers) -> None:
         assert -2 <= top < 844 / 2, f"the open task is not in view ({top}px)"
         if width == 390:
             shot(tab, "05-phone")
-            small = tab.evaluate("""[...document.querySelectorAll('button, a[href], input, select, summary, video')]
-                .filter(e => e.offsetParent !== null && !e.closest('.dropzone'))
-                .map(e => [e.id || e.getAttribute('aria-label') || e.textContent.trim(), e.getBoundingClientRect()])
-                .filter(([, r]) => r.width < 24 || r.height < 24).map(([n, r]) => `${n} ${r.width}x${r.height}`)""")
+            small = small_touch_targets(tab, "button, a[href], input, select, summary, video")
             assert small == [], f"touch targets under 24 px: {small}"
             assert serious_accessibility_violations(tab) == []
         phone.close()

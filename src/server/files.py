@@ -46,9 +46,7 @@ class Storage:
     def delete_task(self, task_id: int) -> None:
         shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
 
-    def delete_media(self, media_id: int, task_ids: list[int]) -> None:
-        for task_id in task_ids:
-            self.delete_task(task_id)
+    def delete_media(self, media_id: int) -> None:
         shutil.rmtree(self.media / str(int(media_id)), ignore_errors=True)
 
     def delete_everything(self) -> None:

@@ -59,7 +59,7 @@ PEAK_POINTS = 800
 
 
 def _forget_renderings(song: Song) -> None:
-    for path in song.stem(MIX, "-").parent.glob(f"{MIX}.*"):
+    for path in song.mix().parent.glob(f"{MIX}.*"):
         if path.suffix != ".f32":
             path.unlink(missing_ok=True)
 

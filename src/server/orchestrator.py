@@ -264,6 +264,11 @@ class Orchestrator:
         self.store.delete_task(task_id)
         self.p.files.delete_task(task_id)
 
+    def delete_media(self, media_id: int) -> None:
+        """Forget a medium with no tasks left, and its file."""
+        self.store.delete_media(media_id)
+        self.p.files.delete_media(media_id)
+
     def reset(self) -> None:
         """Stop every worker's current job, empty the queues, delete every medium and task."""
         newest = max((t.id for t in self.store.tasks()), default=0)

@@ -261,15 +261,19 @@ class Store:
     def update_facts(self, task_id: int, facts: dict[str, Any]) -> None:
         """Merge `facts` into the task's facts."""
         with self._tx() as db:
-            row = db.execute("SELECT facts FROM task WHERE id = ?", (task_id,)).fetchone()
-            if row is not None:
-                db.execute("UPDATE task SET facts = ? WHERE id = ?",
-                           (json.dumps({**json.loads(row[0]), **facts}), task_id))
+            self._merge_facts(db, task_id, facts)
 
     def mark_prepared(self, task_id: int, facts: dict[str, Any]) -> None:
-        self.update_facts(task_id, facts)
+        """The kind prepared the task: its facts, and ready to plan, in one step."""
         with self._tx() as db:
+            self._merge_facts(db, task_id, facts)
             db.execute("UPDATE task SET ready = 1 WHERE id = ?", (task_id,))
+
+    @staticmethod
+    def _merge_facts(db: sqlite3.Connection, task_id: int, facts: dict[str, Any]) -> None:
+        row = db.execute("SELECT facts FROM task WHERE id = ?", (task_id,)).fetchone()
+        if row is not None:
+            db.execute("UPDATE task SET facts = ? WHERE id = ?", (json.dumps({**json.loads(row[0]), **facts}), task_id))
 
     def request(self, task_id: int) -> None:
         """A task asked to run (again): queued, its jobs planned once it is prepared."""

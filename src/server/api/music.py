@@ -15,7 +15,6 @@ practice player's key shift; FLAC beside MP3 and WAV; `DELETE` removes one song.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flask import Blueprint, jsonify, request, send_file
@@ -24,6 +23,7 @@ from src.kinds.base import NotApplicable
 from src.media.probe import clean_tag
 from src.server import mixdown, pcmstream
 from src.server.api.errors import ApiError
+from src.server.api.jsonbody import read_json
 from src.server.api.uploads import receive_media
 from src.server.audio import FORMATS
 from src.server.orchestrator import NotFound, NotProcessable
@@ -65,8 +65,7 @@ def upload():
     try:
         task = s.orchestrator.create_task(SEPARATE, media.id, {}, run=False)
     except NotApplicable as exc:
-        s.store.delete_media(media.id)
-        s.files.delete_media(media.id, [])
+        s.orchestrator.delete_media(media.id)
         raise ApiError(400, f"not a readable audio file ({exc})") from None
     return jsonify(music_summary(s.store, task))
 
@@ -79,19 +78,10 @@ def list_music():
 
 def _selection() -> list[int]:
     """The JSON list of track ids in the body, bounded and checked before it is believed."""
-    if request.mimetype != "application/json":
-        raise ApiError(415, "send the track ids as JSON with Content-Type: application/json")
-    if (request.content_length or 0) > MAX_SELECTION_BYTES:
-        raise ApiError(413, f"a selection is at most {MAX_SELECTION_BYTES // 1024} kB")
-    raw = request.stream.read(MAX_SELECTION_BYTES + 1)
-    if len(raw) > MAX_SELECTION_BYTES:
-        raise ApiError(413, f"a selection is at most {MAX_SELECTION_BYTES // 1024} kB")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        body = None
+    shape = "the body must be a JSON list of integer track ids, like [1, 3]"
+    body = read_json(MAX_SELECTION_BYTES, "the track ids", "a selection", shape)
     if not isinstance(body, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in body):
-        raise ApiError(400, "the body must be a JSON list of integer track ids, like [1, 3]")
+        raise ApiError(400, shape)
     if len(set(body)) != len(body):
         raise ApiError(400, "each track id may appear once in the list")
     return body
@@ -268,7 +258,6 @@ def delete(music_id: int):
     task = _music_or_404(music_id)
     s.orchestrator.delete_task(music_id)
     if not s.store.tasks_of(task.media_id):
-        s.store.delete_media(task.media_id)
-        s.files.delete_media(task.media_id, [])
+        s.orchestrator.delete_media(task.media_id)
     s.events.publish("deleted", {"music_id": music_id, "task_id": music_id})
     return jsonify({})

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, jsonify, request, send_file
 
 from src.kinds.base import BadParams, NotApplicable
 from src.server.api.errors import ApiError
+from src.server.api.jsonbody import read_json
 from src.server.orchestrator import NotFound
 from src.server.services import services
 from src.server.store import Task
@@ -26,15 +25,7 @@ def _task_or_404(task_id: int) -> Task:
 
 
 def _body() -> dict:
-    if request.mimetype != "application/json":
-        raise ApiError(415, "send the task as JSON with Content-Type: application/json")
-    raw = request.stream.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"a task is at most {MAX_BODY_BYTES // 1024} kB of JSON")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "the body is not JSON") from None
+    body = read_json(MAX_BODY_BYTES, "the task", "a task", "the body is not JSON")
     if not isinstance(body, dict) or set(body) - {"kind", "media_id", "params"}:
         raise ApiError(400, 'the body is {"kind": str, "media_id": int, "params": {...}}')
     if not isinstance(body.get("kind"), str):
