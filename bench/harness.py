@@ -68,7 +68,9 @@ class Deployment:
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CONFIG_FILE": "/nonexistent.yaml",
                     "QUEUE_PREFIX": self.prefix, "STORAGE_DIR": str(workdir / self.prefix),
-                    "SERVER_PORT": str(self.port), **settings}
+                    # repeated runs are measurements: each must do the work (a section that
+                    # measures the results cache turns it on)
+                    "SERVER_PORT": str(self.port), "CACHE_MB": "0", **settings}
         self.base = f"http://127.0.0.1:{self.port}"
         self.worker_envs = workers
         self.server: subprocess.Popen | None = None

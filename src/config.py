@@ -60,6 +60,16 @@ DEFAULTS: dict[str, Any] = {
     "OPERATOR_TOKEN": "",
     "SERVER_THREADS": 32,
     "SSE_MAX_CLIENTS": 24,
+    "CACHE_MB": 2048,  # results cache (whole tasks and single jobs), least recently used evicted
+    "WATCH_DIR": "",  # empty: STORAGE_DIR/watch
+    "WATCH_TASK": '{"kind": "transcode", "params": {"codec": "h264", "crf": 23}}',
+    "VERIFY": "off",  # off | psnr: also measure each transcoded chunk against its source
+    "VERIFY_MIN_PSNR": 30.0,
+    "VERIFY_REPLICAS": 1,  # k > 1: each job runs on k workers and the majority checksum wins
+    "POWERCAP_ROOT": "/sys/class/powercap",
+    # Cloud Carbon Footprint's average for a fully busy vCPU (AWS, max watts 3.5): the
+    # estimate used where RAPL cannot be read
+    "WATTS_PER_CORE": 3.5,
     "CAPTURE_SECONDS": 30,
     "CAPTURE_IFACE": "lo",
 }
@@ -106,6 +116,14 @@ class Settings:
     operator_token: str
     server_threads: int
     sse_max_clients: int
+    cache_mb: int
+    watch_dir: Path
+    watch_task: str
+    verify: str
+    verify_min_psnr: float
+    verify_replicas: int
+    powercap_root: Path
+    watts_per_core: float
     capture_seconds: int
     capture_iface: str
 
@@ -213,14 +231,23 @@ def load(environ: dict[str, str] | None = None) -> Settings:
 
     if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
         raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
-    if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt"}:
-        raise ValueError("WORKER_SIMULATE must be 'crash', 'hang' or 'corrupt'")
+    if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt", "tamper"}:
+        raise ValueError("WORKER_SIMULATE must be 'crash', 'hang', 'corrupt' or 'tamper'")
     if values["SSE_MAX_CLIENTS"] >= values["SERVER_THREADS"]:
         raise ValueError("SSE_MAX_CLIENTS must be below SERVER_THREADS: each live page holds a server thread")
     # Relative paths mean "from where the command was started", resolved once here: a path
     # left relative is later read against whatever folder a library prefers (Flask's
     # send_file used the app's package folder, and every download answered 500).
     values["STORAGE_DIR"] = Path(values["STORAGE_DIR"]).expanduser().resolve()
+    values["WATCH_DIR"] = (Path(values["WATCH_DIR"]).expanduser().resolve() if values["WATCH_DIR"]
+                           else values["STORAGE_DIR"] / "watch")
+    values["POWERCAP_ROOT"] = Path(values["POWERCAP_ROOT"])
+    if values["VERIFY"] not in {"off", "psnr"}:
+        raise ValueError("VERIFY must be 'off' or 'psnr'")
+    if values["VERIFY_REPLICAS"] < 1:
+        raise ValueError("VERIFY_REPLICAS must be at least 1")
+    if values["CACHE_MB"] < 0 or values["WATTS_PER_CORE"] < 0:
+        raise ValueError("CACHE_MB and WATTS_PER_CORE must not be negative")
     for name in ("MODEL_REPO", "BROKER_TLS_CA"):
         if values[name]:
             values[name] = str(Path(values[name]).expanduser().resolve())

@@ -1,4 +1,4 @@
-"""`python -m src.audio_worker [--simulate crash|hang]`: one worker in the foreground."""
+"""`python -m src.audio_worker [--simulate crash|hang|corrupt|tamper]`: one worker in the foreground."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from src.audio_worker.worker import Worker
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--simulate", choices=["crash", "hang", "corrupt"], default=None,
-                        help="die (or freeze) WORKER_SIMULATE_CRASH_AFTER s into the first job, or corrupt its result")
+    parser.add_argument("--simulate", choices=["crash", "hang", "corrupt", "tamper"], default=None,
+                        help="die (or freeze) WORKER_SIMULATE_CRASH_AFTER s into the first job, or damage its "
+                        "result (corrupt: it no longer decodes; tamper: plausible but wrong)")
     args = parser.parse_args()
     config.configure_logging()
     Worker(config.load(), simulate=args.simulate).run()

@@ -36,9 +36,12 @@ def main() -> None:
     if unhealthy and settings.worker_simulate == "crash":
         log.info("Simulating workers crash. Killing %d workers. (%.0fs into their first job)",
                  unhealthy, settings.worker_simulate_crash_after)
-    elif unhealthy:
+    elif unhealthy and settings.worker_simulate == "hang":
         log.info("Simulating workers hang. Freezing %d workers. (%.0fs into their first job)",
                  unhealthy, settings.worker_simulate_crash_after)
+    elif unhealthy:
+        log.info("Simulating %s results: %d worker(s) damage their first job's result", settings.worker_simulate,
+                 unhealthy)
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
     slots = [_Slot(index, simulate=settings.worker_simulate if index >= healthy else None)
              for index in range(healthy + unhealthy)]

@@ -2,12 +2,14 @@
 
 The worker needs nothing but the broker address: a job message carries its input and
 everything else it needs. It consumes the jobs queue of each kind in WORKER_KINDS
-(default: every kind this host can run, `src.kinds.registry`) with `ack:
-client-individual` and a prefetch of WORKER_PREFETCH (1: it pulls a job only when
-free). Its result goes to the results route with a receipt, and the job is ACKed only
-after the receipt came back, so a worker that dies at any point leaves its job to the
-broker, which hands it to another. Kinds are loaded when the worker starts, so a
-worker that does not run separation never imports torch.
+(default: every kind this host can run, `src.kinds.registry`), and of a kind with routes
+only the routes its runner offers (transcode: the codecs its ffmpeg can encode), or those
+WORKER_KINDS names as `kind/route`. It takes jobs with `ack: client-individual` and a
+prefetch of WORKER_PREFETCH (1: it pulls a job only when free). Its result goes to the
+results route with a receipt, and the job is ACKed only after the receipt came back, so
+a worker that dies at any point leaves its job to the broker, which hands it to another.
+Kinds are loaded when the worker starts, so a worker that does not run separation never
+imports torch.
 
 The worker logs in as BROKER_WORKER_USER, which may read jobs and control and write
 results and presence, nothing else (src/messaging/accounts.py). It trusts nothing it
@@ -26,7 +28,11 @@ names, but never beyond the highest task id this worker has seen in a job: a for
 control message cannot stop future tasks.
 
 Presence: every heart-beat interval, and at every job start and end, the worker
-publishes what it is doing and which kinds it runs on the presence topic.
+publishes what it is doing, which kinds and routes it offers (with their software
+versions), its cores and load on the presence topic.
+
+Energy: each result says the CPU seconds the job took and its energy, measured (RAPL) or
+estimated (CPU seconds x WATTS_PER_CORE), and which (see energy.py).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import time
 import uuid
 from collections import deque
 
+from src.audio_worker.energy import EnergyMeter
 from src.config import Settings
 from src.kinds import registry
 from src.kinds.base import Cancelled, Runner
@@ -60,16 +67,37 @@ log = logging.getLogger("worker")
 REMEMBERED_CANCELS = 1000
 
 
-def kinds_to_run(settings: Settings) -> list[str]:
-    """WORKER_KINDS, or every kind this host can run; ValueError for a kind it cannot."""
-    wanted = [k.strip() for k in settings.worker_kinds.split(",") if k.strip()]
-    for name in wanted:
+def wanted(settings: Settings) -> dict[str, set[str] | None]:
+    """WORKER_KINDS as kind -> the routes named (`kind/route`), None for every route the host can
+    serve; every kind this host can run when it is empty. ValueError for a kind it cannot run."""
+    chosen: dict[str, set[str] | None] = {}
+    for entry in (e.strip() for e in settings.worker_kinds.split(",") if e.strip()):
+        name, _, route = entry.partition("/")
         if name not in registry.names():
             raise ValueError(f"WORKER_KINDS names {name!r}; the kinds are {', '.join(registry.names())}")
         reason = registry.unavailable(name)
         if reason:
             raise ValueError(f"WORKER_KINDS names {name!r}, which this host cannot run: {reason}")
-    return wanted or registry.runnable()
+        if route and route not in registry.routes(name):
+            raise ValueError(f"WORKER_KINDS names {entry!r}; {name}'s routes are {', '.join(registry.routes(name))}")
+        if not route:
+            chosen[name] = None
+        elif chosen.get(name, set()) is not None:
+            chosen.setdefault(name, set()).add(route)
+    return chosen or {name: None for name in registry.runnable()}
+
+
+def offers(runners: dict[str, Runner], chosen: dict[str, set[str] | None]) -> dict[str, str]:
+    """"kind" or "kind/route" -> software version, for what this worker will take."""
+    offered = {}
+    for name, runner in runners.items():
+        for route, version in runner.offers().items():
+            if chosen[name] is None or route in chosen[name]:
+                offered[f"{name}/{route}" if route else name] = version
+        missing = (chosen[name] or set()) - set(runner.offers())
+        if missing:
+            raise ValueError(f"WORKER_KINDS names {name}/{sorted(missing)[0]}, which this host cannot serve")
+    return offered
 
 
 class Worker:
@@ -78,8 +106,11 @@ class Worker:
         self.name = uuid.uuid4().hex[:7]
         self.simulate = simulate  # None, "crash", "hang" or "corrupt": see make workers
         self.session = uuid.uuid4().hex  # binds this process's presence messages (see presence.py)
-        self.kinds = kinds_to_run(settings)
+        chosen = wanted(settings)
+        self.kinds = list(chosen)
         self.runners: dict[str, Runner] = {name: registry.worker(name, settings) for name in self.kinds}
+        self.offers = offers(self.runners, chosen)
+        self.energy = EnergyMeter(settings.powercap_root, settings.watts_per_core)
         self.device = next((getattr(r, "device", "cpu") for r in self.runners.values() if hasattr(r, "device")), "cpu")
         self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
@@ -94,16 +125,17 @@ class Worker:
     # -- life cycle ---------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("Worker[%s] starting: pid %d, kinds %s, %d thread(s), model %s on %s", self.name, os.getpid(),
-                 ",".join(self.kinds), self.settings.threads_per_worker, self.settings.model, self.device)
+        log.info("Worker[%s] starting: pid %d, offers %s, %d thread(s), model %s on %s", self.name, os.getpid(),
+                 ",".join(self.offers), self.settings.threads_per_worker, self.settings.model, self.device)
         d = self.broker.destinations
         # A worker login of its own has no `configure` permission, so it consumes the jobs queues
         # that `make broker` (or the server) declared; one that shares the server's login
         # declares them as the server does, so workers may start before the first task.
         shared = self.settings.worker_login == self.settings.server_login
-        for kind in self.kinds:
-            self.broker.subscribe(d.jobs(kind) if shared else d.worker_jobs(kind), self._inbox.put,
-                                  prefetch=self.settings.worker_prefetch)
+        for offer in self.offers:
+            kind, _, route = offer.partition("/")
+            destination = d.jobs(kind, route or None) if shared else d.worker_jobs(kind, route or None)
+            self.broker.subscribe(destination, self._inbox.put, prefetch=self.settings.worker_prefetch)
         self.broker.subscribe(d.control, self._on_control, ack="auto")
         self.broker.connect()
         self._announce("idle")  # on the panel at once, not one heart-beat later
@@ -128,7 +160,9 @@ class Worker:
             job = decode(delivery.headers, delivery.body, kinds=self.kinds)
             if not isinstance(job, JobMessage):
                 raise MalformedMessage(f"a {type(job).__name__} does not belong on the jobs queue")
-            problem = self.runners[job.kind].problem(job.params, job.payload)
+            offer = f"{job.kind}/{job.route}" if job.route else job.kind
+            problem = (f"this worker does not serve {offer}" if offer not in self.offers
+                       else self.runners[job.kind].problem(job.params, job.payload))
             if problem:
                 raise MalformedMessage(problem)
         except MalformedMessage as exc:
@@ -176,8 +210,8 @@ class Worker:
                  job.task_id, job.chunk, attempt)
         self._current = job
         self._announce("busy")
-        corrupt = self._maybe_simulate_fault()
-        started = time.monotonic()
+        fault = self._maybe_simulate_fault()
+        started, spent = time.monotonic(), self.energy.start()
         runner = self.runners[job.kind]
         try:
             stopped = lambda: self._stopped(job.task_id)  # noqa: E731
@@ -190,12 +224,15 @@ class Worker:
             log.exception("Worker[%s] - Job[%d] failed (attempt %d)", self.name, job.job_id, attempt)
             self._give_up(delivery, job, attempt, f"{type(exc).__name__}: {exc}")
         else:
-            if corrupt:
-                log.warning("Worker[%s] - simulating a corrupt result for Job[%d]", self.name, job.job_id)
-                payload = runner.corrupt(payload)
-            seconds = time.monotonic() - started
+            if fault:
+                log.warning("Worker[%s] - simulating a %s result for Job[%d]", self.name, fault, job.job_id)
+                payload = runner.corrupt(payload) if fault == "corrupt" else runner.tamper(job.params, payload)
+            seconds, energy = time.monotonic() - started, self.energy.stop(spent)
+            version = self.offers[f"{job.kind}/{job.route}" if job.route else job.kind]
             result = ResultMessage(job.kind, job.task_id, job.job_id, job.task_token, job.attempt_token, self.name,
-                                   attempt, int(seconds * 1000), params, payload)
+                                   attempt, int(seconds * 1000), params, payload, version=version,
+                                   cpu_ms=round(energy.cpu_seconds * 1000), energy_mj=round(energy.joules * 1000),
+                                   energy_source=energy.source)
             self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
             self.broker.ack(delivery)
             self._jobs_done += 1
@@ -247,14 +284,14 @@ class Worker:
 
     # -- fault simulation ------------------------------------------------------------------
 
-    def _maybe_simulate_fault(self) -> bool:
+    def _maybe_simulate_fault(self) -> str | None:
         """An unhealthy worker dies (or freezes) WORKER_SIMULATE_CRASH_AFTER seconds into its work,
-        or returns a damaged result (True: corrupt this one). Once."""
+        or returns a damaged or tampered result ("corrupt"/"tamper": do that to this one). Once."""
         if self.simulate is None:
-            return False
+            return None
         mode, self.simulate = self.simulate, None  # arm once
-        if mode == "corrupt":
-            return True
+        if mode in ("corrupt", "tamper"):
+            return mode
 
         def fault() -> None:
             job = self._current
@@ -265,7 +302,7 @@ class Worker:
         timer = threading.Timer(self.settings.worker_simulate_crash_after, fault)
         timer.daemon = True
         timer.start()
-        return False
+        return None
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -277,7 +314,7 @@ class Worker:
             jobs_done=self._jobs_done,
             mean_job_seconds=round(self._job_seconds / self._jobs_done, 3) if self._jobs_done else None,
             model=self.settings.model, sent_at=time.time(), session=self.session, device=self.device,
-            kinds=tuple(self.kinds),
+            kinds=tuple(self.kinds), offers=self.offers, cores=os.cpu_count() or 1, load=round(os.getloadavg()[0], 2),
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

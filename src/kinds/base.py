@@ -20,10 +20,20 @@ Server half, `Kind`, in the order a task meets it:
 6. `merge(task, jobs)` turns the accepted results into the task's outputs, once every job
    is in, and returns figures about them (the task's `stats`); `output(task, name)` is
    one output as a file to send (it may render it on first request and keep it).
+   `merged_files(task)` lists the files merge wrote, which the outputs are served from:
+   the results cache keeps them, so the same task again needs no job at all.
 
-Worker half, `Runner`: `problem(params, body)` says why a job cannot run here (the
-worker refuses it), `run(params, body, should_stop)` does the work and returns the
-result's params and body. `corrupt(body)` damages a result for WORKER_SIMULATE=corrupt.
+Routing and caching: `route(params)` is the capability a task's jobs need (transcode: the
+codec; None: any worker of the kind), one of the package's ROUTES (src/kinds/registry.py).
+`version(params)` names the software that computes a job on this host (encoder and ffmpeg
+build, demucs and torch): a cached result is reused only for the same version.
+
+Worker half, `Runner`: `offers()` maps each route this host can serve ("" for a kind
+without routes) to its software version; `problem(params, body)` says why a job cannot run
+here (the worker refuses it), `run(params, body, should_stop)` does the work and returns the
+result's params and body. `corrupt(body)` damages a result for WORKER_SIMULATE=corrupt (it
+no longer decodes); `tamper(params, body)` makes one that passes every structural check but
+holds other content (WORKER_SIMULATE=tamper), which only verification can catch.
 
 A `TaskView` is what a kind sees of its task: ids, params, its own facts, the medium
 and the task's folder. Kinds never touch the store, the broker or HTTP.
@@ -145,10 +155,15 @@ class Kind(Protocol):
     def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None: ...
     def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]: ...
     def output(self, task: TaskView, name: str) -> Output: ...
+    def merged_files(self, task: TaskView) -> list[Path]: ...
+    def route(self, params: dict[str, Any]) -> str | None: ...
+    def version(self, params: dict[str, Any]) -> str: ...
 
 
 class Runner(Protocol):
+    def offers(self) -> dict[str, str]: ...
     def problem(self, params: dict[str, Any], body: bytes) -> str | None: ...
     def run(self, params: dict[str, Any], body: bytes,
             should_stop: Callable[[], bool]) -> tuple[dict[str, Any], bytes]: ...
     def corrupt(self, body: bytes) -> bytes: ...
+    def tamper(self, params: dict[str, Any], body: bytes) -> bytes: ...

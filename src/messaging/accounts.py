@@ -59,7 +59,8 @@ class Grant:
 def grants(prefix: str) -> dict[str, Grant]:
     """What the server and a worker of deployment `prefix` may do."""
     p = re.escape(prefix)
-    queues = rf"^{p}\.(jobs\.[A-Za-z0-9_-]+|results|dead)$"
+    jobs = r"jobs\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)?"  # a kind's queue, or one of its routes
+    queues = rf"^{p}\.({jobs}|results|dead)$"
     return {
         "server": Grant(
             configure=f"{queues}|{SUBSCRIPTION_QUEUES}",
@@ -71,7 +72,7 @@ def grants(prefix: str) -> dict[str, Grant]:
         "worker": Grant(
             configure=SUBSCRIPTION_QUEUES,
             write=rf"^amq\.topic$|{SUBSCRIPTION_QUEUES}",
-            read=rf"^{p}\.jobs\.[A-Za-z0-9_-]+$|^amq\.topic$|{SUBSCRIPTION_QUEUES}",
+            read=rf"^{p}\.{jobs}$|^amq\.topic$|{SUBSCRIPTION_QUEUES}",
             topic_write=rf"^{p}\.(results|presence)$",
             topic_read=rf"^{p}\.control$",
         ),
@@ -193,7 +194,7 @@ def main() -> None:
     from src.messaging.broker import Broker
 
     provisioner = Broker(settings.with_overrides(broker_user=server[0], broker_password=server[1]), "provision")
-    provisioner.declare_topology(registry.names())
+    provisioner.declare_topology(registry.queues(registry.names()))
     print(f"broker: logins for QUEUE_PREFIX={settings.queue_prefix}: server {server[0]!r}, workers {worker[0]!r}"
           + (f" (passwords in {settings.broker_logins_file})" if generated else ""))
 

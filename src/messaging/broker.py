@@ -249,13 +249,13 @@ class Broker:
             headers["prefetch-count"] = str(sub.prefetch)
         conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
 
-    def declare_topology(self, kinds: list[str]) -> None:
-        """Declare the dead queue, the jobs queue of each kind, the results queue and route (provisioning).
+    def declare_topology(self, queues: list[tuple[str, str | None]]) -> None:
+        """Declare the dead queue, the given (kind, route) jobs queues, the results queue and route (provisioning).
 
         Only for a moment when the queues are new or empty: a quorum queue counts a message
         that a closing subscription hands back as one more delivery.
         """
-        jobs = [self.destinations.jobs(kind) for kind in kinds]
+        jobs = [self.destinations.jobs(kind, route) for kind, route in queues]
         for destination in (self.destinations.dead, *jobs, self.destinations.results_route):
             self.declare(destination)
 

@@ -5,7 +5,8 @@ with the `x-*` headers of that frame as queue arguments, and closes the connecti
 any later frame whose arguments differ. So every frame that touches a queue takes its
 headers from here.
 
-- jobs (`/queue/{p}.jobs.{kind}`, one per job kind): quorum queues, because a quorum queue
+- jobs (`/queue/{p}.jobs.{kind}`, one per job kind, or `/queue/{p}.jobs.{kind}.{route}`, one
+  per route of a kind that has routes, such as a codec): quorum queues, because a quorum queue
   counts deliveries (`x-delivery-count`), crashes included. The server publishes and
   declares them; workers consume the kinds they run as `/amq/queue/{p}.jobs.{kind}`,
   which declares nothing, so a worker's login needs no `configure` permission on them.
@@ -40,12 +41,13 @@ DEAD_QUEUE_LENGTH = 10_000
 class Destinations:
     prefix: str
 
-    def jobs(self, kind: str) -> str:
-        return f"/queue/{self.prefix}.jobs.{kind}"
+    def jobs(self, kind: str, route: str | None = None) -> str:
+        """The jobs queue of a kind, or of one of its routes (see src/kinds/registry.py)."""
+        return f"/queue/{self.prefix}.jobs.{kind}" + (f".{route}" if route else "")
 
-    def worker_jobs(self, kind: str) -> str:
+    def worker_jobs(self, kind: str, route: str | None = None) -> str:
         """A jobs queue as workers consume it: an existing queue, not declared by them."""
-        return f"/amq/queue/{self.prefix}.jobs.{kind}"
+        return "/amq" + self.jobs(kind, route)
 
     def is_jobs(self, destination: str) -> bool:
         return destination.startswith(f"/queue/{self.prefix}.jobs.")

@@ -45,12 +45,15 @@ MAX_PARAMS_CHARS = 4096
 MAX_PRESENCE_BYTES = 4096
 MAX_CONTROL_IDS = 1000
 MAX_KINDS = 16
+MAX_OFFERS = 64
+MAX_VERSION_CHARS = 120
 # RabbitMQ refuses messages above max_message_size (128 MiB on 3.x; docker-compose.rabbitmq.yml
 # sets it): a body of at most 96 MiB, base64 included, stays under it with its headers.
 MAX_BODY_BYTES = 96 * 1024 * 1024
 TOKEN = re.compile(r"[0-9a-f]{32}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # worker, model, kind and source names
 PRINTABLE = re.compile(r"[\x20-\x7e]*")
+ROUTE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")  # kind[/route]
 
 
 class MalformedMessage(ValueError):
@@ -99,11 +102,13 @@ class JobMessage:
     attempt_token: str  # this publication of the job; its result must echo it
     params: dict[str, Any] = field(default_factory=dict)
     payload: bytes = field(default=b"", repr=False)
+    route: str = ""  # the capability it needs (its queue's route), "" for any worker of the kind
 
     def headers(self) -> dict[str, str]:
         return {
             "type": "job",
             "kind": self.kind,
+            "route": self.route,
             "task-id": str(self.task_id),
             "job-id": str(self.job_id),
             "chunk": str(self.chunk),
@@ -131,10 +136,18 @@ class ResultMessage:
     compute_ms: int
     params: dict[str, Any] = field(default_factory=dict)
     payload: bytes = field(default=b"", repr=False)
+    version: str = ""  # the software that computed it (Runner.offers), for the results cache
+    cpu_ms: int = 0  # CPU time the job took on the worker
+    energy_mj: int = 0  # millijoules the job took
+    energy_source: str = "estimated"  # measured (RAPL) or estimated (CPU time x WATTS_PER_CORE)
 
     def headers(self) -> dict[str, str]:
         return {
             "type": "result",
+            "version": self.version,
+            "cpu-ms": str(self.cpu_ms),
+            "energy-mj": str(self.energy_mj),
+            "energy-source": self.energy_source,
             "kind": self.kind,
             "task-id": str(self.task_id),
             "job-id": str(self.job_id),
@@ -223,6 +236,9 @@ class PresenceMessage:
     session: str = ""
     device: str = "cpu"  # where the worker runs its model: cpu | cuda
     kinds: tuple[str, ...] = ()  # the job kinds it consumes
+    offers: dict[str, str] = field(default_factory=dict)  # "kind" or "kind/route" -> software version
+    cores: int = 1
+    load: float = 0.0  # the host's 1-minute load average
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -304,6 +320,9 @@ def _payload(headers: dict[str, str], body: bytes) -> bytes:
 
 def _decode_job(headers: dict[str, str], body: bytes, kinds: Collection[str] | None) -> JobMessage:
     kind = _match(headers, "kind", NAME)
+    route = _header(headers, "route")
+    if route and not NAME.fullmatch(route):
+        raise MalformedMessage(f"header 'route' is not a name: {_show(route)}")
     if kinds is not None and kind not in kinds:
         raise MalformedMessage(f"job kind {kind!r} is not one this worker runs ({', '.join(sorted(kinds))})")
     return JobMessage(
@@ -315,6 +334,7 @@ def _decode_job(headers: dict[str, str], body: bytes, kinds: Collection[str] | N
         attempt_token=_match(headers, "attempt-token", TOKEN),
         params=_params(headers),
         payload=_payload(headers, body),
+        route=route,
     )
 
 
@@ -337,7 +357,23 @@ def _decode_result(headers: dict[str, str], body: bytes) -> ResultMessage:
         compute_ms=_int(headers, "compute-ms", 0, 10**9),
         params=_params(headers),
         payload=_payload(headers, body),
+        version=_version(_header(headers, "version")),
+        cpu_ms=_int(headers, "cpu-ms", 0, 10**12),
+        energy_mj=_int(headers, "energy-mj", 0, 10**15),
+        energy_source=_energy_source(_header(headers, "energy-source")),
     )
+
+
+def _version(text: str) -> str:
+    if len(text) > MAX_VERSION_CHARS or not PRINTABLE.fullmatch(text):
+        raise MalformedMessage(f"a version is one printable line of at most {MAX_VERSION_CHARS} characters")
+    return text
+
+
+def _energy_source(text: str) -> str:
+    if text not in ("measured", "estimated"):
+        raise MalformedMessage(f"energy source {_show(text)} is not measured or estimated")
+    return text
 
 
 def _decode_failure(headers: dict[str, str], body: bytes) -> FailureMessage:
@@ -394,6 +430,13 @@ def _decode_presence(body: bytes) -> PresenceMessage:
     kinds = _value(data, "kinds", (list,))
     if len(kinds) > MAX_KINDS or not all(isinstance(k, str) and NAME.fullmatch(k) for k in kinds):
         raise MalformedMessage(f"presence kinds is not a list of kind names: {_show(kinds)}")
+    offers = _value(data, "offers", (dict,))
+    if len(offers) > MAX_OFFERS or not all(isinstance(o, str) and ROUTE_KEY.fullmatch(o) and isinstance(v, str)
+                                           and _version(v) for o, v in offers.items()):
+        raise MalformedMessage(f"presence offers is not a map of kind/route to version: {_show(offers)}")
+    _in_range("cores", _value(data, "cores", (int,)), 1, 4096)
+    if not 0 <= _value(data, "load", (int, float)) <= 1e6:
+        raise MalformedMessage("load is outside [0, 1e6]")
     return PresenceMessage(**{**data, "kinds": tuple(kinds)})
 
 

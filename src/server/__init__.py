@@ -22,6 +22,7 @@ from src import config
 from src.config import Settings
 from src.messaging.broker import Broker
 from src.server import views
+from src.server.cache import ResultCache
 from src.server.collector import Collector
 from src.server.events import EventHub
 from src.server.files import Storage
@@ -38,10 +39,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = Store(files.database)
     broker = Broker(settings, client_name=f"server-{socket.gethostname()}-{os.getpid()}")
     events, metrics = EventHub(settings.sse_max_clients), Metrics()
-    pipeline = Pipeline(settings, store, files, broker, metrics)
+    pipeline = Pipeline(settings, store, files, broker, metrics, ResultCache(files.cache, settings.cache_mb))
     pipeline.changed = lambda task_id: views.announce(events, pipeline, task_id)
     collector = Collector(pipeline, on_workers=lambda workers: events.publish("workers", {"workers": workers}))
     pipeline.workers_alive = collector.workers.count  # job deadlines share the work out
+    pipeline.offering = collector.workers.offering  # jobs need a worker that serves their route
+    pipeline.live_offers = collector.workers.offers
     services = Services(settings, files, store, broker, events, metrics, pipeline, Orchestrator(pipeline), collector)
 
     app = Flask(__name__, static_folder=None)

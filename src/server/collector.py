@@ -21,6 +21,7 @@ the store, not the worker, decides whether the job is published again or its tas
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -36,10 +37,13 @@ from src.messaging.schema import (
     PresenceMessage,
     ResultMessage,
     decode,
+    params_header,
     reply_mismatch,
 )
+from src.server import cache
 from src.server.pipeline import Pipeline
 from src.server.presence import WorkerRegistry
+from src.server.store import Spent
 
 log = logging.getLogger("server")
 
@@ -59,6 +63,7 @@ class Collector:
         self._merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
         self._last_progress: dict[int, int] = {}
         self._stopped = threading.Event()
+        pipeline.job_done = self.job_done
 
     def start(self) -> None:
         d = self.broker.destinations
@@ -152,18 +157,35 @@ class Collector:
             log.warning("JobFailedMsg[%d] - on Worker[%s]: %s", job.id, message.worker, message.error)
             return self._failed(delivery, task, job, message.worker, message.attempt_token, message.error)
 
+        if self.settings.verify_replicas > 1 and not self._majority(task, job, message):
+            return self.broker.ack(delivery)  # this copy is counted; the job waits for more votes
+
         kind.keep(view, job_view, message.params, message.payload)
-        applied = self.store.record_result(job.id, message.worker, message.compute_ms)
+        spent = Spent(version=message.version, cpu_ms=message.cpu_ms, joules=message.energy_mj / 1000,
+                      energy_source=message.energy_source, result_bytes=len(message.payload))
+        applied = self.store.record_result(job.id, message.worker, message.compute_ms, spent)
         self.broker.ack(delivery)
         if not applied:
             self.metrics.duplicate_results.inc()
             return
+        if job.digest:
+            self.p.cache.keep_job(job.digest, message.version, message.params, message.payload)
         self.metrics.jobs_done.inc()
         self.metrics.job_seconds.observe(message.compute_ms / 1000)
+        self.metrics.job_joules.labels(task.kind, message.energy_source).inc(message.energy_mj / 1000)
+        self.metrics.job_cpu_seconds.labels(task.kind).inc(message.cpu_ms / 1000)
         if message.attempt > 1 or job.publications > 1:
             self.metrics.jobs_redelivered.inc()
         log.info("JobDoneMsg[%d] - ACK - job time: %.2f[s] (Worker[%s], attempt %d)", job.id,
                  message.compute_ms / 1000, message.worker, message.attempt)
+        self.job_done(task.id)
+
+    def job_done(self, task_id: int) -> None:
+        """A job of the task is done (here, or served from the cache by the publisher): progress,
+        and the merge once it was the last."""
+        task = self.store.task(task_id)
+        if task is None:
+            return
         done, total = self.store.progress(task.id)
         percent = int(100 * done / total)
         if self._last_progress.get(task.id) != percent:
@@ -172,6 +194,30 @@ class Collector:
         self.p.changed(task.id)
         if done == total and task.state == "running":
             self._merger.submit(self._merge, task.id)
+
+    def _majority(self, task, job, message: ResultMessage) -> bool:
+        """VERIFY_REPLICAS: count this copy's checksum; True once a majority of the replicas agree
+        on it. A copy that decides nothing is settled, and once every copy is in without a
+        majority, one more is published (a worker votes once per job)."""
+        replicas = self.settings.verify_replicas
+        checksum = hashlib.sha256(params_header(message.params).encode() + message.payload).hexdigest()
+        repeated = self.store.voted(job.id, message.worker)
+        tally = self.store.vote(job.id, message.worker, checksum)
+        if not repeated and tally[checksum] >= replicas // 2 + 1:
+            log.info("JobDoneMsg[%d] - %d of %d replicas agree", job.id, tally[checksum], replicas)
+            return True
+        log.info("JobDoneMsg[%d] - from Worker[%s]: %s (votes %s)", job.id, message.worker,
+                 "a second copy from the same worker counts once" if repeated else "no majority yet",
+                 sorted(tally.values(), reverse=True))
+        verdict = self.store.close_copy(job.id, message.worker, message.attempt_token,
+                                        replicas + self.settings.max_attempts)
+        if verdict == "failed" and self.store.mark_failed(
+                task.id, f"job {job.id} (chunk {job.chunk}): no {replicas // 2 + 1} of {replicas} replicas agree "
+                f"after {job.publications} copies"):
+            self.p.changed(task.id)
+        elif verdict == "retry":
+            self.p.wake_publisher()
+        return False
 
     def _failed(self, delivery: Delivery, task, job, worker: str, token: str, error: str) -> None:
         """One failed attempt of a job: the store decides between another attempt and failing the task."""
@@ -194,8 +240,9 @@ class Collector:
             return
         started = time.monotonic()
         jobs = [self.p.job_view(job) for job in self.store.jobs(task_id)]
+        kind, view = self.p.kind(task.kind), self.p.view(task)
         try:
-            stats = self.p.kind(task.kind).merge(self.p.view(task), jobs)
+            stats = kind.merge(view, jobs)
         except FileNotFoundError:
             if self.store.task(task_id) is None:
                 return  # deleted while merging
@@ -205,11 +252,42 @@ class Collector:
             self.store.mark_failed(task_id, f"merging the results failed: {type(exc).__name__}: {exc}")
             self.p.changed(task_id)
             return
-        self.store.update_facts(task_id, {"stats": stats})
+        timing = {**task.facts.get("timing", {}), "merge_seconds": round(time.monotonic() - started, 3)}
+        stats = {**stats, **self._costs(task_id, stats), "timing": timing}
+        self.store.update_facts(task_id, {"stats": stats, "timing": timing, "waiting": None})
         self.store.mark_done(task_id)
-        log.info("Task[%d] - merge time: %.2f[s]", task_id, time.monotonic() - started)
+        log.info("Task[%d] - merge time: %.2f[s]", task_id, timing["merge_seconds"])
+        self._keep_task(self.store.task(task_id), kind, view)
         log.info("Task[%d] - total time: %.2f[s]", task_id, time.time() - (task.started_at or task.created_at))
         self.p.changed(task_id)
+
+    def _costs(self, task_id: int, stats: dict) -> dict:
+        """What the task's jobs cost and carried, for its stats: energy, cache hits, broker bytes."""
+        spent = self.store.spent(task_id)
+        sources = spent["sources"]
+        energy = {"joules": round(spent["joules"], 3), "cpu_seconds": round(spent["cpu_seconds"], 3),
+                  # every figure says how it was known; a task whose jobs all came from the cache cost none
+                  "source": sources[0] if len(sources) == 1 else ("mixed" if sources else "cached")}
+        if stats.get("frames"):
+            energy["joules_per_frame"] = round(spent["joules"] / stats["frames"], 6)
+        costs = {"energy": energy, "cache": {"task": False, "jobs": spent["cached"], "of": spent["jobs"]},
+                 "broker_bytes": {"jobs": spent["job_bytes"], "results": spent["result_bytes"]}}
+        if self.settings.verify_replicas > 1:
+            costs["verify"] = {"replicas": self.settings.verify_replicas, "outvoted": self.store.outvoted(task_id)}
+        return costs
+
+    def _keep_task(self, task, kind, view) -> None:
+        """Keep a merged task in the results cache when all its jobs ran with one software version."""
+        media = self.store.media(task.media_id)
+        version = self.store.spent(task.id)["version"]
+        if not self.p.cache.enabled or version is None or not media.probe.get("sha256"):
+            return
+        try:
+            key = cache.task_key(task.kind, media.probe["sha256"], task.params, version)
+            facts = {k: v for k, v in task.facts.items() if k not in ("waiting",)}
+            self.p.cache.keep_task(key, view.folder, kind.merged_files(view), facts)
+        except OSError:
+            log.exception("Task[%d] - could not keep it in the results cache", task.id)
 
     # -- workers ------------------------------------------------------------------------
 

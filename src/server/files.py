@@ -4,6 +4,7 @@
     STORAGE_DIR/incoming/          uploads being received
     STORAGE_DIR/media/{id}/original   each upload as it came
     STORAGE_DIR/tasks/{id}/        each task's folder: its kind's results, outputs, scratch
+    STORAGE_DIR/cache/             the results cache (src/server/cache.py)
 
 Paths are built from numeric IDs and fixed names only: an uploaded file's name is
 never part of a path. Every file is written to a temporary name and renamed into
@@ -28,6 +29,10 @@ class Storage:
     @property
     def database(self) -> Path:
         return self.root / "media.sqlite3"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
 
     def original(self, media_id: int) -> Path:
         """The file as uploaded, kept: every task of it reads it."""

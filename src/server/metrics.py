@@ -32,6 +32,19 @@ class Metrics:
         self.job_seconds = Histogram(
             "karaoke_job_seconds", "Worker compute time per job", registry=r,
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+        self.jobs_cached = Counter(
+            "karaoke_jobs_cached", "Jobs served from the results cache (never published)", ["kind"], registry=r)
+        self.tasks_cached = Counter(
+            "karaoke_tasks_cached", "Whole tasks served from the results cache", registry=r)
+        self.results_outvoted = Counter(
+            "karaoke_results_outvoted", "Replicated results whose checksum lost the majority vote (VERIFY_REPLICAS)",
+            registry=r)
+        # labels are bounded: a kind is one of the registry's, a source measured or estimated
+        self.job_joules = Counter(
+            "karaoke_job_joules", "Energy of the jobs whose results were accepted, by how it was known",
+            ["kind", "source"], registry=r)
+        self.job_cpu_seconds = Counter(
+            "karaoke_job_cpu_seconds", "CPU time of the jobs whose results were accepted", ["kind"], registry=r)
         self.jobs_queued = Gauge("karaoke_jobs_queued", "Jobs waiting for a worker", registry=r)
         self.jobs_running = Gauge("karaoke_jobs_running", "Jobs a worker is processing", registry=r)
         self.jobs_total_done = Gauge("karaoke_jobs_in_state_done", "Stored jobs that are done", registry=r)

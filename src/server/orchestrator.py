@@ -29,19 +29,23 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from src.kinds import registry
 from src.kinds.base import NotApplicable
 from src.media import probe
 from src.messaging.broker import Broker, BrokerUnavailable
 from src.messaging.schema import ControlMessage, JobMessage
+from src.server import cache
 from src.server.pipeline import Pipeline, media_of
-from src.server.store import MediaRow, Task
+from src.server.store import Job, MediaRow, Spent, Task
 
 log = logging.getLogger("server")
 
 DEADLINE_CHECK_SECONDS = 2.0
+CACHE_WORKER = "cache"  # the `worker` of a job served from the results cache
 
 
 class NotFound(LookupError):
@@ -71,6 +75,8 @@ class Orchestrator:
         self._publisher = threading.Thread(target=self._publish_loop, name="publisher", daemon=True)
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self._prepared = threading.Lock()  # orders "prepare ended" against "run asked for"
+        self._lacking_since: dict[int, float] = {}  # task -> since when no live worker could take its jobs
+        self._started = time.monotonic()
         pipeline.wake_publisher = lambda: self._wake.put(None)
 
     def start(self) -> None:
@@ -101,8 +107,10 @@ class Orchestrator:
         found = probe.probe(upload_path)
         probe.check_limits(found, self.p.settings.max_duration_s, self.p.settings.max_channels)
         tags = {key: value for key, value in (("title", found.title), ("artist", found.artist)) if value}
+        # the content hash keys the results cache: the same file uploaded again is the same input
         media = self.store.create_media(found.title or display_name(filename), size, found.duration,
-                                        {"video": found.video, "audio": found.audio, "tags": tags})
+                                        {"video": found.video, "audio": found.audio, "tags": tags,
+                                         "sha256": cache.file_sha256(upload_path)})
         target = self.p.files.original(media.id)
         target.parent.mkdir(parents=True, exist_ok=True)
         upload_path.replace(target)
@@ -136,8 +144,13 @@ class Orchestrator:
         task = self.store.task(task_id)
         if task is None or task.ready or self._stopped.is_set():
             return
+        with self._prepared:
+            if task.state == "queued" and self._reuse(task):
+                return
+        started = time.monotonic()
         try:
             facts = self.p.kind(task.kind).prepare(self.p.view(task))
+            facts["timing"] = {"prepare_seconds": round(time.monotonic() - started, 3)}
         except (probe.UnreadableMedia, probe.RefusedMedia, NotApplicable, FileNotFoundError) as exc:
             if self.store.task(task_id) is not None and self.store.mark_failed(task_id, str(exc)):
                 log.warning("Task[%d] - preparing failed: %s", task_id, exc)
@@ -170,11 +183,33 @@ class Orchestrator:
                 self.store.set_params(task_id, params)
             if task.state in ("waiting", "failed", "cancelled"):
                 self.store.request(task_id)
+                task = self.store.task(task_id)
+                if self._reuse(task):
+                    return
                 if task.ready:
-                    self._plan(self.store.task(task_id))
+                    self._plan(task)
                 else:
                     log.info("Task[%d] - runs once its input is prepared", task_id)
         self.p.changed(task_id)
+
+    def _reuse(self, task: Task) -> bool:
+        """Finish the task from the results cache if the same task was done before (same medium,
+        params and software): no prepare, no job, no merge. True when it was."""
+        sha = self.store.media(task.media_id).probe.get("sha256")
+        if not sha or not self.p.cache.enabled:
+            return False
+        keys = [cache.task_key(task.kind, sha, task.params, v) for v in sorted(self.p.versions(task))]
+        facts = self.p.cache.task(keys, self.p.files.task_dir(task.id))
+        if facts is None:
+            return False
+        stats = {**facts.get("stats", {}), "cache": {"task": True, "jobs": 0, "of": 0},
+                 "energy": {"joules": 0.0, "cpu_seconds": 0.0, "source": "cached"}}
+        self.store.finish_from_cache(task.id, {**facts, "stats": stats, "waiting": None})
+        self.p.metrics.tasks_cached.inc()
+        log.info("Task[%d] - done from the results cache: the same %s of the same input was done before",
+                 task.id, task.kind)
+        self.p.changed(task.id)
+        return True
 
     def _plan(self, task: Task) -> None:
         planned = self.p.kind(task.kind).plan(self.p.view(task))
@@ -219,30 +254,107 @@ class Orchestrator:
             task = self.store.task(job.task_id)
             if task is None or task.state != "running":
                 continue
-            params, payload = self.p.kind(task.kind).payload(self.p.view(task), self.p.job_view(job))
-            message = JobMessage(task.kind, task.id, job.id, job.chunk, task.token, uuid.uuid4().hex, params, payload)
-            self.store.issue_attempt(job.id, message.attempt_token)
-            self.p.broker.send(self.p.broker.destinations.jobs(task.kind), message.body(), message.headers())
+            kind = self.p.kind(task.kind)
+            params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
+            if job.digest is None:
+                job = replace(job, digest=cache.digest(task.kind, params, payload))
+                self.store.set_digest(job.id, job.digest)
+            if self._from_cache(task, job):
+                continue
+            route = kind.route(task.params)
+            # VERIFY_REPLICAS: the first publication sends one copy per replica; a re-publication one
+            copies = self.p.settings.verify_replicas if job.publications == 0 else 1
+            for _ in range(copies):
+                message = JobMessage(task.kind, task.id, job.id, job.chunk, task.token, uuid.uuid4().hex, params,
+                                     payload, route=route or "")
+                self.store.issue_attempt(job.id, message.attempt_token)
+                self.p.broker.send(self.p.broker.destinations.jobs(task.kind, route), message.body(),
+                                   message.headers())
+                self.p.metrics.jobs_published.inc()
             self.store.mark_queued(job.id)
-            self.p.metrics.jobs_published.inc()
-            log.info("Task[%d] - Job[%d] (chunk %d) queued (attempt %d)", task.id, job.id, job.chunk,
-                     job.publications + 1)
+            log.info("Task[%d] - Job[%d] (chunk %d) queued (attempt %d%s)", task.id, job.id, job.chunk,
+                     job.publications + 1, f", {copies} replicas" if copies > 1 else "")
 
-    def deadline(self, seconds_of_media: float) -> float:
-        """Seconds a job may take from its publication, given the media ahead of it and its own."""
+    def _from_cache(self, task: Task, job: Job) -> bool:
+        """Serve a job from the results cache when the same job ran before; True when it was."""
+        found = self.p.cache.job(job.digest, self.p.versions(task))
+        if found is None:
+            return False
+        params, body, version = found
+        view, job_view = self.p.view(task), self.p.job_view(job)
+        kind = self.p.kind(task.kind)
+        refused = kind.check(view, job_view, params, body)  # the cache is storage, and storage can rot
+        if refused is not None:
+            log.warning("Task[%d] - Job[%d]: the cached result is refused (%s); publishing the job", task.id,
+                        job.id, refused)
+            return False
+        kind.keep(view, job_view, params, body)
+        if self.store.record_result(job.id, CACHE_WORKER, 0, Spent(version=version, cached=True)):
+            self.p.metrics.jobs_cached.labels(task.kind).inc()
+            log.info("Task[%d] - Job[%d] (chunk %d) served from the results cache", task.id, job.id, job.chunk)
+            self.p.job_done(task.id)
+        return True
+
+    def deadline(self, seconds_of_media: float, workers: int) -> float:
+        """Seconds a job may take from its publication, given the media ahead of it and its own,
+        shared among the `workers` that take jobs from its queue."""
         s = self.p.settings
-        return s.job_deadline_seconds + s.job_deadline_factor * seconds_of_media / max(1, self.p.workers_alive())
+        return s.job_deadline_seconds + s.job_deadline_factor * seconds_of_media / max(1, workers)
+
+    def _lacking(self, task: Task, route: str | None, workers: int) -> str | None:
+        """Why no live worker can run this task's jobs (None when enough can)."""
+        needed = self.p.settings.verify_replicas
+        if workers >= needed:
+            return None
+        offer = f"{task.kind}/{route}" if route else task.kind
+        offered = ", ".join(self.p.live_offers()) or "none"
+        if workers == 0:
+            return f"no live worker takes {offer} jobs (live workers take: {offered})"
+        return (f"VERIFY_REPLICAS={needed} needs {needed} different workers that take {offer} jobs; "
+                f"{workers} live")
+
+    def _watch_capability(self, task: Task, route: str | None, workers: int) -> bool:
+        """Say on the task when no live worker can run its jobs, and fail it when that lasts
+        JOB_DEADLINE_SECONDS (a worker that joins in time clears it). True while lacking."""
+        reason = self._lacking(task, route, workers)
+        if reason is None:
+            self._lacking_since.pop(task.id, None)
+            if task.facts.get("waiting"):
+                self.store.update_facts(task.id, {"waiting": None})
+                self.p.changed(task.id)
+            return False
+        since = self._lacking_since.setdefault(task.id, time.monotonic())
+        if task.facts.get("waiting") != reason:
+            self.store.update_facts(task.id, {"waiting": reason})
+            log.warning("Task[%d] - waiting: %s", task.id, reason)
+            self.p.changed(task.id)
+        # the registry needs two heart-beats after a start to know every worker
+        settled = time.monotonic() - self._started > 2 * self.p.settings.broker_heartbeat_ms / 1000
+        if settled and time.monotonic() - since > self.p.settings.job_deadline_seconds:
+            if self.store.mark_failed(task.id, f"{reason}, for {self.p.settings.job_deadline_seconds:.0f}s"):
+                log.error("Task[%d] - failed: %s", task.id, reason)
+                self._lacking_since.pop(task.id, None)
+                self.p.changed(task.id)
+        return True
 
     def _republish_overdue(self) -> None:
         now, ahead = time.time(), {}
         outstanding = sorted(self.store.jobs(state="queued"), key=lambda j: j.published_at or 0)
         tasks: dict[int, Task | None] = {}
+        lacking: dict[int, bool] = {}
         for job in outstanding:
             task = tasks.setdefault(job.task_id, self.store.task(job.task_id))
             if task is None or task.state != "running":
                 continue
-            ahead[task.kind] = ahead.get(task.kind, 0.0) + job.seconds  # each kind has its own FIFO queue
-            allowed = self.deadline(ahead[task.kind])
+            route = self.p.kind(task.kind).route(task.params)
+            workers = len(self.p.offering(task.kind, route))
+            if task.id not in lacking:
+                lacking[task.id] = self._watch_capability(task, route, workers)
+            if lacking[task.id]:
+                continue  # nobody can take it: publishing it again would only duplicate it
+            queue_name = (task.kind, route)  # each kind and route has its own FIFO queue
+            ahead[queue_name] = ahead.get(queue_name, 0.0) + job.seconds
+            allowed = self.deadline(ahead[queue_name], workers)
             if job.published_at is None or now - job.published_at <= allowed:
                 continue
             if job.publications >= self.p.settings.max_attempts:
@@ -277,19 +389,22 @@ class Orchestrator:
         kinds = sorted({t.kind for t in self.store.tasks()})
         self.store.delete_everything()
         self.p.files.delete_everything()
-        drained = sum(drain_stale_jobs(self.p, kind) for kind in kinds)
-        log.info("Reset: every medium and task deleted, %d queued jobs dropped", drained)
+        self.p.cache.clear()
+        drained = drain_stale_jobs(self.p, registry.queues(kinds)) if kinds else 0
+        log.info("Reset: every medium, task and cached result deleted, %d queued jobs dropped", drained)
 
 
-def drain_stale_jobs(pipeline: Pipeline, kind: str, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> int:
-    """ACK every queued job of `kind` whose task no longer exists, until its queue is quiet.
+def drain_stale_jobs(pipeline: Pipeline, queues: list[tuple[str, str | None]], quiet_seconds: float = 1.0,
+                     limit_seconds: float = 15.0) -> int:
+    """ACK every queued job in these (kind, route) queues whose task no longer exists, until they are quiet.
 
     A consumer of its own, not the server's connection: the server publishes jobs and
     never consumes them anywhere else.
     """
     broker = Broker(pipeline.settings, client_name=f"drain-{uuid.uuid4().hex[:8]}", role="server")
     seen: queue.Queue = queue.Queue()
-    broker.subscribe(broker.destinations.jobs(kind), seen.put, prefetch=100)
+    for kind, route in queues:
+        broker.subscribe(broker.destinations.jobs(kind, route), seen.put, prefetch=100)
     broker.connect(give_up_after=10)
     dropped, deadline = 0, time.monotonic() + limit_seconds
     try:

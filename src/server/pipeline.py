@@ -17,6 +17,7 @@ from src.config import Settings
 from src.kinds import registry
 from src.kinds.base import JobView, Kind, Media, TaskView
 from src.messaging.broker import Broker
+from src.server.cache import ResultCache
 from src.server.files import Storage
 from src.server.metrics import Metrics
 from src.server.store import Job, MediaRow, Store, Task
@@ -35,9 +36,15 @@ class Pipeline:
     files: Storage
     broker: Broker
     metrics: Metrics
+    cache: ResultCache
     changed: Callable[[int], None] = lambda task_id: None
     workers_alive: Callable[[], int] = lambda: 1  # the collector's registry, once it runs
+    # live workers that take a kind's jobs of a route: worker -> software version (the registry's)
+    offering: Callable[[str, str | None], dict[str, str]] = lambda kind, route: {}
+    live_offers: Callable[[], list[str]] = lambda: []  # every kind/route some live worker takes
     wake_publisher: Callable[[], None] = lambda: None  # the orchestrator's, once it runs
+    # the collector's: a job of this task is done (the publisher served it from the cache)
+    job_done: Callable[[int], None] = lambda task_id: None
     _kinds: dict[str, Kind] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,6 +54,12 @@ class Pipeline:
             if name not in self._kinds:
                 self._kinds[name] = registry.server(name, self.settings)
             return self._kinds[name]
+
+    def versions(self, task: Task) -> set[str]:
+        """The software versions a job of this task would run with: each live worker's for its
+        route, and this host's own (for the results cache)."""
+        kind = self.kind(task.kind)
+        return {*self.offering(task.kind, kind.route(task.params)).values(), kind.version(task.params)}
 
     def view(self, task: Task) -> TaskView:
         media = self.store.media(task.media_id)

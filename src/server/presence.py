@@ -90,6 +90,17 @@ class WorkerRegistry:
         with self._lock:
             return len(self._workers)
 
+    def offering(self, kind: str, route: str | None) -> dict[str, str]:
+        """The live workers that take `kind` jobs of `route`: worker name -> software version."""
+        offer = f"{kind}/{route}" if route else kind
+        with self._lock:
+            return {name: e.presence.offers[offer] for name, e in self._workers.items() if offer in e.presence.offers}
+
+    def offers(self) -> list[str]:
+        """Every kind/route some live worker takes."""
+        with self._lock:
+            return sorted({offer for e in self._workers.values() for offer in e.presence.offers})
+
     def snapshot(self) -> list[dict]:
         now = time.time()
         with self._lock:
@@ -99,6 +110,7 @@ class WorkerRegistry:
                 "worker": p.worker, "host": p.host, "address": p.address, "pid": p.pid, "state": p.state,
                 "job_id": p.job_id, "task_id": p.task_id, "kinds": list(p.kinds), "jobs_done": p.jobs_done,
                 "mean_job_seconds": p.mean_job_seconds, "model": p.model, "device": p.device,
+                "offers": dict(p.offers), "cores": p.cores, "load": p.load,
                 "last_heartbeat_age": round(now - seen, 2),
                 "heartbeat_seconds": self.expiry_seconds / 2,  # the page marks a worker stale past this
             }

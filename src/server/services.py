@@ -15,6 +15,7 @@ from src.server.metrics import Metrics
 from src.server.orchestrator import Orchestrator
 from src.server.pipeline import Pipeline
 from src.server.store import Store
+from src.server.watch import Watcher
 
 EXTENSION = "media-service"
 
@@ -31,20 +32,25 @@ class Services:
     orchestrator: Orchestrator
     collector: Collector
     started: bool = False
+    watcher: Watcher | None = None  # built and started by start(): an app that only answers HTTP has none
 
     def start(self) -> None:
         """Connect to the broker and start the pipeline's threads (the factory does not)."""
+        self.watcher = Watcher(self.pipeline, self.orchestrator)  # checks WATCH_TASK before connecting
         self.collector.start()  # registers subscriptions; connect() applies them
         self.broker.connect()
         self.orchestrator.start()
+        self.watcher.start()
         self.started = True
 
     def close(self) -> None:
         if self.started:
+            self.watcher.stop()
             self.orchestrator.stop()
             self.collector.stop()
             self.broker.close()
         self.store.close()
+        self.pipeline.cache.close()
 
 
 def services() -> Services:

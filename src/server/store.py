@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS job (
     failures INTEGER NOT NULL DEFAULT 0,
     published_at REAL
 );
+CREATE TABLE IF NOT EXISTS vote (
+    job_id INTEGER NOT NULL REFERENCES job(id) ON DELETE CASCADE,
+    worker TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    PRIMARY KEY (job_id, worker)
+);
 CREATE TABLE IF NOT EXISTS attempt (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL REFERENCES job(id) ON DELETE CASCADE,
@@ -95,6 +101,19 @@ CREATE INDEX IF NOT EXISTS job_state ON job(state);
 CREATE INDEX IF NOT EXISTS attempt_job ON attempt(job_id);
 CREATE INDEX IF NOT EXISTS output_task ON output(task_id);
 """
+
+# Columns added after the first release: a database made before them gets them on open.
+ADDED_COLUMNS = {
+    "job": {
+        "digest": "TEXT",  # sha256 of the job's kind, params and input: with a version, its cache key
+        "version": "TEXT",  # the software that computed its result (or the cached result)
+        "cached": "INTEGER NOT NULL DEFAULT 0",  # its result came from the cache: no worker ran it
+        "cpu_ms": "INTEGER",
+        "joules": "REAL",
+        "energy_source": "TEXT",
+        "result_bytes": "INTEGER",
+    },
+}
 
 ACTIVE = ("queued", "running")  # states in which a task's jobs may run
 ENDED = ("done", "failed", "cancelled")
@@ -131,6 +150,18 @@ class Task:
 
 
 @dataclass(frozen=True)
+class Spent:
+    """What one accepted result cost, as its worker reported it (or nothing: from the cache)."""
+
+    version: str | None = None
+    cached: bool = False
+    cpu_ms: int | None = None
+    joules: float | None = None
+    energy_source: str | None = None
+    result_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class OutputRow:
     id: int
     task_id: int
@@ -156,6 +187,13 @@ class Job:
     publications: int
     failures: int
     published_at: float | None
+    digest: str | None = None
+    version: str | None = None
+    cached: int = 0
+    cpu_ms: int | None = None
+    joules: float | None = None
+    energy_source: str | None = None
+    result_bytes: int | None = None
 
 
 def _media(row: sqlite3.Row) -> MediaRow:
@@ -187,6 +225,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -318,7 +361,7 @@ class Store:
 
     def delete_everything(self) -> None:
         with self._tx() as db:
-            for table in ("attempt", "job", "output", "task", "media"):
+            for table in ("vote", "attempt", "job", "output", "task", "media"):
                 db.execute(f"DELETE FROM {table}")
 
     # -- jobs --------------------------------------------------------------------------
@@ -356,14 +399,79 @@ class Store:
             db.execute("UPDATE job SET state = 'queued', queued_at = ? WHERE id = ? AND state = 'pending'",
                        (time.time(), job_id))
 
-    def record_result(self, job_id: int, worker: str, time_ms: int) -> bool:
+    def record_result(self, job_id: int, worker: str, time_ms: int, spent: Spent | None = None) -> bool:
         """Mark a job done; False if it already was (a redelivered duplicate changes nothing)."""
+        spent = spent or Spent()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE job SET state = 'done', worker = ?, time_ms = ?, done_at = ? "
-                "WHERE id = ? AND state != 'done'", (worker, time_ms, time.time(), job_id))
-            self._end_attempt(db, job_id, worker, "done", time_ms)
+                "UPDATE job SET state = 'done', worker = ?, time_ms = ?, done_at = ?, version = ?, cached = ?, "
+                "cpu_ms = ?, joules = ?, energy_source = ?, result_bytes = ? WHERE id = ? AND state != 'done'",
+                (worker, time_ms, time.time(), spent.version, int(spent.cached), spent.cpu_ms, spent.joules,
+                 spent.energy_source, spent.result_bytes, job_id))
+            if not spent.cached:
+                self._end_attempt(db, job_id, worker, "done", time_ms)
             return cur.rowcount == 1
+
+    def set_digest(self, job_id: int, digest: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE job SET digest = ? WHERE id = ?", (digest, job_id))
+
+    def vote(self, job_id: int, worker: str, checksum: str) -> dict[str, int]:
+        """Record one worker's checksum for a replicated job (a worker votes once); the tally."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO vote (job_id, worker, checksum) VALUES (?,?,?)",
+                       (job_id, worker, checksum))
+            rows = db.execute("SELECT checksum, COUNT(*) FROM vote WHERE job_id = ? GROUP BY checksum",
+                              (job_id,)).fetchall()
+            return {row[0]: row[1] for row in rows}
+
+    def close_copy(self, job_id: int, worker: str, token: str, max_publications: int) -> str:
+        """A replica's copy is in but decided nothing: 'wait' (copies still out), 'retry' (publish
+        one more) or 'failed' (max_publications reached without a majority)."""
+        with self._tx() as db:
+            row = db.execute("SELECT attempt_tokens, publications, state FROM job WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] == "done":
+                return "wait"
+            left = [t for t in row["attempt_tokens"].split() if t != token]
+            db.execute("UPDATE job SET attempt_tokens = ? WHERE id = ?", (" ".join(left), job_id))
+            self._end_attempt(db, job_id, worker, "voted")
+            if left:
+                return "wait"
+            if row["publications"] >= max_publications:
+                return "failed"
+            db.execute("UPDATE job SET state = 'pending' WHERE id = ?", (job_id,))
+            return "retry"
+
+    def outvoted(self, task_id: int) -> list[dict[str, Any]]:
+        """Replicas whose checksum lost its job's vote: [{job_id, worker}]."""
+        rows = self._rows(
+            "SELECT v.job_id, v.worker FROM vote v JOIN job j ON j.id = v.job_id WHERE j.task_id = ? AND "
+            "v.checksum != (SELECT checksum FROM vote w WHERE w.job_id = v.job_id GROUP BY checksum "
+            "ORDER BY COUNT(*) DESC LIMIT 1) ORDER BY v.job_id", (task_id,))
+        return [{"job_id": r[0], "worker": r[1]} for r in rows]
+
+    def voted(self, job_id: int, worker: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM vote WHERE job_id = ? AND worker = ?", (job_id, worker)))
+
+    def spent(self, task_id: int) -> dict[str, Any]:
+        """What a task's jobs cost and carried: CPU, energy (and its sources), bytes, cache hits."""
+        row = self._rows(
+            "SELECT COUNT(*), SUM(cached), SUM(cpu_ms), SUM(joules), SUM(size * (1 - cached)), "
+            "SUM(result_bytes * (1 - cached)), GROUP_CONCAT(DISTINCT energy_source), COUNT(DISTINCT version), "
+            "MAX(version) FROM job WHERE task_id = ?", (task_id,))[0]
+        return {"jobs": row[0], "cached": int(row[1] or 0), "cpu_seconds": (row[2] or 0) / 1000,
+                "joules": float(row[3] or 0), "job_bytes": int(row[4] or 0), "result_bytes": int(row[5] or 0),
+                "sources": sorted((row[6] or "").split(",")) if row[6] else [],
+                "version": row[8] if row[7] == 1 else None}
+
+    def finish_from_cache(self, task_id: int, facts: dict[str, Any]) -> None:
+        """The whole task came from the results cache: its facts, prepared and done, no jobs."""
+        with self._tx() as db:
+            db.execute("DELETE FROM job WHERE task_id = ?", (task_id,))
+            self._merge_facts(db, task_id, facts)
+            now = time.time()
+            db.execute("UPDATE task SET ready = 1, state = 'done', error = NULL, finished_at = ?, "
+                       "started_at = COALESCE(started_at, ?) WHERE id = ?", (now, now, task_id))
 
     def record_failure(self, job_id: int, worker: str, token: str, error: str, max_attempts: int) -> str:
         """Close a failed attempt: 'retry' (publish again), 'failed' (its task fails) or 'wait'.

@@ -64,6 +64,8 @@ def task_view(store: Store, task: Task, base: str = "") -> dict:
         "jobs_total": total,
         "jobs_done": done,
         "error": task.error,
+        # why its jobs wait (no live worker takes them); null when some worker can
+        "waiting": task.facts.get("waiting") if task.active else None,
         "outputs": outputs if task.state == "done" else [],
         "stats": task.facts.get("stats", {}),
         "url": url,

@@ -60,7 +60,7 @@ export function renderTask(task, media) {
   badge.textContent = task.state;
   badge.className = `state ${task.state}`;
 
-  const stage = stageOf(task);
+  const stage = task.waiting ? { text: `Waiting: ${task.waiting}`, value: null } : stageOf(task);
   $("#task-stage").textContent = stage.text;
   const bar = $("#task-bar");
   if (stage.value === null) bar.removeAttribute("value"); else bar.value = stage.value;
@@ -95,7 +95,23 @@ function renderResult(task, media) {
     ["duration", "duration", seconds(stats.duration)],
     ["codec", "codec", stats.codec ? valueLabel(stats.codec) : "–"],
     ["resolution", "resolution", stats.width ? `${stats.width}×${stats.height}` : "–"],
+    ["energy", "energy", energy(stats.energy)],
+    ["cache", "from the cache", cached(stats.cache)],
   ]));
+}
+
+// Joules, and how they were known: "estimated" where the workers cannot read RAPL.
+function energy(spent) {
+  if (!spent) return "–";
+  if (spent.source === "cached") return "none (from the cache)";
+  const perFrame = spent.joules_per_frame == null ? "" : `, ${spent.joules_per_frame.toFixed(3)} J/frame`;
+  return `${spent.joules.toFixed(1)} J${perFrame} (${spent.source})`;
+}
+
+function cached(cache) {
+  if (!cache) return "–";
+  if (cache.task) return "the whole result";
+  return cache.jobs ? `${cache.jobs} of ${cache.of} chunks` : "nothing";
 }
 
 // The stage a task is in, for the progress bar: null value = no measure of it (indeterminate).

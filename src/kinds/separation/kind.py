@@ -24,7 +24,7 @@ from src.config import Settings
 from src.kinds.base import BadParams, JobView, Media, NotApplicable, Output, Param, Planned, TaskView
 from src.kinds.separation import MIX
 from src.kinds.separation.merge import merge_results
-from src.kinds.separation.model import ModelSpec, load_spec
+from src.kinds.separation.model import ModelSpec, load_spec, software_version
 from src.kinds.separation.plan import JobPlan, job_params, plan_jobs
 from src.kinds.separation.prepare import normalisation
 from src.media import pcm
@@ -79,6 +79,15 @@ class SeparationKind:
 
     def output_names(self, params: dict[str, Any], facts: dict[str, Any]) -> list[str]:
         return [*self.spec.sources, MIX]
+
+    def route(self, params: dict[str, Any]) -> str | None:
+        return None  # every separation worker can run every separation job
+
+    def version(self, params: dict[str, Any]) -> str:
+        return software_version()
+
+    def merged_files(self, task: TaskView) -> list[Path]:
+        return [stem_path(task, name) for name in (*self.spec.sources, MIX)]
 
     # -- before the jobs ---------------------------------------------------------------
 

@@ -125,3 +125,10 @@ def load_spec(name: str, repo: str, segment_override: float | None) -> ModelSpec
     model = load_model(name, repo)
     model.to(torch.device("meta"))
     return describe(model, name, segment_override)
+
+
+def software_version() -> str:
+    """What names the numbers a job returns, besides its params (which name the model)."""
+    import demucs
+
+    return f"demucs {demucs.__version__} torch {torch.__version__}"

@@ -105,6 +105,12 @@ class SeparationRunner:
             raise model
         return model
 
+    def offers(self) -> dict[str, str]:
+        """One route, every separation job, with the software version that computes it."""
+        from src.kinds.separation.model import software_version
+
+        return {"": software_version()}
+
     def problem(self, params: dict[str, Any], body: bytes) -> str | None:
         from src.kinds.separation.model import ModelUnavailable, describe
 
@@ -142,6 +148,10 @@ class SeparationRunner:
         middle = (len(damaged) // 8) * 4
         damaged[middle:middle + 4] = np.array([np.nan], dtype="<f4").tobytes()
         return bytes(damaged)
+
+    def tamper(self, params: dict[str, Any], body: bytes) -> bytes:
+        """Plausible but wrong: every sample at half its value (finite, the right shape)."""
+        return (np.frombuffer(body, dtype="<f4") * np.float32(0.5)).astype("<f4").tobytes()
 
 
 def worker(settings: Settings) -> SeparationRunner:

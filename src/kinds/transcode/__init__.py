@@ -6,3 +6,6 @@ hold one concept: `probe` (ffprobe facts), `plan` (cutting frames into jobs), `s
 (stream-copy pieces), `encode` (the encoder command), `check` (judging a chunk), `stitch`
 (joining chunks and the audio), `tools` (running ffmpeg).
 """
+
+# One jobs queue per codec: a worker consumes the codecs its ffmpeg can encode (see registry).
+ROUTES = ("h264", "hevc", "vp9", "av1")

@@ -5,12 +5,18 @@ counting as an error), hold exactly the frames its job owns, and have the planne
 codec: anything else would put a seam, a missing frame or a repeated one in the stitched
 video. One decode does it all: `framecrc` writes one line per decoded frame, so counting
 lines counts frames, and the stream header gives the codec and size.
+
+That catches a damaged chunk, not a wrong one: a worker with a broken encoder could ship a
+clean chunk of the wrong pictures. `psnr` (VERIFY=psnr) measures the chunk against the
+frames of the source it stands for, decoded from the job's piece and scaled the same way.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 from src.kinds.transcode import tools
@@ -44,3 +50,23 @@ def check_chunk(path: Path, frames: int, width: int, height: int, codec: str, ti
     if (stream.get("width"), stream.get("height")) != (width, height):
         return f"the chunk is {stream.get('width')}x{stream.get('height')}, the plan says {width}x{height}"
     return None
+
+
+PSNR_AVERAGE = re.compile(rb"PSNR .*average:(inf|[0-9.]+)")
+
+
+def psnr(chunk: Path, piece: Path, skip: int, frames: int, width: int, height: int, fps: str,
+         timeout: float = 600) -> float:
+    """Mean PSNR (dB, all planes) of the chunk against source frames skip..skip+frames-1 of the
+    piece, scaled as the worker scales them; inf when identical."""
+    rate = Fraction(fps)
+    retime = f"settb=AVTB,setpts=N*{rate.denominator}/{rate.numerator}/TB"
+    graph = (f"[1:v]select='between(n\\,{skip}\\,{skip + frames - 1})',{retime},"
+             f"scale={width}:{height}:flags=bicubic,format=yuv420p[source];"
+             f"[0:v]{retime},format=yuv420p[chunk];[chunk][source]psnr")
+    done = tools.run([*tools.FFMPEG, "-v", "info", "-nostats", "-i", str(chunk), "-i", str(piece),
+                      "-filter_complex", graph, "-f", "null", "-"], timeout=timeout, what="measuring PSNR")
+    found = PSNR_AVERAGE.search(done.stderr)
+    if found is None:
+        raise tools.ToolError(f"measuring PSNR: no figure in ffmpeg's output: {tools.tail(done.stderr, 300)}")
+    return float(found.group(1))

@@ -23,7 +23,9 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
-CODECS = ("h264", "hevc", "vp9", "av1")
+from src.kinds.transcode import ROUTES
+
+CODECS = ROUTES  # a codec is a route: its own jobs queue
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 DEFAULT_PRESET = {"h264": "medium", "hevc": "fast", "vp9": "faster", "av1": "faster"}
 DEFAULT_CRF = {"h264": 23, "hevc": 28, "vp9": 32, "av1": 35}

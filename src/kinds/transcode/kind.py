@@ -19,7 +19,7 @@ from typing import Any
 
 from src.config import Settings
 from src.kinds.base import BadParams, JobView, Media, NotApplicable, Output, Param, Planned, TaskView
-from src.kinds.transcode import check, encode, plan, probe, split, stitch
+from src.kinds.transcode import check, encode, plan, probe, split, stitch, tools
 from src.media.atomic import atomic
 
 NAME = "transcode"
@@ -132,6 +132,16 @@ class TranscodeKind:
     def output_names(self, params: dict[str, Any], facts: dict[str, Any]) -> list[str]:
         return ["video"]
 
+    def route(self, params: dict[str, Any]) -> str | None:
+        return params["codec"]
+
+    def version(self, params: dict[str, Any]) -> str:
+        encoder = encode.encoder_for(params["codec"], tools.encoders())
+        return tools.encoder_version(encoder) if encoder else "none"
+
+    def merged_files(self, task: TaskView) -> list[Path]:
+        return [task.output_path("video", task.params["container"])]
+
     # -- planning ---------------------------------------------------------------------
 
     def prepare(self, task: TaskView) -> dict[str, Any]:
@@ -180,8 +190,23 @@ class TranscodeKind:
         with tempfile.NamedTemporaryFile(dir=scratch, suffix=f".{encode.CHUNK_FORMAT}") as chunk:
             chunk.write(body)
             chunk.flush()
-            return check.check_chunk(Path(chunk.name), job.facts["frames"], task.facts["width"],
-                                     task.facts["height"], task.params["codec"])
+            reason = check.check_chunk(Path(chunk.name), job.facts["frames"], task.facts["width"],
+                                       task.facts["height"], task.params["codec"])
+            if reason is None and self.settings.verify == "psnr":
+                reason = self._verify(task, job, Path(chunk.name))
+            return reason
+
+    def _verify(self, task: TaskView, job: JobView, chunk: Path) -> str | None:
+        """VERIFY=psnr: the chunk must look like the source frames it stands for."""
+        piece = task.folder / PIECES / Path(job.facts["piece_file"]).name
+        if not piece.is_file():
+            return None  # a late result for a task already merged (its pieces are gone): nothing to keep
+        measured = check.psnr(chunk, piece, job.facts["skip"], job.facts["frames"], task.facts["width"],
+                              task.facts["height"], task.facts["fps"])
+        if measured < self.settings.verify_min_psnr:
+            return (f"PSNR {measured:.2f} dB against the source frames {job.facts['start']}-{job.facts['end']}, "
+                    f"below VERIFY_MIN_PSNR {self.settings.verify_min_psnr:g} dB")
+        return None
 
     def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None:
         with atomic(task.result_path(job.id, encode.CHUNK_FORMAT)) as partial:

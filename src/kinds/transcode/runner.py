@@ -44,6 +44,12 @@ class Runner:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings
 
+    def offers(self) -> dict[str, str]:
+        """The codecs this host's ffmpeg can encode, each with its encoder's version."""
+        found = tools.encoders()
+        return {codec: tools.encoder_version(encoder) for codec in encode.CODECS
+                if (encoder := encode.encoder_for(codec, found)) is not None}
+
     def problem(self, params: dict[str, Any], body: bytes) -> str | None:
         if not isinstance(params, dict):
             return "params must be an object"
@@ -97,6 +103,19 @@ class Runner:
         result = {name: params[name] for name in ECHOED}
         result["encoder"] = encoder
         return result, data
+
+    def tamper(self, params: dict[str, Any], body: bytes) -> bytes:
+        """A chunk that passes every structural check (codec, size, frames, a clean decode) but
+        shows flat grey: what a broken encoder or a lazy worker could ship. Only VERIFY=psnr or
+        VERIFY_REPLICAS catch it."""
+        encoder = encode.encoder_for(params["codec"], tools.encoders())
+        with tempfile.TemporaryDirectory(prefix="tamper-") as scratch:
+            chunk = Path(scratch) / f"chunk.{encode.CHUNK_FORMAT}"
+            grey = f"color=c=gray:s={params['width']}x{params['height']}:r={params['fps']}"
+            tools.run([*tools.FFMPEG, "-v", "error", "-f", "lavfi", "-i", grey, "-frames:v", str(params["frames"]),
+                       "-r", str(params["fps"]), *encode.encoder_args(params, encoder), "-pix_fmt", "yuv420p",
+                       "-f", encode.CHUNK_FORMAT, "-y", str(chunk)], timeout=600, what="tampering")
+            return chunk.read_bytes()
 
     def corrupt(self, body: bytes) -> bytes:
         """Damaged bytes for WORKER_SIMULATE=corrupt: the middle eighth inverted, and the

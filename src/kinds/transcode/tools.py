@@ -91,6 +91,23 @@ def encoders() -> frozenset[str]:
     return frozenset(names)
 
 
+@lru_cache(maxsize=1)
+def ffmpeg_version() -> str:
+    """This ffmpeg's version and its libavcodec's, e.g. "5.1.8-0+deb12u1 libavcodec 59.37.100"."""
+    if missing():
+        return "none"
+    lines = run([*FFMPEG, "-version"], timeout=30, what="ffmpeg -version").stdout.decode("utf-8", "replace")
+    version = next((line.split()[2] for line in lines.splitlines() if line.startswith("ffmpeg version")), "unknown")
+    codec = next((" ".join(line.split()[:2]) for line in lines.splitlines() if line.startswith("libavcodec")), "")
+    return f"{version} {codec}".strip()
+
+
+def encoder_version(encoder: str) -> str:
+    """What names the bytes an encoder makes: the encoder and the ffmpeg build it is in. (Two
+    hosts with the same string give the same chunk for the same job: the cache relies on it.)"""
+    return f"{encoder} ffmpeg {ffmpeg_version()}"
+
+
 def fraction(text: str) -> Fraction:
     """An exact frame rate from ffprobe's "30000/1001" (or "25"); ValueError when not positive."""
     value = Fraction(str(text).strip())
