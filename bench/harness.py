@@ -105,8 +105,10 @@ class Deployment:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        for name in ("jobs", "results", "dead"):
-            subprocess.run(["rabbitmqctl", "-q", "delete_queue", f"{self.prefix}.{name}"], capture_output=True)
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True).stdout
+        for name in listed.split():
+            if name.startswith(self.prefix + "."):  # jobs (one per kind and route), results, dead
+                subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True)
 
     def upload(self, song: Path) -> dict:
         status, body = http("POST", self.base + "/music", song.read_bytes(), "application/octet-stream")

@@ -1,8 +1,10 @@
 """`make bench`: run every benchmark section and write docs/BENCHMARKS.md with its plots.
 
-    python -m bench.run                      # the full run (about 35 minutes on 2 cores)
+    python -m bench.run                      # the full run (about 55 minutes on 2 cores)
     BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory
     BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
+    python -m bench.run --only transcode     # section 6 alone (about 17 minutes on 2 cores), the
+                                             # other sections' figures kept from docs/benchmarks.json
 
 The realistic model is saved once under bench/.models (htdemucs' architecture, random
 weights). Deployments use their own QUEUE_PREFIX and a scratch STORAGE_DIR.
@@ -11,15 +13,17 @@ weights). Deployments use their own QUEUE_PREFIX and a scratch STORAGE_DIR.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import sections
-from bench.report import write
+from bench import sections, transcode
+from bench.report import measured, write
 from tools.random_model import save_random_htdemucs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +54,50 @@ def timed(name: str, section: Callable[..., dict], *args: Any) -> dict:
     return result
 
 
+def previous(docs: Path) -> dict:
+    """The figures of an earlier run in `docs`, with when and how sections 1-5 were measured
+    (taken from its BENCHMARKS.md where the figures predate keeping that)."""
+    found = docs / "benchmarks.json"
+    if not found.exists():
+        return {}
+    results = json.loads(found.read_text())
+    if "speed" in results and "measured" not in results:
+        report = docs / "BENCHMARKS.md"
+        text = report.read_text() if report.exists() else ""
+        at = re.search(r"^Measured (.+?) UTC on (.+)\.$", text, re.M)
+        command = re.search(r"^Command: `(.+?)`", text, re.M)
+        results["measured"] = {"at": at[1] if at else "?", "on": at[2] if at else "?",
+                               "command": command[1] if command else "make bench"}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"),
                         choices=["full", "quick", "smoke"])
+    parser.add_argument("--only", choices=["transcode"],
+                        help="run only this section; the others' figures are kept from DOCS/benchmarks.json")
     args = parser.parse_args()
-    chosen = profile(args.profile, ROOT / "bench" / ".models")
-    results = {"profile": chosen.__dict__}
+    command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
+    if args.only:
+        command = ("" if args.profile == "full" else f"BENCH_PROFILE={args.profile} ") + \
+            "python -m bench.run --only transcode"
+        results = previous(args.docs)
+        results.pop("transcode", None)
+    else:
+        chosen = profile(args.profile, ROOT / "bench" / ".models")
+        results = {"profile": chosen.__dict__}
     with tempfile.TemporaryDirectory(prefix="karaoke-bench-") as scratch:
         workdir = Path(scratch)
-        results["speed"] = timed("speed", sections.speed, chosen, workdir)
-        results["fidelity"] = timed("fidelity", sections.fidelity, chosen, workdir)
-        results["memory"] = timed("memory", sections.memory, chosen, workdir)
-        # the load's pace comes from the speed section's measured cost per second of audio
-        results["load"] = timed("load", sections.load, chosen, workdir, results["speed"])
-    command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
+        if not args.only:
+            results["speed"] = timed("speed", sections.speed, chosen, workdir)
+            results["fidelity"] = timed("fidelity", sections.fidelity, chosen, workdir)
+            results["memory"] = timed("memory", sections.memory, chosen, workdir)
+            # the load's pace comes from the speed section's measured cost per second of audio
+            results["load"] = timed("load", sections.load, chosen, workdir, results["speed"])
+        results["transcode"] = timed("transcode", transcode.run, transcode.profile(args.profile), workdir)
+    results["transcode"]["measured"] = measured(command)
     print(f"bench: wrote {write(results, args.docs, command)}")
 
 

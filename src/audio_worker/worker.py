@@ -25,7 +25,8 @@ the server counts the failure and decides whether to publish the job again.
 
 Control: a `reset` stops work on tasks up to the id it names, a `cancel` on the tasks it
 names, but never beyond the highest task id this worker has seen in a job: a forged
-control message cannot stop future tasks.
+control message cannot stop future tasks. An `announce` (a server that just started)
+makes it publish its presence at once.
 
 Presence: every heart-beat interval, and at every job start and end, the worker
 publishes what it is doing, which kinds and routes it offers (with their software
@@ -264,6 +265,10 @@ class Worker:
             message = decode(delivery.headers, delivery.body)
         except MalformedMessage as exc:
             log.warning("Worker[%s] ignored a control message: %s", self.name, exc)
+            return
+        if isinstance(message, ControlMessage) and message.action == "announce":
+            # a server that just started asks; presence is rate-limited there, so a forged ask costs nothing
+            self._announce("busy" if self._current else "idle")
             return
         if not isinstance(message, ControlMessage) or not message.task_ids:
             return

@@ -203,7 +203,8 @@ def clean_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 @dataclass(frozen=True)
 class ControlMessage:
-    """`reset`: stop the work of every task up to the highest id named. `cancel`: of these tasks."""
+    """`reset`: stop the work of every task up to the highest id named. `cancel`: of these tasks.
+    `announce`: every worker publishes its presence now (a server that just started)."""
 
     action: str
     task_ids: tuple[int, ...] = ()
@@ -390,7 +391,7 @@ def _decode_failure(headers: dict[str, str], body: bytes) -> FailureMessage:
 
 def _decode_control(headers: dict[str, str]) -> ControlMessage:
     action = _header(headers, "action")
-    if action not in ("reset", "cancel"):
+    if action not in ("reset", "cancel", "announce"):
         raise MalformedMessage(f"unknown control action {_show(action)}")
     raw = headers.get("task-ids", "")
     items = raw.split(",") if raw else []

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from src.messaging.broker import Delivery
 from src.messaging.schema import (
+    ControlMessage,
     Expected,
     FailureMessage,
     MalformedMessage,
@@ -78,6 +79,12 @@ class Collector:
             done, total = self.store.progress(task.id)
             if task.state == "running" and total and done == total:
                 self._merger.submit(self._merge, task.id)
+
+    def ask_presence(self) -> None:
+        """Ask every worker to announce itself now: workers that started before this server
+        would otherwise appear only at their next heart-beat."""
+        self.broker.send(self.broker.destinations.control, b"", ControlMessage("announce").headers(),
+                         persistent=False)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -39,6 +39,7 @@ class Services:
         self.watcher = Watcher(self.pipeline, self.orchestrator)  # checks WATCH_TASK before connecting
         self.collector.start()  # registers subscriptions; connect() applies them
         self.broker.connect()
+        self.collector.ask_presence()
         self.orchestrator.start()
         self.watcher.start()
         self.started = True
