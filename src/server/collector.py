@@ -211,13 +211,18 @@ class Collector:
         repeated = self.store.voted(job.id, message.worker)
         tally = self.store.vote(job.id, message.worker, checksum)
         if not repeated and tally[checksum] >= replicas // 2 + 1:
-            log.info("JobDoneMsg[%d] - %d of %d replicas agree", job.id, tally[checksum], replicas)
+            outvoted = sum(count for other, count in tally.items() if other != checksum)
+            self.metrics.results_outvoted.inc(outvoted)
+            log.info("JobDoneMsg[%d] - %d of %d replicas agree%s", job.id, tally[checksum], replicas,
+                     f"; {outvoted} outvoted" if outvoted else "")
             return True
         log.info("JobDoneMsg[%d] - from Worker[%s]: %s (votes %s)", job.id, message.worker,
                  "a second copy from the same worker counts once" if repeated else "no majority yet",
                  sorted(tally.values(), reverse=True))
+        # a copy from a worker that already voted costs the job none of its attempts: it only
+        # took longer for another worker to be free
         verdict = self.store.close_copy(job.id, message.worker, message.attempt_token,
-                                        replicas + self.settings.max_attempts)
+                                        replicas + self.settings.max_attempts, counts=not repeated)
         if verdict == "failed" and self.store.mark_failed(
                 task.id, f"job {job.id} (chunk {job.chunk}): no {replicas // 2 + 1} of {replicas} replicas agree "
                 f"after {job.publications} copies"):
@@ -262,9 +267,9 @@ class Collector:
         timing = {**task.facts.get("timing", {}), "merge_seconds": round(time.monotonic() - started, 3)}
         stats = {**stats, **self._costs(task_id, stats), "timing": timing}
         self.store.update_facts(task_id, {"stats": stats, "timing": timing, "waiting": None})
+        self._keep_task(self.store.task(task_id), kind, view)  # before done: the same task again hits
         self.store.mark_done(task_id)
         log.info("Task[%d] - merge time: %.2f[s]", task_id, timing["merge_seconds"])
-        self._keep_task(self.store.task(task_id), kind, view)
         log.info("Task[%d] - total time: %.2f[s]", task_id, time.time() - (task.started_at or task.created_at))
         self.p.changed(task_id)
 

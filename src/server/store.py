@@ -425,15 +425,18 @@ class Store:
                               (job_id,)).fetchall()
             return {row[0]: row[1] for row in rows}
 
-    def close_copy(self, job_id: int, worker: str, token: str, max_publications: int) -> str:
+    def close_copy(self, job_id: int, worker: str, token: str, max_publications: int, counts: bool = True) -> str:
         """A replica's copy is in but decided nothing: 'wait' (copies still out), 'retry' (publish
-        one more) or 'failed' (max_publications reached without a majority)."""
+        one more) or 'failed' (max_publications reached without a majority). A copy that does not
+        `count` (its worker had voted already) gives its publication back."""
         with self._tx() as db:
             row = db.execute("SELECT attempt_tokens, publications, state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] == "done":
                 return "wait"
             left = [t for t in row["attempt_tokens"].split() if t != token]
-            db.execute("UPDATE job SET attempt_tokens = ? WHERE id = ?", (" ".join(left), job_id))
+            db.execute("UPDATE job SET attempt_tokens = ?, publications = publications - ? WHERE id = ?",
+                       (" ".join(left), 0 if counts else 1, job_id))
+            row = db.execute("SELECT publications FROM job WHERE id = ?", (job_id,)).fetchone()
             self._end_attempt(db, job_id, worker, "voted")
             if left:
                 return "wait"
