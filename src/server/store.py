@@ -429,21 +429,8 @@ class Store:
         """A replica's copy is in but decided nothing: 'wait' (copies still out), 'retry' (publish
         one more) or 'failed' (max_publications reached without a majority). A copy that does not
         `count` (its worker had voted already) gives its publication back."""
-        with self._tx() as db:
-            row = db.execute("SELECT attempt_tokens, publications, state FROM job WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] == "done":
-                return "wait"
-            left = [t for t in row["attempt_tokens"].split() if t != token]
-            db.execute("UPDATE job SET attempt_tokens = ?, publications = publications - ? WHERE id = ?",
-                       (" ".join(left), 0 if counts else 1, job_id))
-            row = db.execute("SELECT publications FROM job WHERE id = ?", (job_id,)).fetchone()
-            self._end_attempt(db, job_id, worker, "voted")
-            if left:
-                return "wait"
-            if row["publications"] >= max_publications:
-                return "failed"
-            db.execute("UPDATE job SET state = 'pending' WHERE id = ?", (job_id,))
-            return "retry"
+        return self._close(job_id, worker, token, "voted", max_publications, "publications = publications - ?",
+                           (0 if counts else 1,))
 
     def outvoted(self, task_id: int) -> list[dict[str, Any]]:
         """Replicas whose checksum lost its job's vote: [{job_id, worker}]."""
@@ -481,17 +468,23 @@ class Store:
 
         'wait': another copy of the job is still outstanding (a deadline re-publication).
         """
+        return self._close(job_id, worker, token, "failed", max_attempts, "error = ?, failures = failures + 1",
+                           (error,))
+
+    def _close(self, job_id: int, worker: str, token: str, outcome: str, max_publications: int, change: str,
+               args: tuple) -> str:
+        """Close one outstanding copy of a job (its token) with `change` applied to the job; then
+        'wait' (other copies still out), 'failed' (no publication left) or 'retry' (pending again)."""
         with self._tx() as db:
-            row = db.execute("SELECT attempt_tokens, publications, state FROM job WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT attempt_tokens, state FROM job WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] == "done":
                 return "wait"
             left = [t for t in row["attempt_tokens"].split() if t != token]
-            db.execute("UPDATE job SET error = ?, failures = failures + 1, attempt_tokens = ? WHERE id = ?",
-                       (error, " ".join(left), job_id))
-            self._end_attempt(db, job_id, worker, "failed")
+            db.execute(f"UPDATE job SET {change}, attempt_tokens = ? WHERE id = ?", (*args, " ".join(left), job_id))
+            self._end_attempt(db, job_id, worker, outcome)
             if left:
                 return "wait"
-            if row["publications"] >= max_attempts:
+            if db.execute("SELECT publications FROM job WHERE id = ?", (job_id,)).fetchone()[0] >= max_publications:
                 return "failed"
             db.execute("UPDATE job SET state = 'pending' WHERE id = ?", (job_id,))
             return "retry"
@@ -538,6 +531,29 @@ class Store:
                 started = now - (time_ms or 0) / 1000
                 db.execute("INSERT INTO attempt (job_id, task_id, worker, started_at, ended_at, outcome) "
                            "VALUES (?,?,?,?,?,?)", (job_id, row[0], worker, started, now, outcome))
+
+    def shares(self, task_id: int) -> dict[str, Any]:
+        """Who did what of a task: per worker its jobs done, their media seconds and compute time,
+        and the job it runs now; and the jobs nobody runs yet. (Cache hits are no worker's.)"""
+        done = self._rows(
+            "SELECT worker, COUNT(*), SUM(seconds), SUM(time_ms) FROM job WHERE task_id = ? AND state = 'done' "
+            "AND cached = 0 AND worker IS NOT NULL GROUP BY worker", (task_id,))
+        running = self._rows(
+            "SELECT a.worker, a.job_id, j.seconds, a.started_at FROM attempt a JOIN job j ON j.id = a.job_id "
+            "WHERE a.task_id = ? AND a.outcome = 'running' AND j.state != 'done'", (task_id,))
+        workers: dict[str, dict[str, Any]] = {}
+        for worker, jobs, seconds, time_ms in done:
+            workers[worker] = {"worker": worker, "jobs_done": jobs, "seconds_done": seconds or 0.0,
+                               "compute_ms": int(time_ms or 0), "running": None}
+        for worker, job_id, seconds, started_at in running:
+            entry = workers.setdefault(worker, {"worker": worker, "jobs_done": 0, "seconds_done": 0.0,
+                                                "compute_ms": 0, "running": None})
+            entry["running"] = {"job_id": job_id, "seconds": seconds, "started_at": started_at}
+        busy = {row[1] for row in running}
+        waiting = self._rows("SELECT id, seconds FROM job WHERE task_id = ? AND state != 'done'", (task_id,))
+        left = [seconds for job_id, seconds in waiting if job_id not in busy]
+        return {"workers": sorted(workers.values(), key=lambda w: w["worker"]),
+                "pending": {"jobs": len(left), "seconds": sum(left)}}
 
     def attempts(self, task_id: int) -> list[dict]:
         rows = self._rows(

@@ -72,6 +72,20 @@ def timeline(task_id: int):
     return jsonify(services().store.attempts(task_id))
 
 
+@bp.get("/tasks/<id:task_id>/workers")
+def workers(task_id: int):
+    """Per worker, what it did and does of this task (live); its address while it is alive."""
+    s = services()
+    _task_or_404(task_id)
+    shares = s.store.shares(task_id)
+    alive = {w["worker"]: w for w in s.collector.workers.snapshot()}
+    for entry in shares["workers"]:
+        found = alive.get(entry["worker"])
+        entry.update(address=found["address"] if found else None, host=found["host"] if found else None,
+                     alive=found is not None)
+    return jsonify(shares)
+
+
 @bp.get("/tasks/<id:task_id>/outputs/<name>")
 def output(task_id: int, name: str):
     s = services()
