@@ -139,8 +139,7 @@ def write(results: dict, docs: Path, command: str) -> Path:
         lines.append(f"| {label} | {run['songs']} | {run['songs_per_hour']:.0f} | {run['p50']:.1f}s | "
                      f"{run['p95']:.1f}s | {' / '.join(map(str, run['jobs_per_worker']))} |")
     lines += ["", "![load](load.png)", ""]
-    if "transcode" in results:
-        lines += _transcode(results["transcode"], docs)
+    lines += _video_sections(results, docs)
 
     _plots(results, docs)
     target = docs / "BENCHMARKS.md"
@@ -185,11 +184,20 @@ def _plots(results: dict, docs: Path) -> None:
 # -- 6: transcoding -----------------------------------------------------------------------------
 
 
+def _video_sections(results: dict, docs: Path) -> list[str]:
+    lines = []
+    if "transcode" in results:
+        lines += _transcode(results["transcode"], docs)
+    if "faceblur" in results:
+        lines += _faceblur(results["faceblur"], docs)
+    return lines
+
+
 def _write_transcode_only(results: dict, docs: Path) -> Path:
-    """The report of a run of section 6 alone, where no earlier sections 1-5 were found."""
-    lines = ["# Benchmarks", "", "Only section 6 was measured here (`--only transcode`); sections 1-5 are in the "
-             "report of a full `make bench`. Raw figures: `benchmarks.json`.", ""]
-    lines += _transcode(results["transcode"], docs)
+    """The report of a run of a video section alone, where no earlier sections 1-5 were found."""
+    lines = ["# Benchmarks", "", "Only the video sections were measured here (`--only`); sections 1-5 are in "
+             "the report of a full `make bench`. Raw figures: `benchmarks.json`.", ""]
+    lines += _video_sections(results, docs)
     target = docs / "BENCHMARKS.md"
     target.write_text("\n".join(lines))
     return target
@@ -417,3 +425,49 @@ def _transcode_plots(tr: dict, docs: Path) -> None:
     fig.tight_layout()
     fig.savefig(docs / "amdahl.png", dpi=110)
     plt.close(fig)
+
+
+# -- 7: face blurring ---------------------------------------------------------------------------
+
+
+def _faceblur(fb: dict, docs: Path) -> list[str]:
+    p, when = fb["profile"], fb["measured"]
+    lines = [
+        "## 7. Face blurring", "",
+        f"Measured {when['at']} UTC on {when['on']}.",
+        f"Command: `{when['command']}` (profile `{p['name']}`), {fb['section_seconds'] / 60:.1f} minutes for this "
+        "section.", "",
+        f"Input: `{fb['source']}`, {p['width']}x{p['height']} at {p['fps']} fps, {fb['frames']} frames: "
+        "scikit-image's astronaut sliding across ffmpeg's `testsrc2`, H.264 with a keyframe a second. Every run "
+        "uses CenterFace on OpenCV's DNN at threshold 0.2 and blurs with the same mask size: deface's "
+        f"`--mask-scale 1.3` grows each side by 30 %, which is this kind's `mask_scale` 1.6 "
+        f"(params {json.dumps(fb['params'])}). deface: `{fb['deface_command']}`, with OpenCV's own threads. "
+        f"The farm: a server and 1 or 2 workers (one thread each), CHUNK_SECONDS={p['chunk_seconds']:g}, "
+        "CACHE_MB=0, on the same machine; wall time is `POST /tasks` → done (probe, split, detection and "
+        f"masking, encode, check, stitch). Medians of {p['runs']} runs, (min–max) beside them.", "",
+        "| run | wall | frames per second | CPU s | detect + mask per frame | faces found in frames |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in fb["rows"]:
+        per_frame = f"{row['ms_per_frame']:.0f} ms" if "ms_per_frame" in row else "–"
+        faces = f"{row['faces']} of {fb['frames']}" if "faces" in row else "–"
+        lines.append(f"| {row['label']} | {fmt(row['wall'])} | **{row['fps']:.2f}** | {fmt(row['cpu'])} | "
+                     f"{per_frame} | {faces} |")
+    deface, one, two = fb["rows"]
+    se = fb["serial"]
+    lines += [
+        "",
+        f"2 workers against deface: **{two['fps'] / deface['fps']:.2f}x** its frames per second; 2 workers "
+        f"against 1: {two['fps'] / one['fps']:.2f}x. The 1-worker run's serial part (prepare + merge, "
+        f"`stats.timing`) is {se['seconds']:.2f}s, a share s = **{se['share']:.3f}**; Amdahl, one worker per "
+        "host:", "",
+        "| hosts N | " + " | ".join(fb["speedup"]) + " |",
+        "|---|" + "---|" * len(fb["speedup"]),
+        "| projected speed-up | " + " | ".join(f"{v:.2f}" for v in fb["speedup"].values()) + " |",
+        "",
+        f"Broker bytes per frame (payload, before base64): {fb['broker_bytes_per_frame']['jobs']:.0f} B of source "
+        f"pieces and {fb['broker_bytes_per_frame']['results']:.0f} B of encoded chunks, against "
+        f"{p['width'] * p['height'] * 3 // 2} B of one raw yuv420p frame: a job carries its frames encoded, plus "
+        "the context frames its smoothing needs.", "",
+    ]
+    return lines

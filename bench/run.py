@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import sections, transcode
+from bench import faceblur, sections, transcode
 from bench.report import measured, write
 from tools.random_model import save_random_htdemucs
 
 ROOT = Path(__file__).resolve().parents[1]
+VIDEO_SECTIONS = {"transcode": transcode, "faceblur": faceblur}  # sections 6 and 7, each `--only`-able
 
 
 def profile(name: str, models: Path) -> sections.Profile:
@@ -76,15 +77,15 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"),
                         choices=["full", "quick", "smoke"])
-    parser.add_argument("--only", choices=["transcode"],
+    parser.add_argument("--only", choices=list(VIDEO_SECTIONS),
                         help="run only this section; the others' figures are kept from DOCS/benchmarks.json")
     args = parser.parse_args()
     command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
     if args.only:
         command = ("" if args.profile == "full" else f"BENCH_PROFILE={args.profile} ") + \
-            "python -m bench.run --only transcode"
+            f"python -m bench.run --only {args.only}"
         results = previous(args.docs)
-        results.pop("transcode", None)
+        results.pop(args.only, None)
     else:
         chosen = profile(args.profile, ROOT / "bench" / ".models")
         results = {"profile": chosen.__dict__}
@@ -96,8 +97,10 @@ def main() -> None:
             results["memory"] = timed("memory", sections.memory, chosen, workdir)
             # the load's pace comes from the speed section's measured cost per second of audio
             results["load"] = timed("load", sections.load, chosen, workdir, results["speed"])
-        results["transcode"] = timed("transcode", transcode.run, transcode.profile(args.profile), workdir)
-    results["transcode"]["measured"] = measured(command)
+        for name, section in VIDEO_SECTIONS.items():
+            if args.only in (None, name):
+                results[name] = timed(name, section.run, section.profile(args.profile), workdir)
+                results[name]["measured"] = measured(command)
     print(f"bench: wrote {write(results, args.docs, command)}")
 
 

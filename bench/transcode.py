@@ -203,13 +203,13 @@ def farm_cpu(deployment: Deployment) -> float:
 
 
 def run_task(deployment: Deployment, media_id: int, params: dict[str, Any], timeout: float,
-             download: Path | None = None) -> dict:
+             download: Path | None = None, kind: str = "transcode") -> dict:
     """POST /tasks, wait for done; wall (POST → the server's finished_at), CPU seconds of
     the server and workers meanwhile, the task's stats."""
     cpu0 = farm_cpu(deployment)
     posted = time.time()
     status, body = http("POST", deployment.base + "/tasks",
-                        json.dumps({"kind": "transcode", "media_id": media_id, "params": params}).encode(),
+                        json.dumps({"kind": kind, "media_id": media_id, "params": params}).encode(),
                         "application/json")
     if status != 202:
         raise RuntimeError(f"POST /tasks -> {status} {body[:300]!r}")

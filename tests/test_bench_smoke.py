@@ -15,7 +15,8 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
     subprocess.run([sys.executable, "-m", "bench.run", "--profile", "smoke", "--docs", str(docs)], cwd=ROOT,
                    check=True, timeout=900)
     report = (docs / "BENCHMARKS.md").read_text()
-    for heading in ("1. Speed", "2. Where the time goes", "3. Fidelity", "4. Memory", "5. Load", "6. Transcoding"):
+    for heading in ("1. Speed", "2. Where the time goes", "3. Fidelity", "4. Memory", "5. Load", "6. Transcoding",
+                    "7. Face blurring"):
         assert heading in report
     for plot in ("speed.png", "memory.png", "load.png", "transcode-ratio.png", "amdahl.png"):
         assert (docs / plot).stat().st_size > 1000
@@ -26,22 +27,25 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
     assert len(results["memory"]["rows"]) == 2
     transcoded = results["transcode"]["rows"]
     assert transcoded and all(row["farm"]["psnr"] > 30 and row["ffmpeg"]["psnr"] > 30 for row in transcoded)
+    blurred = results["faceblur"]
+    assert all(row["fps"] > 0 for row in blurred["rows"]) and blurred["rows"][1]["faces"] > 0
 
 
-def test_the_transcoding_section_alone_keeps_the_other_sections(tmp_path):
-    """`--only transcode` on a docs folder from a full run: sections 1-5 stay as they were measured."""
+def test_one_section_alone_keeps_the_others(tmp_path):
+    """`--only faceblur` on a docs folder from a full run: the other sections stay as they were measured."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("benchmarks.json", "BENCHMARKS.md"):
         (docs / name).write_bytes((ROOT / "docs" / name).read_bytes())
     before = json.loads((docs / "benchmarks.json").read_text())
     header = (docs / "BENCHMARKS.md").read_text().splitlines()[2]
-    subprocess.run([sys.executable, "-m", "bench.run", "--profile", "smoke", "--only", "transcode", "--docs",
+    subprocess.run([sys.executable, "-m", "bench.run", "--profile", "smoke", "--only", "faceblur", "--docs",
                     str(docs)], cwd=ROOT, check=True, timeout=600)
     report = (docs / "BENCHMARKS.md").read_text()
     assert report.splitlines()[2] == header  # when sections 1-5 were measured, not now
-    for heading in ("1. Speed", "5. Load", "6. Transcoding"):
+    for heading in ("1. Speed", "5. Load", "6. Transcoding", "7. Face blurring"):
         assert heading in report
     results = json.loads((docs / "benchmarks.json").read_text())
     assert results["speed"] == before["speed"] and results["load"] == before["load"]
-    assert results["transcode"]["profile"]["name"] == "smoke"
+    assert results["transcode"] == before["transcode"]
+    assert results["faceblur"]["profile"]["name"] == "smoke"

@@ -13,6 +13,7 @@
 //   js/video.js       the video section: upload, run a task, follow it, cancel, reopen
 //   js/kinds.js       a job kind's settings form, generated from GET /kinds
 //   js/videotask.js   the open video and task: facts, progress, result players and figures
+//   js/videoframes.js the open task in frames: each worker's share, the speed, faces per frame
 //   js/videolist.js   the videos and their tasks, to reopen
 //   js/upload.js      one file uploaded with its progress
 // Plain JavaScript modules on purpose: the page works offline, with nothing to build.

@@ -20,6 +20,7 @@ from src.kinds.base import Kind, Runner
 PACKAGES = {
     "separate": "src.kinds.separation",
     "transcode": "src.kinds.transcode",
+    "faceblur": "src.kinds.faceblur",
 }
 
 

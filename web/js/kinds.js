@@ -3,7 +3,8 @@
 // description as the hint, its default preselected. Only values that differ from the
 // default are sent, so a default the server picks per codec still applies. Two conveniences
 // on top: `crf` and `bitrate` are one "rate control" choice (an encoder takes one or the
-// other), and `height` is a list of presets: the source's, 1080p … 240p.
+// other), and `height` is a list of presets: the source's, 1080p … 240p. Kinds and their
+// values are named for people ("Blur faces", "Mosaic"); unknown ones show as the server names them.
 import { api } from "./api.js";
 import { el } from "./dom.js";
 
@@ -15,15 +16,20 @@ export async function videoKinds() {
   return (Array.isArray(kinds) ? kinds : kinds.kinds || []).filter((kind) => kind.media === "video");
 }
 
+const KIND_LABELS = { transcode: "Transcode", faceblur: "Blur faces", separate: "Separate instruments" };
 const VALUE_LABELS = { h264: "H.264", hevc: "HEVC (H.265)", vp9: "VP9", av1: "AV1",
-                       mp4: "MP4", mkv: "Matroska (.mkv)", webm: "WebM" };
+                       mp4: "MP4", mkv: "Matroska (.mkv)", webm: "WebM",
+                       blur: "Blur", mosaic: "Mosaic", solid: "Solid box" };
 const PARAM_LABELS = { codec: "Codec", crf: "Quality (CRF)", bitrate: "Bitrate", height: "Height",
-                       preset: "Encoder preset", container: "Container" };
+                       preset: "Encoder preset", container: "Container",
+                       mode: "How faces are hidden", threshold: "Detection threshold", mask_scale: "Mask scale",
+                       window: "Smoothing (frames)" };
 const AUTOMATIC = { container: "by codec", preset: "by codec", crf: "by codec", height: "source" };
 const HEIGHTS = [2160, 1440, 1080, 720, 480, 360, 240];
 const RATE = ["crf", "bitrate"];
 
 export const valueLabel = (value) => VALUE_LABELS[value] ?? String(value);
+export const kindLabel = (name) => KIND_LABELS[name] ?? String(name);
 const paramLabel = (name) => PARAM_LABELS[name] ?? name.charAt(0).toUpperCase() + name.slice(1).replaceAll("_", " ");
 
 function typeOf(param) {
@@ -98,8 +104,11 @@ export class ParamsForm {
     }
     if (type === "boolean") return el("input", { type: "checkbox", checked: value ? "" : null });
     if (type === "integer" || type === "number") {
+      // faceblur's `window` is an odd count of frames: from an odd minimum in steps of 2, the
+      // browser's own check (and the arrows) allow odd values only, before the server says no
+      const odd = param.name === "window" && type === "integer" && Math.abs(param.minimum % 2) === 1;
       return el("input", { type: "number", inputmode: type === "integer" ? "numeric" : "decimal",
-                           step: type === "integer" ? 1 : "any", min: param.minimum, max: param.maximum,
+                           step: odd ? 2 : type === "integer" ? 1 : "any", min: param.minimum, max: param.maximum,
                            value: value ?? "", placeholder: AUTOMATIC[param.name] ?? "automatic" });
     }
     const text = Array.isArray(value) ? value.join(", ") : value ?? "";

@@ -1,13 +1,15 @@
 // The video section's state and flow: upload a video (`POST /media`), choose a kind's
 // settings (kinds.js), run it as a task (`POST /tasks`), follow it live, cancel it, and
 // compare the result with the original (videotask.js); earlier tasks are listed to reopen
-// (videolist.js). As on the songs side, what is shown comes from the server only: HTTP
-// answers and `task` events fill `media` and `tasks`, user actions just call the server.
+// (videolist.js); the open task's workers are followed in frames (videoframes.js). As on the
+// songs side, what is shown comes from the server only: HTTP answers and `task` events fill
+// `media` and `tasks`, user actions just call the server.
 import { api } from "./api.js";
 import { $, $$, showMessage } from "./dom.js";
-import { ParamsForm, videoKinds, valueLabel } from "./kinds.js";
+import { ParamsForm, kindLabel, videoKinds, valueLabel } from "./kinds.js";
 import { clearTimeline, drawTimeline, timelineFor, timelineRunning } from "./operator.js";
 import { uploadFile } from "./upload.js";
+import { renderShares } from "./videoframes.js";
 import { renderVideoList } from "./videolist.js";
 import { canPlay, installResultPlayer, isActive, renderMedia, renderTask } from "./videotask.js";
 
@@ -20,6 +22,7 @@ const lastParams = {};     // kind -> the settings last sent: where the next vid
 let active = false;        // the section is on screen
 let loaded = false;        // the first refresh is in: the hash's task or video can be opened in place
 let uploading = false;
+let shares = { taskId: null, data: null, final: false, at: 0 };   // the open task's GET /tasks/{id}/workers
 
 const list = (answer, key) => (Array.isArray(answer) ? answer : answer?.[key] ?? []);
 const isVideoKind = (name) => (kinds.length ? kinds.some((k) => k.name === name) : name === "transcode");
@@ -33,6 +36,7 @@ export function initVideo() {
   $("#task-form").addEventListener("submit", (event) => { event.preventDefault(); submit(); });
   $("#task-kind").addEventListener("change", () => buildForm($("#task-kind").value, null, true));
   $("#cancel-task").addEventListener("click", cancel);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshShares(); });
   refresh();
 }
 
@@ -64,16 +68,22 @@ export function onTask(task) {
   tasks.set(task.task_id, { ...tasks.get(task.task_id), ...task });
   if (!media.has(task.media_id)) ensureMedia(task.media_id).then(renderList);
   renderList();
-  if (task.task_id === openTaskId) { render(); refreshTimeline(); }
+  if (task.task_id === openTaskId) { render(); refreshTimeline(); refreshShares(); }
 }
 
 export function onWorkers() {
   if (isActive(tasks.get(openTaskId)) || timelineRunning) refreshTimeline();
+  if (isActive(tasks.get(openTaskId))) refreshShares();
 }
 
-// Elapsed times move on between events.
+// Elapsed times and the live speed move on between events; the workers' shares are fetched
+// again if no event brought them for a while (a worker deep in a long job sends none).
 export function tick() {
-  if (active && isActive(tasks.get(openTaskId))) renderTask(tasks.get(openTaskId), media.get(openMediaId));
+  const task = tasks.get(openTaskId);
+  if (!active || !isActive(task)) return;
+  renderTask(task, media.get(openMediaId));
+  renderShares(task, media.get(openMediaId), sharesOf(openTaskId));
+  if (Date.now() - shares.at > SHARES_IDLE_MS) refreshShares();
 }
 
 export function onReset() {
@@ -88,7 +98,7 @@ export function showVideo() {
   const wanted = new URLSearchParams(location.hash.slice(1));
   if (wanted.has("task") || wanted.has("media")) { if (loaded) openFromHash(); }   // else the first refresh will
   else setHash(openTaskId !== null ? `task=${openTaskId}` : openMediaId !== null ? `media=${openMediaId}` : "video");
-  if (openTaskId !== null) refreshTimeline();
+  if (openTaskId !== null) { refreshTimeline(); refreshShares(); }
   else if (openMediaId !== null) clearTimeline("No task on this video yet.");
 }
 
@@ -123,6 +133,7 @@ async function openTask(id, { scroll = false } = {}) {
   render();
   renderList();
   refreshTimeline();
+  refreshShares();
   if (scroll) reveal();
 }
 
@@ -169,8 +180,12 @@ function render() {
   renderMedia(item);
   const task = openTaskId === null ? null : tasks.get(openTaskId);
   renderTask(task, item);
+  renderShares(task, item, sharesOf(openTaskId));
   placeForm(Boolean(task));
 }
+
+const LEGENDS = { transcode: ["Transcode settings", "Transcode again, other settings"],
+                  faceblur: ["Face blurring settings", "Blur faces again, other settings"] };
 
 // A fresh video: the settings come first. An open task: its progress and result come first,
 // the settings below them are for another go.
@@ -180,8 +195,8 @@ function placeForm(belowResult) {
     if (belowResult) panel.append(setup); else panel.insertBefore(setup, $("#task-progress"));
   }
   const kind = form?.kind.name;
-  $("#task-legend").textContent = kind === "transcode" ? (belowResult ? "Transcode again, other settings" : "Transcode settings")
-    : `${kind} settings`;
+  const [fresh, again] = LEGENDS[kind] ?? [`${kindLabel(kind)}: settings`, `${kindLabel(kind)} again, other settings`];
+  $("#task-legend").textContent = belowResult ? again : fresh;
 }
 
 function renderList() {
@@ -204,11 +219,40 @@ function refreshTimeline() {
   }, 300);
 }
 
+// The open task's workers in frames (GET /tasks/{id}/workers). Fetched when the task or the
+// workers move (their live events: a job started or done) and, failing those, every
+// SHARES_IDLE_MS while the task runs; at most once every SHARES_EVERY_MS however many events
+// arrive, and never while the page or the section is hidden (nobody would see it). A task that
+// has ended changes no more: its shares are fetched once and kept.
+const SHARES_EVERY_MS = 1000, SHARES_IDLE_MS = 2000;
+let sharesTimer = null, sharesAsked = 0, sharesShown = 0;   // answers can cross: an older one must not win
+const sharesOf = (id) => (shares.taskId === id ? shares.data : null);
+
+function refreshShares() {
+  if (sharesTimer || !active || document.hidden || openTaskId === null) return;
+  if (shares.taskId === openTaskId && shares.final) return;
+  sharesTimer = setTimeout(async () => {
+    sharesTimer = null;
+    const id = openTaskId;
+    if (id === null || !active || document.hidden) return;
+    const ended = !isActive(tasks.get(id));   // ended before the question: the answer is final
+    const asked = ++sharesAsked;
+    shares.at = Date.now();
+    try {
+      const data = await api("GET", `/tasks/${id}/workers`);
+      if (id !== openTaskId || asked < sharesShown) return;
+      sharesShown = asked;
+      shares = { taskId: id, data, final: ended, at: shares.at };
+      renderShares(tasks.get(id), media.get(openMediaId), data);
+    } catch (_) { /* task gone, or server away: the banner says so */ }
+  }, Math.max(0, shares.at + SHARES_EVERY_MS - Date.now()));
+}
+
 // ---------------------------------------------------------------- the settings form
 
 function fillKindChoice() {
   const select = $("#task-kind");
-  select.replaceChildren(...kinds.map((k) => new Option(k.description ? `${k.name}: ${k.description}` : k.name, k.name)));
+  select.replaceChildren(...kinds.map((k) => new Option(kindLabel(k.name), k.name)));
   $("#task-kind-field").hidden = kinds.length < 2;
 }
 
@@ -221,7 +265,8 @@ function buildForm(kindName, values, force = false) {
   if (!kind) { form = null; return; }
   formKey = key;
   $("#task-kind").value = kind.name;
-  $("#run-task").textContent = kind.name === "transcode" ? "Transcode" : `Run ${kind.name}`;
+  $("#task-kind-hint").textContent = kind.description ?? "";
+  $("#run-task").textContent = kindLabel(kind.name);
   form = new ParamsForm($("#task-params"), kind, { values: values ?? lastParams[kind.name] ?? {},
                                                    sourceHeight: media.get(openMediaId)?.video?.height });
   const codec = form.control("codec");

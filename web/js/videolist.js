@@ -1,8 +1,8 @@
-// The video section's list: the uploaded videos not transcoded yet, then every task (newest
+// The video section's list: the uploaded videos with no task yet, then every task (newest
 // first) with its video, settings, state and progress. Each row is a button that opens it;
 // the keyboard focus stays on its row when live updates redraw the list.
 import { $, el } from "./dom.js";
-import { summary } from "./kinds.js";
+import { kindLabel, summary } from "./kinds.js";
 
 // media, tasks: Maps by id; kinds: the video kinds; open: {mediaId, taskId}; onOpen(kind, id).
 export function renderVideoList({ media, tasks, kinds, open, onOpen }) {
@@ -18,13 +18,13 @@ export function renderVideoList({ media, tasks, kinds, open, onOpen }) {
   const rows = [
     ...fresh.map((m) => row({ "data-media": m.media_id }, open.taskId === null && open.mediaId === m.media_id,
       () => onOpen("media", m.media_id), m.name,
-      el("span", {}, `${m.video.width}×${m.video.height}`), el("span", { class: "state" }, "not transcoded"))),
+      el("span", {}, `${m.video.width}×${m.video.height}`), el("span", { class: "state" }, "no task yet"))),
     ...ordered.map((t) => {
       const kind = kinds.find((k) => k.name === t.kind);
       const running = t.state === "running";
       return row({ "data-task": t.task_id }, open.taskId === t.task_id, () => onOpen("task", t.task_id),
         media.get(t.media_id)?.name ?? `video ${t.media_id}`,
-        kinds.length > 1 ? el("span", {}, t.kind) : null,
+        kinds.length > 1 ? el("span", {}, kindLabel(t.kind)) : null,
         el("span", {}, summary(kind, t.params)),
         el("span", { class: `state ${t.state}` }, t.state),
         running ? el("span", {}, `${Math.round(t.progress ?? 0)}%`) : null);

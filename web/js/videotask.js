@@ -1,10 +1,16 @@
 // The open video: its facts and the original's player, and the open task on it: stage and
 // progress (from the task's status only), Cancel while it runs, and once done the result's
-// player beside the original's, its figures (size, bitrate, frames) and a download link.
+// player beside the original's, its figures (size, bitrate, frames; faces found, for a kind
+// that finds them) and a download link.
 import { $, el, bitrate, bytes, clock, seconds, showMessage } from "./dom.js";
 import { valueLabel } from "./kinds.js";
+import { renderFaces } from "./videoframes.js";
 
 const ACTIVE = new Set(["queued", "running"]);
+// What the workers do to a kind's pieces, for the progress line.
+const WORK = { transcode: "Encoding on the workers", faceblur: "Finding and hiding faces on the workers" };
+// The result's caption beside "Original".
+const RESULT = { faceblur: "Faces hidden" };
 const MIME = { h264: 'video/mp4; codecs="avc1.42E01E"', hevc: 'video/mp4; codecs="hvc1.1.6.L93.B0"',
                vp9: 'video/webm; codecs="vp9"', av1: 'video/mp4; codecs="av01.0.05M.08"' };
 
@@ -56,7 +62,7 @@ export function renderTask(task, media) {
   $("#task-progress").hidden = !task;
   $("#result-figure").hidden = task?.state !== "done";
   showMessage($("#task-error"), task?.state === "failed" ? `The task failed: ${task.error || "no reason given"}` : "");
-  if (!task) { setSource($("#result-video"), null); return; }
+  if (!task) { setSource($("#result-video"), null); renderFaces(null); return; }
   badge.textContent = task.state;
   badge.className = `state ${task.state}`;
 
@@ -70,7 +76,7 @@ export function renderTask(task, media) {
   $("#cancel-task").hidden = !isActive(task);
 
   if (task.state === "done") renderResult(task, media);
-  else setSource($("#result-video"), null);
+  else { setSource($("#result-video"), null); renderFaces(null); }
 }
 
 function renderResult(task, media) {
@@ -78,6 +84,7 @@ function renderResult(task, media) {
   const url = absolute(output?.url);
   const stats = task.stats || {};
   const playable = canPlay(stats.codec);
+  $("#result-caption").textContent = RESULT[task.kind] ?? "Result";
   setSource($("#result-video"), playable ? url : null);
   $("#result-video").hidden = !playable;
   $("#play-both").hidden = !playable;
@@ -97,7 +104,16 @@ function renderResult(task, media) {
     ["resolution", "resolution", stats.width ? `${stats.width}×${stats.height}` : "–"],
     ["energy", "energy", energy(stats.energy)],
     ["cache", "from the cache", cached(stats.cache)],
+    ...(stats.faces ? [["faces", "faces", faces(stats.faces, stats.frames)]] : []),
+    ...(Number.isFinite(stats.ms_per_frame)
+      ? [["ms-per-frame", "detect and mask", `${stats.ms_per_frame.toFixed(1)} ms per frame`]] : []),
   ]));
+  renderFaces(stats.faces, stats.frames);
+}
+
+function faces(found, frames) {
+  if (!frames) return "–";
+  return `in ${found.frames_with_faces} of ${frames} frames, at most ${found.max} in one`;
 }
 
 // Joules, and how they were known: "estimated" where the workers cannot read RAPL.
@@ -121,7 +137,7 @@ function stageOf(task) {
     case "queued": return { text: "Queued: waiting for a worker", value: null };
     case "running":
       if (!task.jobs_total) return { text: "Cutting the video into pieces", value: null };
-      if (task.jobs_done < task.jobs_total) return { text: "Encoding on the workers", value: percent };
+      if (task.jobs_done < task.jobs_total) return { text: WORK[task.kind] ?? "Working on the pieces", value: percent };
       return { text: "Joining the pieces", value: percent < 100 ? percent : null };
     case "done": return { text: "Done", value: 100 };
     case "cancelled": return { text: "Cancelled", value: percent };

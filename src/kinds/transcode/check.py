@@ -16,10 +16,28 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
 from src.kinds.transcode import tools
+
+
+def check_body(body: bytes, scratch: Path, frames: int, width: int, height: int, codec: str, max_bytes: int,
+               also: Callable[[Path], str | None] | None = None) -> str | None:
+    """Why a result's body is not an acceptable chunk, or None: written to a file in `scratch`,
+    checked by `check_chunk`, then by `also` (a kind's further check of the file)."""
+    if not body:
+        return "the result is empty"
+    if len(body) > max_bytes:
+        return f"the chunk is {len(body)} bytes, more than the {max_bytes} a result may carry"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=scratch, suffix=".nut") as chunk:
+        chunk.write(body)
+        chunk.flush()
+        reason = check_chunk(Path(chunk.name), frames, width, height, codec)
+        return reason if reason or also is None else also(Path(chunk.name))
 
 
 def check_chunk(path: Path, frames: int, width: int, height: int, codec: str, timeout: float = 300) -> str | None:

@@ -11,8 +11,6 @@ re-probe. Results are chunks in NUT (see `encode`), joined in merge (see `stitch
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,6 @@ HEIGHT_RANGE = (16, 4320)
 BITRATE = re.compile(r"^([1-9][0-9]*)(k|M)?$")
 BITRATE_RANGE = (16_000, 200_000_000)  # bits/s
 THREADS = 1  # encoder threads per job: pinned so every worker's bytes are the same
-PIECES = "pieces"  # the task folder's subfolder for source pieces
 MAX_RESULT_BYTES = 64 * 1024 * 1024  # bodies travel base64-encoded: refuse a chunk too big to send
 
 
@@ -150,7 +147,7 @@ class TranscodeKind:
         jobs = plan.plan_jobs(facts.frames, facts.keyframes, plan.chunk_frames(self.settings.chunk_seconds,
                                                                                   float(rate)),
                               facts.key_bytes, facts.bytes)
-        splitter = split.Splitter(task.media.path, facts, task.folder / PIECES)
+        splitter = split.Splitter(task.media.path, facts, task.folder / split.PIECES)
         splitter.segment(jobs)
         jobs = [splitter.place(job) for job in jobs]
         width, height = output_size(facts.width, facts.height, task.params.get("height"))
@@ -168,7 +165,7 @@ class TranscodeKind:
         params = {name: task.params[name] for name in ("codec", "crf", "bitrate", "preset", "threads")}
         params.update({name: job.facts[name] for name in ("start", "end", "frames", "skip")})
         params.update(width=task.facts["width"], height=task.facts["height"], fps=task.facts["fps"])
-        piece = task.folder / PIECES / Path(job.facts["piece_file"]).name
+        piece = split.piece_path(task.folder, job.facts)
         return params, piece.read_bytes()
 
     # -- results ----------------------------------------------------------------------
@@ -181,24 +178,13 @@ class TranscodeKind:
         for name, value in planned.items():
             if params.get(name) != value:
                 return f"the result says {name}={params.get(name)!r}, the job planned {value!r}"
-        if not body:
-            return "the result is empty"
-        if len(body) > MAX_RESULT_BYTES:
-            return f"the chunk is {len(body)} bytes, more than the {MAX_RESULT_BYTES} a result may carry"
-        scratch = task.folder / "checking"
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=scratch, suffix=f".{encode.CHUNK_FORMAT}") as chunk:
-            chunk.write(body)
-            chunk.flush()
-            reason = check.check_chunk(Path(chunk.name), job.facts["frames"], task.facts["width"],
-                                       task.facts["height"], task.params["codec"])
-            if reason is None and self.settings.verify == "psnr":
-                reason = self._verify(task, job, Path(chunk.name))
-            return reason
+        verify = (lambda chunk: self._verify(task, job, chunk)) if self.settings.verify == "psnr" else None
+        return check.check_body(body, task.folder / "checking", job.facts["frames"], task.facts["width"],
+                                task.facts["height"], task.params["codec"], MAX_RESULT_BYTES, also=verify)
 
     def _verify(self, task: TaskView, job: JobView, chunk: Path) -> str | None:
         """VERIFY=psnr: the chunk must look like the source frames it stands for."""
-        piece = task.folder / PIECES / Path(job.facts["piece_file"]).name
+        piece = split.piece_path(task.folder, job.facts)
         if not piece.is_file():
             return None  # a late result for a task already merged (its pieces are gone): nothing to keep
         measured = check.psnr(chunk, piece, job.facts["skip"], job.facts["frames"], task.facts["width"],
@@ -213,23 +199,8 @@ class TranscodeKind:
             partial.write_bytes(body)
 
     def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]:
-        ordered = sorted(jobs, key=lambda job: job.facts["start"])
-        expected = 0
-        for job in ordered:
-            if job.facts["start"] != expected:
-                raise ValueError(f"the jobs leave frames {expected}-{job.facts['start']} uncovered or doubled")
-            expected = job.facts["end"]
-        if expected != task.facts["frames"]:
-            raise ValueError(f"the jobs end at frame {expected}, the video has {task.facts['frames']}")
-        chunks = [(task.result_path(job.id, encode.CHUNK_FORMAT), job.facts["frames"]) for job in ordered]
-        missing = [str(path.name) for path, _ in chunks if not path.is_file()]
-        if missing:
-            raise ValueError(f"chunks missing: {', '.join(missing)}")
-        container = task.params["container"]
-        output = task.output_path("video", container)
-        stitch.stitch(chunks, task.facts["fps"], task.media.path, task.facts["audio"], container,
-                      task.params["codec"], output, audio_lead=task.facts.get("audio_lead", 0.0))
-        shutil.rmtree(task.folder / PIECES, ignore_errors=True)  # the source pieces served their jobs
+        output = task.output_path("video", task.params["container"])
+        stitch.join_jobs(task, jobs, task.params["codec"], task.params["container"], output)
         return stitch.stats(output)
 
     def output(self, task: TaskView, name: str) -> Output:

@@ -33,10 +33,32 @@ def worker(settings: Settings) -> Runner:
     return Runner(settings)
 
 
-def _integer(params: dict[str, Any], name: str, low: int, high: int) -> str | None:
+def integer_problem(params: dict[str, Any], name: str, low: int, high: int) -> str | None:
     value = params.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         return f"{name} must be an integer in [{low}, {high}], got {value!r}"
+    return None
+
+
+def piece_problem(params: dict[str, Any], body: bytes, max_frames: int = MAX_FRAMES, min_side: int = 16) -> str | None:
+    """Why a video job's frames, rate, size or source piece are unusable: the checks every kind
+    whose jobs are runs of frames of a piece shares."""
+    fps = params.get("fps")
+    if not (isinstance(fps, str) and FPS.match(fps) and Fraction(fps) <= 1000):
+        return f"fps must be a fraction like '30000/1001', at most 1000, got {fps!r}"
+    for name, low, high in (("threads", 1, 64), ("width", min_side, 8192), ("height", min_side, 4320),
+                            ("skip", 0, MAX_FRAMES), ("frames", 1, max_frames),
+                            ("start", 0, MAX_FRAMES * 100), ("end", 1, MAX_FRAMES * 100)):
+        if reason := integer_problem(params, name, low, high):
+            return reason
+    if params["width"] % 2 or params["height"] % 2:
+        return "width and height must be even (yuv420p)"
+    if params["end"] - params["start"] != params["frames"]:
+        return "end - start must equal frames"
+    if not isinstance(body, bytes | bytearray) or not body:
+        return "the body (the source piece) is empty"
+    if len(body) > MAX_BODY:
+        return f"the body is {len(body)} bytes, more than {MAX_BODY}"
     return None
 
 
@@ -61,29 +83,13 @@ class Runner:
         crf, bitrate = params.get("crf"), params.get("bitrate")
         if (crf is None) == (bitrate is None):
             return "exactly one of crf and bitrate must be set"
-        if crf is not None and (reason := _integer(params, "crf", *encode.CRF_RANGE[codec])):
+        if crf is not None and (reason := integer_problem(params, "crf", *encode.CRF_RANGE[codec])):
             return reason
         if bitrate is not None and not (isinstance(bitrate, str) and BITRATE.match(bitrate)):
             return f"bitrate must look like '2500k', got {bitrate!r}"
         if params.get("preset") not in encode.PRESETS:
             return f"preset must be one of {', '.join(encode.PRESETS)}"
-        fps = params.get("fps")
-        if not (isinstance(fps, str) and FPS.match(fps) and Fraction(fps) <= 1000):
-            return f"fps must be a fraction like '30000/1001', at most 1000, got {fps!r}"
-        for name, low, high in (("threads", 1, 64), ("width", 16, 8192), ("height", 16, 4320),
-                                ("skip", 0, MAX_FRAMES), ("frames", 1, MAX_FRAMES),
-                                ("start", 0, MAX_FRAMES * 100), ("end", 1, MAX_FRAMES * 100)):
-            if reason := _integer(params, name, low, high):
-                return reason
-        if params["width"] % 2 or params["height"] % 2:
-            return "width and height must be even (yuv420p)"
-        if params["end"] - params["start"] != params["frames"]:
-            return "end - start must equal frames"
-        if not isinstance(body, bytes | bytearray) or not body:
-            return "the body (the source piece) is empty"
-        if len(body) > MAX_BODY:
-            return f"the body is {len(body)} bytes, more than {MAX_BODY}"
-        return None
+        return piece_problem(params, body)
 
     def run(self, params: dict[str, Any], body: bytes,
             should_stop: Callable[[], bool]) -> tuple[dict[str, Any], bytes]:

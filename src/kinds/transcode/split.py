@@ -28,6 +28,12 @@ from typing import Any
 from src.kinds.transcode import plan, probe, tools
 
 SEGMENT = "seg{:06d}.nut"
+PIECES = "pieces"  # the task folder's subfolder for source pieces
+
+
+def piece_path(folder: Path, facts: dict[str, Any]) -> Path:
+    """A job's source piece in its task's `folder`, from the job's facts (`piece_file`, set by `place`)."""
+    return folder / PIECES / Path(facts["piece_file"]).name
 
 
 class SplitError(RuntimeError):

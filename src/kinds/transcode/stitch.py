@@ -11,10 +11,14 @@ gaps and drift). AAC for MP4 and Matroska, Opus for WebM (the only audio WebM al
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
+from src.kinds.base import JobView, TaskView
 from src.kinds.transcode import tools
+from src.kinds.transcode.encode import CHUNK_FORMAT
+from src.kinds.transcode.split import PIECES
 
 MIMETYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "webm": "video/webm"}
 FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm"}
@@ -60,6 +64,28 @@ def stitch(chunks: list[tuple[Path, int]], fps: str, source: Path, audio: bool, 
     finally:
         listing.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
+
+
+def join_jobs(task: TaskView, jobs: list[JobView], codec: str, container: str, output: Path) -> list[JobView]:
+    """Stitch the chunks of a video task's jobs (runs of frames that must tile the video
+    exactly) into `output` with the source's audio, then delete the source pieces, which
+    served their jobs. Returns the jobs in frame order."""
+    ordered = sorted(jobs, key=lambda job: job.facts["start"])
+    expected = 0
+    for job in ordered:
+        if job.facts["start"] != expected:
+            raise ValueError(f"the jobs leave frames {expected}-{job.facts['start']} uncovered or doubled")
+        expected = job.facts["end"]
+    if expected != task.facts["frames"]:
+        raise ValueError(f"the jobs end at frame {expected}, the video has {task.facts['frames']}")
+    chunks = [(task.result_path(job.id, CHUNK_FORMAT), job.facts["frames"]) for job in ordered]
+    missing = [path.name for path, _ in chunks if not path.is_file()]
+    if missing:
+        raise ValueError(f"chunks missing: {', '.join(missing)}")
+    stitch(chunks, task.facts["fps"], task.media.path, task.facts["audio"], container, codec, output,
+           audio_lead=task.facts.get("audio_lead", 0.0))
+    shutil.rmtree(task.folder / PIECES, ignore_errors=True)
+    return ordered
 
 
 def stats(path: Path) -> dict:
