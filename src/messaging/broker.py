@@ -163,13 +163,31 @@ class Broker:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            failed = None
             with self._lock:
-                self._conn = conn
-                self._connected_at = time.monotonic()
                 self._generation += 1
-                for sub in self._subscriptions:
-                    self._subscribe_on(conn, sub)
-                self._connected.set()
+                try:
+                    for sub in self._subscriptions:
+                        self._subscribe_on(conn, sub, confirm=True)
+                except (stomp.exception.StompException, OSError) as exc:
+                    failed = exc or type(exc).__name__
+                else:
+                    # only now is it the connection: one that drops while subscribing is a
+                    # failed attempt, for this loop to retry (not _connection_lost's)
+                    self._conn = conn
+                    self._connected_at = time.monotonic()
+                    self._connected.set()
+            if failed is not None:
+                # the broker closed the connection on a subscription (a quorum queue that another
+                # client declares at this very moment answers "noproc"): try again, with back-off
+                log.warning("Subscribing failed (%s); reconnecting in %.1fs", failed, delay)
+                try:
+                    conn.disconnect()
+                except (stomp.exception.StompException, OSError):
+                    pass
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
             log.info("Connected to broker %s:%s", self.settings.broker_host, self.settings.broker_port)
             return
 
@@ -241,13 +259,30 @@ class Broker:
             if self._conn is not None and self._connected.is_set():
                 self._subscribe_on(self._conn, sub)
 
-    def _subscribe_on(self, conn: stomp.Connection12, sub: _Subscription) -> None:
+    def _subscribe_on(self, conn: stomp.Connection12, sub: _Subscription, confirm: bool = False,
+                      timeout: float = 10.0) -> None:
+        """SUBSCRIBE; with `confirm`, return only once the broker has taken it (its RECEIPT),
+        else raise ConnectionError: a broker that refuses a subscription closes the connection,
+        and connect() must see that, not the first job handled after it."""
         headers = dict(self.destinations.declaration(sub.destination))
         if sub.prefetch is not None:
             # Always sent, 0 (unbounded) included: the STOMP plugin keeps one channel per
             # connection, and a subscription without the header inherits the last one's.
             headers["prefetch-count"] = str(sub.prefetch)
-        conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
+        if not confirm:
+            conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers=headers)
+            return
+        receipt, event = uuid.uuid4().hex, threading.Event()
+        self._receipts[receipt] = event
+        try:
+            conn.subscribe(sub.destination, id=sub.sub_id, ack=sub.ack, headers={**headers, "receipt": receipt})
+            deadline = time.monotonic() + timeout
+            while not event.wait(0.05):
+                if not conn.is_connected() or time.monotonic() > deadline:
+                    raise ConnectionError(f"the broker did not take the subscription to {sub.destination}")
+        finally:
+            self._receipts.pop(receipt, None)
+            self._receipt_ok.pop(receipt, None)
 
     def declare_topology(self, queues: list[tuple[str, str | None]]) -> None:
         """Declare the dead queue, the given (kind, route) jobs queues, the results queue and route (provisioning).
