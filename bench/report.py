@@ -354,9 +354,7 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
         "encodes and counts as parallel here, but it runs on the one server: with many hosts the rate at "
         "which the server checks chunks bounds the speed-up too.",
         "",
-        "| hosts N | " + " | ".join(pr["speedup"]) + " |",
-        "|---|" + "---|" * len(pr["speedup"]),
-        "| projected speed-up | " + " | ".join(f"{v:.2f}" for v in pr["speedup"].values()) + " |",
+        *_speedup_table(pr["speedup"]),
         "",
         f"Measured with 2 workers on this {os.cpu_count()}-core machine: {pr['measured_speedup_2']:.2f}x "
         f"(projected {pr['speedup'].get('2', float('nan')):.2f}x). The limit 1/s is "
@@ -461,9 +459,7 @@ def _faceblur(fb: dict, docs: Path) -> list[str]:
         f"against 1: {two['fps'] / one['fps']:.2f}x. The 1-worker run's serial part (prepare + merge, "
         f"`stats.timing`) is {se['seconds']:.2f}s, a share s = **{se['share']:.3f}**; Amdahl, one worker per "
         "host:", "",
-        "| hosts N | " + " | ".join(fb["speedup"]) + " |",
-        "|---|" + "---|" * len(fb["speedup"]),
-        "| projected speed-up | " + " | ".join(f"{v:.2f}" for v in fb["speedup"].values()) + " |",
+        *_speedup_table(fb["speedup"]),
         "",
         f"Broker bytes per frame (payload, before base64): {fb['broker_bytes_per_frame']['jobs']:.0f} B of source "
         f"pieces and {fb['broker_bytes_per_frame']['results']:.0f} B of encoded chunks, against "
@@ -471,3 +467,9 @@ def _faceblur(fb: dict, docs: Path) -> list[str]:
         "the context frames its smoothing needs.", "",
     ]
     return lines
+
+
+def _speedup_table(speedup: dict[str, float]) -> list[str]:
+    """Amdahl's projected speed-up per number of hosts, as a one-row table."""
+    return ["| hosts N | " + " | ".join(speedup) + " |", "|---|" + "---|" * len(speedup),
+            "| projected speed-up | " + " | ".join(f"{v:.2f}" for v in speedup.values()) + " |"]
