@@ -37,7 +37,7 @@ from tests import video
 from tests.conftest import Cluster, delete_queues
 from tests.helpers import get_json
 from tests.test_transcode import finished, transcode, upload
-from tests.test_video_page import player_state, wait_until
+from tests.test_video_page import player_state
 
 pytestmark = pytest.mark.browser
 
@@ -174,12 +174,12 @@ def test_codec_matrix(name, farm, source_frames, page, tmp_path, record_property
     if verdict:
         record_property("chromium", f"plays {mime} ({verdict})")
         expect(page.locator("#result-video")).to_be_visible()
-        wait_until(page, "document.querySelector('#result-video').readyState >= 2", 60, "the result to load")
-        # play() is started, not awaited: its promise can stay pending in a headless Chromium
-        # (a CI run hung there for good); the poll below bounds the wait and says what it waited for
-        page.evaluate("document.querySelector('#result-video').play().catch(() => {}), true")
-        wait_until(page, "(v => v.ended || v.error !== null)(document.querySelector('#result-video'))", 30,
-                   "the result to play to its end")
+        # Playwright's own bounded waits, not page.evaluate polls: after the musician's page tests,
+        # a CI run hung for good in one of these evaluations (no evaluate has a timeout)
+        result = page.locator("#result-video")
+        expect(result).to_have_js_property("readyState", 4, timeout=60_000)
+        page.click("#play-both")  # the page's own control: both players from the start
+        expect(result).to_have_js_property("ended", True, timeout=60_000)
         played = {**player_state(page, "#result-video"), **page.evaluate(
             "(v => ({time: v.currentTime, ended: v.ended, shown: v.getVideoPlaybackQuality().totalVideoFrames,"
             " dropped: v.getVideoPlaybackQuality().droppedVideoFrames}))"
