@@ -170,13 +170,8 @@ class FaceblurKind:
     # -- results ----------------------------------------------------------------------
 
     def check(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> str | None:
-        if not isinstance(params, dict):
-            return "the result's params are not an object"
-        planned = {"codec": CODEC, "frames": job.facts["frames"], "start": job.facts["start"],
-                   "end": job.facts["end"], "width": task.facts["width"], "height": task.facts["height"]}
-        for name, value in planned.items():
-            if params.get(name) != value:
-                return f"the result says {name}={params.get(name)!r}, the job planned {value!r}"
+        if reason := chunk_check.echo_problem(params, job.facts, task.facts, CODEC):
+            return reason
         for name in ("ms", "faces"):
             values = params.get(name)
             if not isinstance(values, list) or len(values) != job.facts["frames"]:

@@ -20,8 +20,21 @@ import tempfile
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from src.kinds.transcode import tools
+
+
+def echo_problem(params: Any, job: dict[str, Any], task: dict[str, Any], codec: str) -> str | None:
+    """Why a result's params do not echo its job's plan (codec, frames, range, size), or None."""
+    if not isinstance(params, dict):
+        return "the result's params are not an object"
+    planned = {"codec": codec, "frames": job["frames"], "start": job["start"], "end": job["end"],
+               "width": task["width"], "height": task["height"]}
+    for name, value in planned.items():
+        if params.get(name) != value:
+            return f"the result says {name}={params.get(name)!r}, the job planned {value!r}"
+    return None
 
 
 def check_body(body: bytes, scratch: Path, frames: int, width: int, height: int, codec: str, max_bytes: int,

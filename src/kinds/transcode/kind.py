@@ -171,13 +171,8 @@ class TranscodeKind:
     # -- results ----------------------------------------------------------------------
 
     def check(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> str | None:
-        planned = {"codec": task.params["codec"], "frames": job.facts["frames"], "start": job.facts["start"],
-                   "end": job.facts["end"], "width": task.facts["width"], "height": task.facts["height"]}
-        if not isinstance(params, dict):
-            return "the result's params are not an object"
-        for name, value in planned.items():
-            if params.get(name) != value:
-                return f"the result says {name}={params.get(name)!r}, the job planned {value!r}"
+        if reason := check.echo_problem(params, job.facts, task.facts, task.params["codec"]):
+            return reason
         verify = (lambda chunk: self._verify(task, job, chunk)) if self.settings.verify == "psnr" else None
         return check.check_body(body, task.folder / "checking", job.facts["frames"], task.facts["width"],
                                 task.facts["height"], task.params["codec"], MAX_RESULT_BYTES, also=verify)

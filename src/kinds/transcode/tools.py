@@ -98,7 +98,9 @@ def ffmpeg_version() -> str:
         return "none"
     lines = run([*FFMPEG, "-version"], timeout=30, what="ffmpeg -version").stdout.decode("utf-8", "replace")
     version = next((line.split()[2] for line in lines.splitlines() if line.startswith("ffmpeg version")), "unknown")
-    codec = next((" ".join(line.split()[:2]) for line in lines.splitlines() if line.startswith("libavcodec")), "")
+    # "libavcodec     59. 37.100 / 59. 37.100": the numbers before the slash, spaces removed
+    codec = next(("libavcodec " + "".join(line.split("/")[0].split()[1:])
+                  for line in lines.splitlines() if line.startswith("libavcodec")), "")
     return f"{version} {codec}".strip()
 
 
