@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ import yaml
 DEFAULTS: dict[str, Any] = {
     "BROKER_HOST": "localhost",
     "BROKER_PORT": 61613,
+    "BROKER_HOSTS": "",  # host:port,host:port,... of a cluster's nodes; replaces BROKER_HOST/PORT when set
+    # RabbitMQ's management HTTP API (queue depths and rates for the dashboard), read with the
+    # server's login; comma list, tried in order; empty: http://<first broker node's host>:15672
+    "BROKER_MANAGEMENT_URL": "",
     "BROKER_USER": "guest",
     "BROKER_PASSWORD": "guest",  # RabbitMQ's documented local-only default account
     "BROKER_WORKER_USER": "",  # empty: the same login as the server
@@ -79,6 +84,8 @@ DEFAULTS: dict[str, Any] = {
 class Settings:
     broker_host: str
     broker_port: int
+    broker_hosts: str
+    broker_management_url: str
     broker_user: str
     broker_password: str
     broker_worker_user: str
@@ -126,6 +133,21 @@ class Settings:
     watts_per_core: float
     capture_seconds: int
     capture_iface: str
+
+    @property
+    def broker_nodes(self) -> list[tuple[str, int]]:
+        """The broker's STOMP endpoints, in the order they are tried: BROKER_HOSTS, else BROKER_HOST:PORT."""
+        if not self.broker_hosts:
+            return [(self.broker_host, self.broker_port)]
+        return [parse_endpoint(entry) for entry in self.broker_hosts.split(",") if entry.strip()]
+
+    @property
+    def management_urls(self) -> list[str]:
+        """Where the management HTTP API answers, in the order to try."""
+        if self.broker_management_url:
+            return [url.strip().rstrip("/") for url in self.broker_management_url.split(",") if url.strip()]
+        host = self.broker_nodes[0][0]
+        return [f"http://{'[' + host + ']' if ':' in host else host}:15672"]
 
     @property
     def threads_per_worker(self) -> int:
@@ -179,6 +201,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def parse_endpoint(entry: str) -> tuple[str, int]:
+    """'host:port' or '[v6 address]:port' → (host, port); ValueError naming the entry otherwise."""
+    match = re.fullmatch(r"\s*(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})\s*", entry)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"BROKER_HOSTS entry {entry.strip()!r} is not host:port")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
 def _coerce(name: str, raw: Any) -> Any:
     kind = type(DEFAULTS[name])
     if kind is bool:
@@ -229,6 +259,10 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     if not explicit & set(LOGIN_SETTINGS):
         values.update(provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]))
 
+    if values["BROKER_HOSTS"]:
+        nodes = [parse_endpoint(entry) for entry in values["BROKER_HOSTS"].split(",") if entry.strip()]
+        if not nodes:
+            raise ValueError("BROKER_HOSTS must list host:port entries")
     if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
         raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
     if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt", "tamper"}:

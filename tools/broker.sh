@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make broker: RabbitMQ with rabbitmq_stomp on $BROKER_PORT. Does nothing if STOMP already answers.
+# make broker: RabbitMQ with rabbitmq_stomp on $BROKER_PORT and the management plugin (its HTTP
+# API on 15672 gives the dashboard queue depths and rates). Starts nothing if STOMP already answers.
 # Docker compose where a Docker engine answers, otherwise a local rabbitmq-server (installed
 # from Debian's packages when missing). Then, in every case, provisions the deployment's
 # least-privilege logins, policies and queues (src/messaging/accounts.py) where rabbitmqctl
@@ -27,7 +28,12 @@ provision() {
 if docker compose -f docker-compose.rabbitmq.yml ps -q rabbitmq 2>/dev/null | grep -q .; then
   ctl="docker compose -f docker-compose.rabbitmq.yml exec -T rabbitmq rabbitmqctl"
 fi
-if answers; then echo "broker: STOMP answers on $host:$port"; provision; exit 0; fi
+management() {  # idempotent; a broker in the compose container has it already
+  if [ "$ctl" = rabbitmqctl ] && command -v rabbitmq-plugins >/dev/null 2>&1 && rabbitmqctl -q status >/dev/null 2>&1; then
+    rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+  fi
+}
+if answers; then echo "broker: STOMP answers on $host:$port"; management; provision; exit 0; fi
 
 if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   echo "broker: starting RabbitMQ with docker compose"
@@ -41,11 +47,11 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
 fi
 if rabbitmqctl -q status >/dev/null 2>&1; then
-  echo "broker: RabbitMQ runs without STOMP; enabling rabbitmq_stomp"
-  rabbitmq-plugins -q enable rabbitmq_stomp
+  echo "broker: RabbitMQ runs without STOMP; enabling rabbitmq_stomp and rabbitmq_management"
+  rabbitmq-plugins -q enable rabbitmq_stomp rabbitmq_management
 else
-  echo "broker: starting a local rabbitmq-server with rabbitmq_stomp"
-  rabbitmq-plugins -q enable --offline rabbitmq_stomp
+  echo "broker: starting a local rabbitmq-server with rabbitmq_stomp and rabbitmq_management"
+  rabbitmq-plugins -q enable --offline rabbitmq_stomp rabbitmq_management
   rabbitmq-server -detached
 fi
 wait_for_port

@@ -49,6 +49,7 @@ import uuid
 from collections import deque
 
 from src.audio_worker.energy import EnergyMeter
+from src.audio_worker.node import NodeProbe
 from src.config import Settings
 from src.kinds import registry
 from src.kinds.base import Cancelled, Runner
@@ -120,7 +121,9 @@ class Worker:
         self._highest_seen = 0  # the highest task id of a valid job this worker received
         self._current: JobMessage | None = None
         self._jobs_done = 0
+        self._jobs_by_kind: dict[str, int] = {}
         self._job_seconds = 0.0
+        self.node = NodeProbe()
         self._stopping = threading.Event()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -237,6 +240,7 @@ class Worker:
             self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
             self.broker.ack(delivery)
             self._jobs_done += 1
+            self._jobs_by_kind[job.kind] = self._jobs_by_kind.get(job.kind, 0) + 1
             self._job_seconds += seconds
             log.info("Worker[%s] finished Job[%d] - job time: %.2f[s] - ACK", self.name, job.job_id, seconds)
         finally:
@@ -312,14 +316,16 @@ class Worker:
     # -- presence -----------------------------------------------------------------------------
 
     def _announce(self, state: str) -> None:
-        job = self._current
+        job, node = self._current, self.node.sample()
         presence = PresenceMessage(
             worker=self.name, host=socket.gethostname(), address=self.broker.local_address, pid=os.getpid(),
             state=state, job_id=job.job_id if job else None, task_id=job.task_id if job else None,
             jobs_done=self._jobs_done,
             mean_job_seconds=round(self._job_seconds / self._jobs_done, 3) if self._jobs_done else None,
             model=self.settings.model, sent_at=time.time(), session=self.session, device=self.device,
-            kinds=tuple(self.kinds), offers=self.offers, cores=os.cpu_count() or 1, load=round(os.getloadavg()[0], 2),
+            kinds=tuple(self.kinds), offers=self.offers, cores=os.cpu_count() or 1, load=node.load,
+            cpu_percent=node.cpu_percent, memory_bytes=node.memory_bytes, host_cpu_percent=node.host_cpu_percent,
+            host_memory_percent=node.host_memory_percent, jobs_by_kind=dict(self._jobs_by_kind),
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

@@ -101,8 +101,8 @@ class Ctl:
         return proc.stdout
 
 
-def provision_user(ctl: Ctl, user: str, password: str, grant: Grant) -> None:
-    """Create the user (or set its password) and give it exactly `grant`. Never touches guest."""
+def provision_user(ctl: Ctl, user: str, password: str, grant: Grant, tags: tuple[str, ...] = ()) -> None:
+    """Create the user (or set its password) and give it exactly `grant` and `tags`. Never touches guest."""
     if user == "guest":
         raise ValueError("refusing to change the guest account's permissions")
     existing = {line.split("\t")[0] for line in ctl("list_users").splitlines()[1:]}
@@ -111,6 +111,7 @@ def provision_user(ctl: Ctl, user: str, password: str, grant: Grant) -> None:
         ctl("change_password", "--", user, password)
     else:
         ctl("add_user", "--", user, password)
+    ctl("set_user_tags", user, *tags)
     ctl("set_permissions", "-p", VHOST, user, grant.configure, grant.write, grant.read)
     ctl("clear_topic_permissions", "-p", VHOST, user, check=False)
     ctl("set_topic_permissions", "-p", VHOST, user, "amq.topic", grant.topic_write, grant.topic_read)
@@ -120,7 +121,8 @@ def provision(ctl: Ctl, prefix: str, server: tuple[str, str], worker: tuple[str,
     """Users and policies of one deployment. A login that is guest keeps guest's own permissions."""
     roles = grants(prefix)
     if server[0] != "guest":
-        provision_user(ctl, *server, roles["server"])
+        # "management": the HTTP API's queue list (depths, rates) of the virtual hosts it may use, nothing more
+        provision_user(ctl, *server, roles["server"], tags=("management",))
     if worker[0] not in ("guest", server[0]):
         provision_user(ctl, *worker, roles["worker"])
     for name, (pattern, definition) in policies(prefix).items():

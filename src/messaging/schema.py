@@ -240,6 +240,13 @@ class PresenceMessage:
     offers: dict[str, str] = field(default_factory=dict)  # "kind" or "kind/route" -> software version
     cores: int = 1
     load: float = 0.0  # the host's 1-minute load average
+    # node figures for the dashboard (src/audio_worker/node.py): percentages of one core for
+    # the process (its encoders included), of the whole host otherwise
+    cpu_percent: float = 0.0
+    memory_bytes: int = 0
+    host_cpu_percent: float = 0.0
+    host_memory_percent: float = 0.0
+    jobs_by_kind: dict[str, int] = field(default_factory=dict)  # results sent, per kind
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -436,8 +443,16 @@ def _decode_presence(body: bytes) -> PresenceMessage:
                                            and _version(v) for o, v in offers.items()):
         raise MalformedMessage(f"presence offers is not a map of kind/route to version: {_show(offers)}")
     _in_range("cores", _value(data, "cores", (int,)), 1, 4096)
-    if not 0 <= _value(data, "load", (int, float)) <= 1e6:
-        raise MalformedMessage("load is outside [0, 1e6]")
+    for name, high in (("load", 1e6), ("cpu_percent", 100.0 * 4096), ("host_cpu_percent", 100.0),
+                       ("host_memory_percent", 100.0)):
+        if not 0 <= _value(data, name, (int, float)) <= high:
+            raise MalformedMessage(f"{name} is outside [0, {high:g}]")
+    _in_range("memory_bytes", _value(data, "memory_bytes", (int,)), 0, 2**50)
+    jobs_by_kind = _value(data, "jobs_by_kind", (dict,))
+    if len(jobs_by_kind) > MAX_KINDS or not all(
+            isinstance(k, str) and NAME.fullmatch(k) and isinstance(n, int) and not isinstance(n, bool)
+            and 0 <= n <= 2**31 for k, n in jobs_by_kind.items()):
+        raise MalformedMessage(f"presence jobs_by_kind is not a map of kind to count: {_show(jobs_by_kind)}")
     return PresenceMessage(**{**data, "kinds": tuple(kinds)})
 
 

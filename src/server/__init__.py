@@ -20,15 +20,18 @@ from flask import Flask
 
 from src import config
 from src.config import Settings
+from src.kinds import registry
 from src.messaging.broker import Broker
 from src.server import views
 from src.server.cache import ResultCache
 from src.server.collector import Collector
+from src.server.dashboard import Dashboard
 from src.server.events import EventHub
 from src.server.files import Storage
 from src.server.metrics import Metrics
 from src.server.orchestrator import Orchestrator
 from src.server.pipeline import Pipeline
+from src.server.queues import QueueMonitor
 from src.server.services import EXTENSION, Services
 from src.server.store import Store
 
@@ -45,20 +48,35 @@ def create_app(settings: Settings | None = None) -> Flask:
     pipeline.workers_alive = collector.workers.count  # job deadlines share the work out
     pipeline.offering = collector.workers.offering  # jobs need a worker that serves their route
     pipeline.live_offers = collector.workers.offers
-    services = Services(settings, files, store, broker, events, metrics, pipeline, Orchestrator(pipeline), collector)
+    queues = QueueMonitor(settings)
+    services = Services(settings, files, store, broker, events, metrics, pipeline, Orchestrator(pipeline), collector,
+                        queues, Dashboard(store, collector.workers, queues, events, registry.names()))
 
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_mb * 1024 * 1024
     app.extensions[EXTENSION] = services
 
     from src.server import wsgi
-    from src.server.api import converters, docs, errors, jobs, kinds, media, music, operator, security, tasks, web
+    from src.server.api import (
+        converters,
+        dashboard,
+        docs,
+        errors,
+        jobs,
+        kinds,
+        media,
+        music,
+        operator,
+        security,
+        tasks,
+        web,
+    )
 
     wsgi.install(app, settings)
     security.install(app, settings)
     errors.register(app)
     converters.register(app)
-    for blueprint in (music.bp, jobs.bp, media.bp, tasks.bp, kinds.bp, operator.bp, web.bp, docs.bp):
+    for blueprint in (music.bp, jobs.bp, media.bp, tasks.bp, kinds.bp, operator.bp, dashboard.bp, web.bp, docs.bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -177,6 +177,7 @@ class Collector:
         if job.digest:
             self.p.cache.keep_job(job.digest, message.version, message.params, message.payload)
         self.metrics.jobs_done.inc()
+        self.metrics.jobs_accepted.labels(task.kind).inc()
         self.metrics.job_seconds.observe(message.compute_ms / 1000)
         self.metrics.job_joules.labels(task.kind, message.energy_source).inc(message.energy_mj / 1000)
         self.metrics.job_cpu_seconds.labels(task.kind).inc(message.cpu_ms / 1000)
@@ -227,6 +228,7 @@ class Collector:
         if verdict == "failed" and self.store.mark_failed(
                 task.id, f"job {job.id} (chunk {job.chunk}): no {replicas // 2 + 1} of {replicas} replicas agree "
                 f"after {job.publications} copies"):
+            self.metrics.task_ended(self.store, task.id)
             self.p.changed(task.id)
         elif verdict == "retry":
             self.p.wake_publisher()
@@ -239,6 +241,7 @@ class Collector:
         reason = f"job {job.id} (chunk {job.chunk}) failed after {job.publications} attempt(s): {error}"
         if verdict == "failed" and self.store.mark_failed(task.id, reason):
             log.error("Task[%d] - failed: %s", task.id, reason)
+            self.metrics.task_ended(self.store, task.id)
             self.p.changed(task.id)
         elif verdict == "retry":
             self.metrics.jobs_republished.inc()
@@ -262,7 +265,8 @@ class Collector:
             raise
         except Exception as exc:
             log.exception("Task[%d] - merge failed", task_id)
-            self.store.mark_failed(task_id, f"merging the results failed: {type(exc).__name__}: {exc}")
+            if self.store.mark_failed(task_id, f"merging the results failed: {type(exc).__name__}: {exc}"):
+                self.metrics.task_ended(self.store, task_id)
             self.p.changed(task_id)
             return
         timing = {**task.facts.get("timing", {}), "merge_seconds": round(time.monotonic() - started, 3)}
@@ -270,6 +274,7 @@ class Collector:
         self.store.update_facts(task_id, {"stats": stats, "timing": timing, "waiting": None})
         self._keep_task(self.store.task(task_id), kind, view)  # before done: the same task again hits
         self.store.mark_done(task_id)
+        self.metrics.task_ended(self.store, task_id)
         log.info("Task[%d] - merge time: %.2f[s]", task_id, timing["merge_seconds"])
         log.info("Task[%d] - total time: %.2f[s]", task_id, time.time() - (task.started_at or task.created_at))
         self.p.changed(task_id)

@@ -4,7 +4,8 @@ Each open page holds a server thread for as long as it listens, so the number of
 listeners is capped (`SSE_MAX_CLIENTS`); one more is told to come back later (503).
 Each listener has a backlog bounded in bytes: a page too slow to drain it loses the
 oldest events rather than growing the server (every event carries full state, so the
-next one repairs the picture).
+next one repairs the picture). A listener hears one topic: the main page `page`, the
+operations dashboard `dashboard`, so neither receives what only the other shows.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ class TooManyListeners(RuntimeError):
     """Every SSE slot is taken."""
 
 
+PAGE = "page"
+
+
 class _Listener:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, topic: str):
+        self.topic = topic
         self.pending: deque[str] = deque()
         self.size = 0
         self.max_bytes = max_bytes
@@ -50,20 +55,21 @@ class EventHub:
         self.max_clients = max_clients
         self._backlog_bytes = backlog_bytes
 
-    def publish(self, kind: str, data: dict) -> None:
+    def publish(self, kind: str, data: dict, topic: str = PAGE) -> None:
         message = f"event: {kind}\ndata: {json.dumps(data)}\n\n"
         with self._lock:
-            clients = list(self._clients)
+            clients = [c for c in self._clients if c.topic == topic]
         for client in clients:
             client.put(message)
 
-    def listeners(self) -> int:
+    def listeners(self, topic: str | None = None) -> int:
+        """Pages listening (to `topic`, or to any)."""
         with self._lock:
-            return len(self._clients)
+            return sum(1 for c in self._clients if topic is None or c.topic == topic)
 
-    def stream(self, keepalive_seconds: float = 15.0) -> Iterator[str]:
+    def stream(self, keepalive_seconds: float = 15.0, topic: str = PAGE) -> Iterator[str]:
         """The event stream of one page; TooManyListeners (raised at once) when every slot is taken."""
-        client = _Listener(self._backlog_bytes)
+        client = _Listener(self._backlog_bytes, topic)
         with self._lock:
             if len(self._clients) >= self.max_clients:
                 raise TooManyListeners(f"{self.max_clients} pages are listening already (SSE_MAX_CLIENTS)")

@@ -154,11 +154,13 @@ class Orchestrator:
         except (probe.UnreadableMedia, probe.RefusedMedia, NotApplicable, FileNotFoundError) as exc:
             if self.store.task(task_id) is not None and self.store.mark_failed(task_id, str(exc)):
                 log.warning("Task[%d] - preparing failed: %s", task_id, exc)
+                self.p.metrics.task_ended(self.store, task_id)
                 self.p.changed(task_id)
             return
         except Exception as exc:
             log.exception("Task[%d] - preparing failed", task_id)
             if self.store.mark_failed(task_id, f"preparing the input failed: {type(exc).__name__}: {exc}"):
+                self.p.metrics.task_ended(self.store, task_id)
                 self.p.changed(task_id)
             return
         with self._prepared:
@@ -206,6 +208,7 @@ class Orchestrator:
                  "energy": {"joules": 0.0, "cpu_seconds": 0.0, "source": "cached"}}
         self.store.finish_from_cache(task.id, {**facts, "stats": stats, "waiting": None})
         self.p.metrics.tasks_cached.inc()
+        self.p.metrics.task_ended(self.store, task.id)
         log.info("Task[%d] - done from the results cache: the same %s of the same input was done before",
                  task.id, task.kind)
         self.p.changed(task.id)
@@ -221,6 +224,7 @@ class Orchestrator:
         """Stop a task: its queued jobs are dropped by whoever takes them, running ones stopped."""
         if not self.store.mark_cancelled(task_id):
             return False
+        self.p.metrics.task_ended(self.store, task_id)
         self.p.broker.send(self.p.broker.destinations.control, b"",
                            ControlMessage("cancel", (task_id,)).headers(), persistent=False)
         log.info("Task[%d] - cancelled", task_id)
@@ -333,6 +337,7 @@ class Orchestrator:
         if settled and time.monotonic() - since > self.p.settings.job_deadline_seconds:
             if self.store.mark_failed(task.id, f"{reason}, for {self.p.settings.job_deadline_seconds:.0f}s"):
                 log.error("Task[%d] - failed: %s", task.id, reason)
+                self.p.metrics.task_ended(self.store, task.id)
                 self._lacking_since.pop(task.id, None)
                 self.p.changed(task.id)
         return True
@@ -362,6 +367,7 @@ class Orchestrator:
                           f"each given {allowed:.0f}s")
                 if self.store.mark_failed(task.id, reason):
                     log.error("Task[%d] - failed: %s", task.id, reason)
+                    self.p.metrics.task_ended(self.store, task.id)
                     self.p.changed(task.id)
             elif self.store.republish(job.id):
                 self.p.metrics.jobs_republished.inc()

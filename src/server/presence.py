@@ -2,8 +2,10 @@
 
 Workers announce themselves on the presence topic every heart-beat interval and at
 every job start and end, so a worker on another host appears with no configuration.
-One not heard from for two heart-beat intervals is dropped, and its running attempts
-are closed as 'lost' on the task timelines.
+One not heard from for two heart-beat intervals goes offline: it leaves the live list,
+its running attempts are closed as 'lost' on the task timelines, and the dashboard
+still shows it, offline, for OFFLINE_SECONDS (a worker that comes back, a frozen process
+resumed, is live again). One that says it is leaving is simply removed.
 
 Presence is data from the network, not code: the schema has already checked every field
 (types, ranges, finite numbers) before a message gets here, and the registry is bounded:
@@ -19,14 +21,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from src.messaging.schema import PresenceMessage
 
 MAX_WORKERS = 256
 PRESENCE_RATE = 5.0  # messages per second, sustained
 PRESENCE_BURST = 20.0
+OFFLINE_SECONDS = 600.0  # how long an offline worker stays on the dashboard
+HISTORY_POINTS = 60  # per worker (sent_at, CPU %, memory bytes): the dashboard's sparklines
 
 
 @dataclass
@@ -35,6 +40,7 @@ class _Entry:
     seen: float
     tokens: float
     refilled: float
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
 
 
 class WorkerRegistry:
@@ -42,6 +48,7 @@ class WorkerRegistry:
                  on_worker_gone: Callable[[str], None], on_dropped: Callable[[], None] = lambda: None):
         self.expiry_seconds = 2 * heartbeat_ms / 1000
         self._workers: dict[str, _Entry] = {}
+        self._offline: dict[str, tuple[_Entry, float]] = {}  # name -> (last entry, gone at)
         self._lock = threading.Lock()
         self._on_job_started = on_job_started
         self._on_worker_gone = on_worker_gone
@@ -51,6 +58,10 @@ class WorkerRegistry:
         """Apply a valid presence message; the reason if it is refused (None when applied or dropped)."""
         now = time.time()
         with self._lock:
+            offline = self._offline.get(presence.worker)
+            if offline is not None and offline[0].presence.session == presence.session:  # a frozen process resumed
+                del self._offline[presence.worker]
+                self._workers[presence.worker] = offline[0]
             entry = self._workers.get(presence.worker)
             if entry is not None and entry.presence.session != presence.session:
                 return f"presence for Worker[{presence.worker}] from another session than the worker's"
@@ -68,8 +79,10 @@ class WorkerRegistry:
             if presence.state == "leaving":
                 del self._workers[presence.worker]
             else:
-                tokens = (entry.tokens if entry is not None else PRESENCE_BURST) - 1
-                self._workers[presence.worker] = _Entry(presence, now, tokens, now)
+                if entry is None:
+                    entry = self._workers[presence.worker] = _Entry(presence, now, PRESENCE_BURST, now)
+                entry.presence, entry.seen, entry.tokens = presence, now, entry.tokens - 1
+                entry.history.append((presence.sent_at, presence.cpu_percent, presence.memory_bytes))
         new_job = presence.job_id is not None and (previous is None or previous.job_id != presence.job_id)
         if new_job and presence.state == "busy":
             self._on_job_started(presence.worker, presence.job_id, presence.sent_at)
@@ -81,7 +94,10 @@ class WorkerRegistry:
         with self._lock:
             gone = [name for name, entry in self._workers.items() if now - entry.seen > self.expiry_seconds]
             for name in gone:
-                del self._workers[name]
+                self._offline[name] = (self._workers.pop(name), now)
+            for name, (_, gone_at) in list(self._offline.items()):
+                if now - gone_at > OFFLINE_SECONDS or len(self._offline) > MAX_WORKERS:
+                    del self._offline[name]
         for name in gone:
             self._on_worker_gone(name)
         return gone
@@ -101,18 +117,31 @@ class WorkerRegistry:
         with self._lock:
             return sorted({offer for e in self._workers.values() for offer in e.presence.offers})
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self, offline: bool = False) -> list[dict]:
+        """The live workers, by name; with `offline`, also those offline (`online` false, `offline_since`)."""
+        return [view for view, _ in self._views(offline)]
+
+    def history(self) -> list[dict]:
+        """Every worker, offline ones included, with its recent figures: `history` [[sent_at, CPU %, memory]]."""
+        return [{**view, "history": [list(point) for point in points]} for view, points in self._views(True)]
+
+    def _views(self, offline: bool) -> list[tuple[dict, list]]:
         now = time.time()
         with self._lock:
-            entries = [(e.presence, e.seen) for e in self._workers.values()]
-        return [
+            entries = [(e.presence, e.seen, None, list(e.history)) for e in self._workers.values()]
+            if offline:
+                entries += [(e.presence, e.seen, gone_at, list(e.history)) for e, gone_at in self._offline.values()]
+        return [(
             {
                 "worker": p.worker, "host": p.host, "address": p.address, "pid": p.pid, "state": p.state,
                 "job_id": p.job_id, "task_id": p.task_id, "kinds": list(p.kinds), "jobs_done": p.jobs_done,
                 "mean_job_seconds": p.mean_job_seconds, "model": p.model, "device": p.device,
                 "offers": dict(p.offers), "cores": p.cores, "load": p.load,
+                "cpu_percent": p.cpu_percent, "memory_bytes": p.memory_bytes, "host_cpu_percent": p.host_cpu_percent,
+                "host_memory_percent": p.host_memory_percent, "jobs_by_kind": dict(p.jobs_by_kind),
                 "last_heartbeat_age": round(now - seen, 2),
                 "heartbeat_seconds": self.expiry_seconds / 2,  # the page marks a worker stale past this
-            }
-            for p, seen in sorted(entries, key=lambda e: e[0].worker)
+                "online": gone_at is None, "offline_since": gone_at,
+            }, points)
+            for p, seen, gone_at, points in sorted(entries, key=lambda e: e[0].worker)
         ]

@@ -9,11 +9,13 @@ from flask import current_app
 from src.config import Settings
 from src.messaging.broker import Broker
 from src.server.collector import Collector
+from src.server.dashboard import Dashboard
 from src.server.events import EventHub
 from src.server.files import Storage
 from src.server.metrics import Metrics
 from src.server.orchestrator import Orchestrator
 from src.server.pipeline import Pipeline
+from src.server.queues import QueueMonitor
 from src.server.store import Store
 from src.server.watch import Watcher
 
@@ -31,6 +33,8 @@ class Services:
     pipeline: Pipeline
     orchestrator: Orchestrator
     collector: Collector
+    queues: QueueMonitor
+    dashboard: Dashboard
     started: bool = False
     watcher: Watcher | None = None  # built and started by start(): an app that only answers HTTP has none
 
@@ -42,11 +46,15 @@ class Services:
         self.collector.ask_presence()
         self.orchestrator.start()
         self.watcher.start()
+        self.queues.start()
+        self.dashboard.start()
         self.started = True
 
     def close(self) -> None:
         if self.started:
             self.watcher.stop()
+            self.queues.stop()
+            self.dashboard.stop()
             self.orchestrator.stop()
             self.collector.stop()
             self.broker.close()

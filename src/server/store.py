@@ -494,6 +494,17 @@ class Store:
         row = self._rows("SELECT SUM(state = 'done'), COUNT(*) FROM job WHERE task_id = ?", (task_id,))[0]
         return int(row[0] or 0), int(row[1] or 0)
 
+    def finished_since(self, since: float) -> list[sqlite3.Row]:
+        """Tasks that ended at or after `since`: kind, state, started_at (requested), finished_at, media duration."""
+        return self._rows("SELECT task.kind, task.state, task.started_at, task.finished_at, media.duration "
+                          "FROM task JOIN media ON media.id = task.media_id WHERE task.finished_at >= ? "
+                          "ORDER BY task.finished_at", (since,))
+
+    def jobs_done_since(self, since: float) -> list[sqlite3.Row]:
+        """Jobs done at or after `since`: their task's kind, done_at, and the media seconds they held."""
+        return self._rows("SELECT task.kind, job.done_at, job.seconds FROM job JOIN task ON task.id = job.task_id "
+                          "WHERE job.state = 'done' AND job.done_at >= ? ORDER BY job.done_at", (since,))
+
     def job_state_counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._rows("SELECT state, COUNT(*) FROM job GROUP BY state")}
 

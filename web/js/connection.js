@@ -4,7 +4,7 @@
 // events sent meanwhile are lost.
 import { $ } from "./dom.js";
 
-export function connect(handlers, onReconnected) {
+export function connect(handlers, onReconnected, url = "/events") {
   let lostAt = null;
   const pill = $("#connection"), banner = $("#offline-banner");
 
@@ -19,7 +19,7 @@ export function connect(handlers, onReconnected) {
   };
 
   const open = () => {
-    const source = new EventSource("/events");
+    const source = new EventSource(url);
     source.onopen = () => {
       pill.textContent = "live";
       pill.className = "pill ok";

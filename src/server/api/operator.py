@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from src.server.api.security import operator_only
@@ -19,13 +18,16 @@ def workers():
 
 @bp.get("/metrics")
 def metrics():
+    """Prometheus text: the pipeline's counters, and per worker (offline ones included, with up 0)
+    and per queue the figures of this moment (see src/server/metrics.py for the labels)."""
     s = services()
     counts = s.store.job_state_counts()
-    busy = sum(1 for w in s.collector.workers.snapshot() if w["state"] == "busy")
+    workers = s.collector.workers.snapshot(offline=True)
+    busy = sum(1 for w in workers if w["online"] and w["state"] == "busy")
     s.metrics.jobs_running.set(busy)
     s.metrics.jobs_queued.set(max(0, counts.get("queued", 0) + counts.get("pending", 0) - busy))
     s.metrics.jobs_total_done.set(counts.get("done", 0))
-    return Response(generate_latest(s.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(s.metrics.exposition(workers, s.queues.snapshot()), mimetype=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/health")

@@ -1,0 +1,118 @@
+// The operations dashboard. The server pushes its whole state every few seconds on
+// /dashboard/events (src/server/dashboard.py); each push redraws the page, so a missed one
+// costs nothing. Sparklines are inline SVG built with the DOM (the CSP forbids inline styles).
+import { $, el } from "./dom.js";
+import { connect } from "./connection.js";
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attributes = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  return node;
+}
+
+// A line (or bars) of `values` in a 100 x 28 box, scaled to `max`; `label` says it in words.
+function sparkline(values, max, label, bars = false) {
+  const chart = svg("svg", { class: "spark", viewBox: "0 0 100 28", preserveAspectRatio: "none", role: "img",
+                             "aria-label": label });
+  chart.append(svg("line", { class: "base", x1: 0, y1: 27.5, x2: 100, y2: 27.5 }));
+  const top = Math.max(max, ...values, 1e-9);
+  const y = (v) => (27 - (26 * v) / top).toFixed(2);
+  if (bars) {
+    const width = 100 / Math.max(values.length, 1);
+    values.forEach((v, i) => {
+      if (v > 0) chart.append(svg("rect", { x: (i * width + 0.5).toFixed(2), y: y(v), width: Math.max(width - 1, 0.5),
+                                            height: (27 - y(v)).toFixed(2) }));
+    });
+  } else if (values.length) {
+    const step = values.length > 1 ? 100 / (values.length - 1) : 0;
+    const points = values.map((v, i) => `${(i * step).toFixed(2)},${y(v)}`);
+    if (values.length === 1) points.push(`100,${y(values[0])}`);
+    chart.append(svg("polyline", { points: points.join(" ") }));
+  }
+  return chart;
+}
+
+const megabytes = (bytes) => `${(bytes / 1048576).toFixed(0)} MB`;
+const rate = (value) => (value >= 10 ? value.toFixed(0) : value.toFixed(2));
+const seconds = (value) => (value === null ? "–" : value >= 100 ? `${value.toFixed(0)} s` : `${value.toFixed(1)} s`);
+const time = (epoch) => new Date(epoch * 1000).toLocaleTimeString();
+
+// `depths`: [time, jobs waiting] of the kind's queues (all its routes together), from the server's polls
+function kindCard(name, k, depths) {
+  const stats = el("dl", { class: "stats" },
+    el("div", {}, el("dt", {}, "jobs /s"), el("dd", {}, rate(k.jobs_per_second))),
+    el("div", {}, el("dt", {}, "media s /s"), el("dd", {}, rate(k.media_seconds_per_second))),
+    el("div", {}, el("dt", {}, "latency p50"), el("dd", {}, seconds(k.latency_p50))),
+    el("div", {}, el("dt", {}, "latency p95"), el("dd", {}, seconds(k.latency_p95))),
+  );
+  const jobs = k.jobs_per_bucket, waiting = depths.map((p) => p[1]);
+  return el("div", { class: "card", "data-kind": name },
+    el("h3", {}, name),
+    stats,
+    el("p", { class: "small muted" }, `${k.tasks_done} done, ${k.tasks_failed} failed; jobs per ${k.bucket_seconds} s:`),
+    sparkline(jobs, 1, `${name}: jobs done per ${k.bucket_seconds} seconds, oldest first: ${jobs.join(", ")}`, true),
+    el("div", { class: "depth" }, `waiting: ${waiting.length ? waiting[waiting.length - 1] : "?"}`,
+      sparkline(waiting, 1, `${name}: jobs waiting in the broker, oldest first: ${waiting.join(", ") || "no samples"}`)),
+  );
+}
+
+function workerCard(w) {
+  const cpu = w.history.map((p) => p[1]), memory = w.history.map((p) => p[2]);
+  const jobs = Object.entries(w.jobs_by_kind).map(([kind, n]) => `${kind} ${n}`).join(", ") || "none yet";
+  const status = w.online
+    ? el("span", { class: `state ${w.state}` }, w.state === "busy" ? `busy: job ${w.job_id}` : w.state)
+    : el("span", { class: "state failed" }, `offline since ${time(w.offline_since)}`);
+  return el("li", { class: `card${w.online ? "" : " offline"}`, "data-worker": w.worker, "data-online": String(w.online) },
+    el("h3", {}, w.worker, status),
+    el("div", { class: "where" }, `${w.host} · ${w.address || "?"} · ${w.kinds.join(", ")} · ${w.cores} cores · heard ` +
+      `${Math.round(w.last_heartbeat_age)} s ago`),
+    el("div", { class: "figures" },
+      el("span", { class: "label" }, "CPU"),
+      sparkline(cpu, 100, `CPU of worker ${w.worker}, percent of one core, oldest first: ${cpu.join(", ")}`),
+      el("span", { class: "value" }, `${w.cpu_percent.toFixed(0)} %`),
+      el("span", { class: "label" }, "memory"),
+      sparkline(memory, 0, `memory of worker ${w.worker} in megabytes, oldest first: ` +
+        memory.map((m) => (m / 1048576).toFixed(0)).join(", ")),
+      el("span", { class: "value" }, megabytes(w.memory_bytes)),
+      el("span", { class: "label" }, "host"),
+      el("span", { class: "small" }, `CPU ${w.host_cpu_percent.toFixed(0)} %, memory ${w.host_memory_percent.toFixed(0)} %`),
+      el("span", { class: "value" }, `load ${w.load.toFixed(2)}`),
+    ),
+    el("p", { class: "small muted" }, `jobs: ${jobs}`),
+  );
+}
+
+function queueRow(q) {
+  const name = q.role === "jobs" ? `${q.kind}${q.route ? ` ${q.route}` : ""} jobs` : q.role;
+  return el("tr", { "data-queue": q.name },
+    el("th", { scope: "row" }, name),
+    el("td", {}, q.ready), el("td", {}, q.unacked), el("td", {}, q.consumers),
+    el("td", { class: "rate" }, rate(q.publish_rate)), el("td", { class: "rate" }, rate(q.deliver_rate)),
+  );
+}
+
+function render(state) {
+  $("#window").textContent = `last ${Math.round(state.window_seconds / 60)} minutes`;
+  $("#kinds").replaceChildren(...Object.entries(state.kinds).map(
+    ([name, k]) => kindCard(name, k, state.queues.history[name] || [])));
+
+  const queues = state.queues;
+  const error = $("#queues-error");
+  error.hidden = !queues.error;
+  error.textContent = queues.error ? `RabbitMQ's management API cannot be read: ${queues.error}` : "";
+  $("#queues tbody").replaceChildren(...queues.queues.map(queueRow));
+
+  const online = state.workers.filter((w) => w.online).length;
+  $("#workers-count").textContent = `${online} online, ${state.workers.length - online} offline`;
+  $("#no-workers").hidden = state.workers.length > 0;
+  $("#workers").replaceChildren(...state.workers.map(workerCard));
+}
+
+async function refresh() {
+  const response = await fetch("/dashboard/state");
+  if (response.ok) render(await response.json());
+}
+
+connect({ dashboard: render }, refresh, "/dashboard/events");
