@@ -32,7 +32,7 @@ SHOTS = ARTIFACTS / "dashboard"
 def presence(worker: str = "w1", session: str = "s" * 32, cpu: float = 50.0, **fields) -> PresenceMessage:
     values = dict(worker=worker, host="h", address="127.0.0.1:1", pid=1, state="idle", job_id=None, task_id=None,
                   jobs_done=0, mean_job_seconds=None, model="m", sent_at=time.time(), session=session,
-                  cpu_percent=cpu, memory_bytes=1000)
+                  cpu_percent=cpu, memory_bytes=1000, heartbeat_ms=100)
     return PresenceMessage(**{**values, **fields})
 
 
@@ -55,6 +55,11 @@ def test_a_silent_worker_goes_offline_and_comes_back_when_it_speaks_again(monkey
     registry.update(presence())
     [back] = [w for w in registry.history() if w["online"]]
     assert back["worker"] == "w1" and len(back["history"]) == HISTORY_POINTS
+
+    # a worker whose own interval is longer (configured apart, on another host) gets two of its own
+    registry.update(presence(worker="w2", heartbeat_ms=1000))
+    time.sleep(0.25)
+    assert registry.expire() == ["w1"] and [w["worker"] for w in registry.snapshot()] == ["w2"]
 
 
 def test_percentiles_are_nearest_rank():

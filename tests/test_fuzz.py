@@ -20,7 +20,7 @@ import uuid
 import stomp
 
 from src.messaging.destinations import Destinations
-from src.messaging.schema import BODY_ENCODING
+from src.messaging.schema import BODY_ENCODING, PresenceMessage
 from tests.conftest import Cluster
 from tests.helpers import get, get_json, metric, wait_for
 from tests.test_faults import SLOW, assert_whole, start_song
@@ -80,10 +80,10 @@ def results(rng: random.Random, task_id: int, job_ids: list[int], token: str) ->
 
 def presences(rng: random.Random, live_worker: str, job_id: int) -> list[bytes]:
     """Hostile presence bodies."""
-    valid = {"worker": live_worker, "host": "h", "address": "a", "pid": 1, "state": "idle", "job_id": None,
-             "task_id": None, "jobs_done": 0, "mean_job_seconds": None, "model": "demucs_unittest",
-             "sent_at": time.time(), "device": "cpu", "kinds": ["separate"],
-             "session": uuid.uuid4().hex}  # another session than the worker's
+    valid = json.loads(PresenceMessage(
+        worker=live_worker, host="h", address="a", pid=1, state="idle", job_id=None, task_id=None, jobs_done=0,
+        mean_job_seconds=None, model="demucs_unittest", sent_at=time.time(), kinds=("separate",),
+        session=uuid.uuid4().hex).body())  # another session than the worker's: well formed, but forged
     variants = [
         {**valid, "state": "leaving"},  # forged goodbye of a live worker
         {**valid, "state": "busy", "job_id": job_id, "task_id": 1},  # forged attempt in the timeline
@@ -99,6 +99,11 @@ def presences(rng: random.Random, live_worker: str, job_id: int) -> list[bytes]:
         {**valid, "extra": 1},
         {k: v for k, v in valid.items() if k != "host"},
         {**valid, "host": "h" * 10_000},
+        {**valid, "cpu_percent": -1.0},
+        {**valid, "host_memory_percent": 101},
+        {**valid, "memory_bytes": 1.5},
+        {**valid, "jobs_by_kind": {"separate": -1}},
+        {**valid, "jobs_by_kind": {f"kind{i}": 1 for i in range(1000)}},
     ]
     bodies = [json.dumps(v).encode() for v in variants]
     bodies += [json.dumps(valid).replace('"mean_job_seconds": null', '"mean_job_seconds": NaN').encode(),

@@ -247,6 +247,9 @@ class PresenceMessage:
     host_cpu_percent: float = 0.0
     host_memory_percent: float = 0.0
     jobs_by_kind: dict[str, int] = field(default_factory=dict)  # results sent, per kind
+    # its own presence interval (BROKER_HEARTBEAT_MS where it runs): the server's registry gives
+    # each worker two of its own intervals, so a worker configured apart is not dropped between messages
+    heartbeat_ms: int = 15000
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -448,6 +451,7 @@ def _decode_presence(body: bytes) -> PresenceMessage:
         if not 0 <= _value(data, name, (int, float)) <= high:
             raise MalformedMessage(f"{name} is outside [0, {high:g}]")
     _in_range("memory_bytes", _value(data, "memory_bytes", (int,)), 0, 2**50)
+    _in_range("heartbeat_ms", _value(data, "heartbeat_ms", (int,)), 100, 3_600_000)
     jobs_by_kind = _value(data, "jobs_by_kind", (dict,))
     if len(jobs_by_kind) > MAX_KINDS or not all(
             isinstance(k, str) and NAME.fullmatch(k) and isinstance(n, int) and not isinstance(n, bool)

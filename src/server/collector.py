@@ -339,7 +339,7 @@ class Collector:
 
     def _worker_gone(self, worker: str) -> None:
         self.store.end_attempts_of(worker, "lost")
-        log.warning("Worker[%s] - no heart-beat for %.0fs; gone", worker, self.workers.expiry_seconds)
+        log.warning("Worker[%s] - no heart-beat for two intervals; offline", worker)
 
     def _watch_workers(self) -> None:
         while not self._stopped.wait(1):

@@ -2,7 +2,8 @@
 
 Workers announce themselves on the presence topic every heart-beat interval and at
 every job start and end, so a worker on another host appears with no configuration.
-One not heard from for two heart-beat intervals goes offline: it leaves the live list,
+One not heard from for two heart-beat intervals (its own as its presence says, or the
+server's when longer) goes offline: it leaves the live list,
 its running attempts are closed as 'lost' on the task timelines, and the dashboard
 still shows it, offline, for OFFLINE_SECONDS (a worker that comes back, a frozen process
 resumed, is live again). One that says it is leaving is simply removed.
@@ -46,7 +47,7 @@ class _Entry:
 class WorkerRegistry:
     def __init__(self, heartbeat_ms: int, on_job_started: Callable[[str, int, float], None],
                  on_worker_gone: Callable[[str], None], on_dropped: Callable[[], None] = lambda: None):
-        self.expiry_seconds = 2 * heartbeat_ms / 1000
+        self.expiry_seconds = 2 * heartbeat_ms / 1000  # at least; a worker with a longer interval gets two of its own
         self._workers: dict[str, _Entry] = {}
         self._offline: dict[str, tuple[_Entry, float]] = {}  # name -> (last entry, gone at)
         self._lock = threading.Lock()
@@ -92,7 +93,7 @@ class WorkerRegistry:
         """Drop workers not heard from in two heart-beat intervals; returns their names."""
         now = time.time()
         with self._lock:
-            gone = [name for name, entry in self._workers.items() if now - entry.seen > self.expiry_seconds]
+            gone = [name for name, entry in self._workers.items() if now - entry.seen > self._expiry(entry.presence)]
             for name in gone:
                 self._offline[name] = (self._workers.pop(name), now)
             for name, (_, gone_at) in list(self._offline.items()):
@@ -101,6 +102,9 @@ class WorkerRegistry:
         for name in gone:
             self._on_worker_gone(name)
         return gone
+
+    def _expiry(self, presence: PresenceMessage) -> float:
+        return max(self.expiry_seconds, 2 * presence.heartbeat_ms / 1000)
 
     def count(self) -> int:
         with self._lock:
@@ -140,7 +144,7 @@ class WorkerRegistry:
                 "cpu_percent": p.cpu_percent, "memory_bytes": p.memory_bytes, "host_cpu_percent": p.host_cpu_percent,
                 "host_memory_percent": p.host_memory_percent, "jobs_by_kind": dict(p.jobs_by_kind),
                 "last_heartbeat_age": round(now - seen, 2),
-                "heartbeat_seconds": self.expiry_seconds / 2,  # the page marks a worker stale past this
+                "heartbeat_seconds": self._expiry(p) / 2,  # the page marks a worker stale past this
                 "online": gone_at is None, "offline_since": gone_at,
             }, points)
             for p, seen, gone_at, points in sorted(entries, key=lambda e: e[0].worker)
