@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run install broker server workers test lint bench capture clean
+.PHONY: run install broker broker-cluster server workers test lint bench capture clean
 
 run: install broker                ## everything: install, broker, workers and server
 	@tools/run.sh
@@ -22,6 +22,9 @@ install: .venv/.installed          ## Debian packages and the virtual environmen
 
 broker:                            ## RabbitMQ with STOMP on BROKER_PORT
 	@tools/broker.sh
+
+broker-cluster:                    ## three clustered RabbitMQ nodes (STOMP 61621-61623); prints BROKER_HOSTS
+	@tools/broker-cluster.sh
 
 server: install                    ## HTTP API and web page, foreground
 	$(PY) -m src.server

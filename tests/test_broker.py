@@ -45,9 +45,9 @@ def test_connecting_while_the_dead_queue_holds_messages_takes_none_of_them(setti
             worker.connect()
             parker.send(parker.destinations.jobs("separate"), "a job", {})
             worker.ack(delivered.get(timeout=10))
-            time.sleep(0.5)
-            ready, unacked = queue_counts(settings.queue_prefix, "dead")
-            assert (ready, unacked) == (20, 0), "every parked message should stay ready for a human"
+            # a quorum queue's counts reach rabbitmqctl a few seconds late
+            wait_for(lambda: queue_counts(settings.queue_prefix, "dead") == (20, 0), 30,
+                     "every parked message ready for a human, none taken by a connect")
             assert worker.connected, "the worker's connection should survive its connect"
             worker.close()
     finally:

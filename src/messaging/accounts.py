@@ -80,11 +80,17 @@ def grants(prefix: str) -> dict[str, Grant]:
 
 
 def policies(prefix: str) -> dict[str, tuple[str, dict]]:
-    """name → (queue pattern, definition): the delivery limit and the bounded dead queue."""
+    """name → (queue pattern, definition): the delivery limit and the bounded dead queue.
+
+    Only one policy applies to a queue, so each also spreads its queues' leaders over a
+    cluster's nodes ("balanced"); by default every leader sits on the node where the server
+    first connected, which then carries all the traffic.
+    """
     p = re.escape(prefix)
+    spread = {"queue-leader-locator": "balanced"}
     return {
-        f"{prefix}-delivery-limit": (rf"^{p}\.(jobs\..+|results)$", {"delivery-limit": DELIVERY_LIMIT}),
-        f"{prefix}-dead-length": (rf"^{p}\.dead$", {"max-length": DEAD_QUEUE_LENGTH}),
+        f"{prefix}-delivery-limit": (rf"^{p}\.(jobs\..+|results)$", {"delivery-limit": DELIVERY_LIMIT, **spread}),
+        f"{prefix}-dead-length": (rf"^{p}\.dead$", {"max-length": DEAD_QUEUE_LENGTH, **spread}),
     }
 
 

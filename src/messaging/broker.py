@@ -1,9 +1,16 @@
-"""One STOMP connection to RabbitMQ that survives broker restarts.
+"""One STOMP connection to RabbitMQ that survives broker restarts and the loss of a cluster node.
 
 `Broker` wraps a stomp.py connection with what both the server and the workers need:
 
 - connecting with exponential back-off, and again after any disconnect (a restarted
   broker, a missed heart-beat), re-subscribing everything that was subscribed;
+- failing over between the nodes of a cluster (`BROKER_HOSTS`, `settings.broker_nodes`):
+  each attempt tries every node once, in the configured order but starting after the
+  node that failed last, so a dead node is tried last rather than first every time.
+  `node` says which one the connection reached, and the log line
+  "Connected to broker host:port" says it too. A node's loss is a lost connection like
+  any other: the broker requeues what that connection held, the quorum queues elect a
+  leader among the nodes left, and this end reconnects to the next node;
 - `send` that waits for the broker's RECEIPT, so a caller knows a message is stored
   before it ACKs what produced it;
 - ACK/NACK bound to the connection a message came on: after a reconnect the broker has
@@ -38,6 +45,10 @@ from src.config import Settings
 from src.messaging.destinations import Destinations
 
 log = logging.getLogger(__name__)
+
+# Seconds one node may take to accept a TCP connection before the next one is tried (a host
+# that drops packets would otherwise hold an attempt for the kernel's SYN retries, minutes).
+CONNECT_TIMEOUT = 5.0
 
 Role = Literal["server", "worker"]
 # What a parked message keeps of the headers it came with: bounded, and renamed so that
@@ -115,28 +126,59 @@ class Broker:
         self._conn: stomp.Connection12 | None = None
         self._connected_at = 0.0
         self._retry_delay = 0.5
+        self._nodes = settings.broker_nodes
+        self._first = 0  # index in _nodes of the node the next attempt tries first
+        self._node: tuple[str, int] | None = None  # the node of the current connection
 
     # -- connection ---------------------------------------------------------------
+
+    def _ordered_nodes(self) -> list[tuple[str, int]]:
+        """The nodes in the order the next attempt tries them: the configured order, rotated."""
+        first = self._first % len(self._nodes)
+        return self._nodes[first:] + self._nodes[:first]
+
+    def _skip(self, node: tuple[str, int] | None) -> None:
+        """Start the next attempt after `node` (one that failed), or one further when it is not known."""
+        with self._lock:
+            if node in self._nodes:
+                self._first = (self._nodes.index(node) + 1) % len(self._nodes)
+            else:
+                self._first = (self._first + 1) % len(self._nodes)
 
     def _new_connection(self) -> stomp.Connection12:
         s = self.settings
         heartbeat = s.broker_heartbeat_ms
+        nodes = self._ordered_nodes()
         conn = stomp.Connection12(
-            [(s.broker_host, s.broker_port)],
+            nodes,  # stomp.py tries each in turn until one accepts (reconnect_attempts_max: one round)
             heartbeats=(heartbeat, heartbeat),
             # Leave room for a late heart-beat before declaring the broker gone.
             heart_beat_receive_scale=2.0,
             auto_decode=False,
             reconnect_attempts_max=1,
+            timeout=CONNECT_TIMEOUT,  # bounds the TCP connect and the TLS handshake only
             vhost="/",  # RabbitMQ reads STOMP 1.2's host header as the virtual host
         )
         if s.broker_tls:
+            # stomp.py wraps a socket in TLS only for the hosts named here: every node, or a
+            # fail-over would silently speak plain STOMP to the TLS port
             conn.set_ssl(
-                for_hosts=[(s.broker_host, s.broker_port)],
+                for_hosts=nodes,
                 ca_certs=s.broker_tls_ca or None,
                 ssl_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         return conn
+
+    @staticmethod
+    def _endpoint(node: tuple[str, int]) -> str:
+        host, port = node
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def node(self) -> str:
+        """host:port of the broker node this connection reached ("" while not connected)."""
+        node = self._node
+        return self._endpoint(node) if node is not None and self._connected.is_set() else ""
 
     def connect(self, give_up_after: float | None = None) -> None:
         """Connect (with back-off) and subscribe everything registered so far."""
@@ -153,13 +195,19 @@ class Broker:
                     wait=True,
                     headers={"client-id": self.client_name},
                 )
+                # None only when the connection already dropped again: its subscriptions fail below
+                node = conn.transport.current_host_and_port or self._ordered_nodes()[0]
             except (stomp.exception.StompException, OSError) as exc:
+                # a node that accepted TCP and then failed (still booting, shutting down) is the
+                # one to skip; when none accepted, the next attempt starts one node further
+                self._skip(conn.transport.current_host_and_port)
+                nodes = ", ".join(self._endpoint(n) for n in self._nodes)
                 if give_up_after is not None and time.monotonic() - started > give_up_after:
                     raise BrokerUnavailable(
-                        f"cannot reach the broker at {self.settings.broker_host}:"
-                        f"{self.settings.broker_port}: {exc or type(exc).__name__}"
+                        f"cannot reach the broker at {nodes}: {str(exc) or type(exc).__name__}"
                     ) from exc
-                log.warning("Broker unreachable (%s); retrying in %.1fs", exc or type(exc).__name__, delay)
+                log.warning("Broker unreachable at %s (%s); retrying in %.1fs", nodes, str(exc) or type(exc).__name__,
+                            delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -170,17 +218,21 @@ class Broker:
                     for sub in self._subscriptions:
                         self._subscribe_on(conn, sub, confirm=True)
                 except (stomp.exception.StompException, OSError) as exc:
-                    failed = exc or type(exc).__name__
+                    failed = str(exc) or type(exc).__name__
                 else:
                     # only now is it the connection: one that drops while subscribing is a
                     # failed attempt, for this loop to retry (not _connection_lost's)
                     self._conn = conn
+                    self._node = node
                     self._connected_at = time.monotonic()
                     self._connected.set()
             if failed is not None:
                 # the broker closed the connection on a subscription (a quorum queue that another
-                # client declares at this very moment answers "noproc"): try again, with back-off
-                log.warning("Subscribing failed (%s); reconnecting in %.1fs", failed, delay)
+                # client declares at this very moment answers "noproc", or one whose leader died
+                # with its node and is not elected yet): try again, with back-off
+                log.warning("Subscribing failed on %s (%s); reconnecting in %.1fs", self._endpoint(node), failed,
+                            delay)
+                self._skip(node)
                 try:
                     conn.disconnect()
                 except (stomp.exception.StompException, OSError):
@@ -188,7 +240,7 @@ class Broker:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            log.info("Connected to broker %s:%s", self.settings.broker_host, self.settings.broker_port)
+            log.info("Connected to broker %s", self._endpoint(node))
             return
 
     def _connection_lost(self, conn: stomp.Connection12) -> None:
@@ -203,7 +255,10 @@ class Broker:
             if self._reconnecting:
                 return
             self._reconnecting = True
-        log.warning("Lost the broker connection; reconnecting")
+            lost = self._node
+        # that node may be gone for good (a cluster node that died): try the others first
+        self._skip(lost)
+        log.warning("Lost the broker connection to %s; reconnecting", self._endpoint(lost) if lost else "?")
 
         # A connection the broker closes at once (a subscription it refuses: the jobs queue
         # not declared yet, a permission missing) is retried with back-off, not in a loop.
@@ -304,7 +359,7 @@ class Broker:
         connection it would stay unacknowledged (or, NACKed after the UNSUBSCRIBE, make the
         broker close the connection with "Subscription not found").
         """
-        conn = self._new_connection()  # no listener: what it receives goes back on disconnect
+        conn = self._new_connection()  # any node (the same list); no listener: what it receives goes back on disconnect
         conn.connect(self.user, self.password, wait=True)
         headers = {**self.destinations.declaration(destination), "prefetch-count": "1"}
         conn.subscribe(destination, id="declare", ack="client-individual", headers=headers)

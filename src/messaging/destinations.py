@@ -17,7 +17,9 @@ headers from here.
   publish to `/topic/{p}.results` (amq.topic, routing key `{p}.results`), whose routing
   key their topic permissions allow, and the server's subscription binds the results
   queue to it (`x-queue-name`). See src/messaging/accounts.py.
-- dead: where refused and exhausted messages are parked for a person to inspect.
+- dead: where refused and exhausted messages are parked for a person to inspect; a quorum
+  queue as well, so that on a cluster parking works while any one node is down (a classic
+  queue lives on one node, and with that node down every park closed the connection).
 - control, presence: topics; every subscriber gets every message, nothing is kept.
 
 RabbitMQ 3.10's STOMP plugin drops an `x-delivery-limit` header, so the delivery limit is
@@ -89,5 +91,5 @@ class Destinations:
             # a SEND to a topic ignores these headers.
             return {**self.declaration(self.results), "x-queue-name": f"{self.prefix}.results"}
         if destination == self.dead:
-            return {**durable, "x-queue-type": "classic"}
+            return {**durable, "x-queue-type": "quorum"}
         return {}
