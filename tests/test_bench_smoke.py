@@ -16,9 +16,10 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
                    check=True, timeout=900)
     report = (docs / "BENCHMARKS.md").read_text()
     for heading in ("1. Speed", "2. Where the time goes", "3. Fidelity", "4. Memory", "5. Load", "6. Transcoding",
-                    "7. Face blurring"):
+                    "7. Face blurring", "8. Operations"):
         assert heading in report
-    for plot in ("speed.png", "memory.png", "load.png", "transcode-ratio.png", "amdahl.png"):
+    for plot in ("speed.png", "memory.png", "load.png", "transcode-ratio.png", "amdahl.png", "operations.png",
+                 "operations-workers.png"):
         assert (docs / plot).stat().st_size > 1000
     results = json.loads((docs / "benchmarks.json").read_text())
     assert min(results["fidelity"]["distributed"].values()) >= 60
@@ -29,6 +30,11 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
     assert transcoded and all(row["farm"]["psnr"] > 30 and row["ffmpeg"]["psnr"] > 30 for row in transcoded)
     blurred = results["faceblur"]
     assert all(row["fps"] > 0 for row in blurred["rows"]) and blurred["rows"][1]["faces"] > 0
+    operations = results["operations"]
+    for run in operations["runs"].values():  # pull and push, each with a worker killed mid-run
+        assert run["done"] == run["uploads"] > 0 and run["equal"] == run["done"]
+        assert len(run["kills"]) == 1 and sum(w["jobs_done"] for w in run["workers"]) > 0
+    assert all(k["server_cpu_per_media_second"] > 0 for k in operations["scaling"]["per_kind"].values())
 
 
 def test_one_section_alone_keeps_the_others(tmp_path):

@@ -127,6 +127,9 @@ def test_the_dashboard_shows_workers_queues_and_throughput_live(least_privilege,
         jobs = sum(w["jobs_by_kind"].get("separate", 0) for w in state["workers"])
         assert jobs == state["kinds"]["separate"]["jobs_done"] > 0
         assert all(w["memory_bytes"] > 0 and w["cores"] >= 1 for w in state["workers"])
+        node = f"{least_privilege.broker_host}:{least_privilege.broker_port}"
+        assert {w["broker"] for w in state["workers"]} == {node}
+        assert http.get_json(farm.base + "/health")["broker_node"] == node
         body = json.dumps(state)
         assert least_privilege.broker_password not in body and least_privilege.broker_user not in body
         shot(page, "desktop")

@@ -326,7 +326,7 @@ class Worker:
             kinds=tuple(self.kinds), offers=self.offers, cores=os.cpu_count() or 1, load=node.load,
             cpu_percent=node.cpu_percent, memory_bytes=node.memory_bytes, host_cpu_percent=node.host_cpu_percent,
             host_memory_percent=node.host_memory_percent, jobs_by_kind=dict(self._jobs_by_kind),
-            heartbeat_ms=self.settings.broker_heartbeat_ms,
+            heartbeat_ms=self.settings.broker_heartbeat_ms, broker=self.broker.node,
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

@@ -250,6 +250,7 @@ class PresenceMessage:
     # its own presence interval (BROKER_HEARTBEAT_MS where it runs): the server's registry gives
     # each worker two of its own intervals, so a worker configured apart is not dropped between messages
     heartbeat_ms: int = 15000
+    broker: str = ""  # host:port of the broker node it is connected to (a cluster's BROKER_HOSTS)
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -418,7 +419,7 @@ def _decode_presence(body: bytes) -> PresenceMessage:
     for name in ("worker", "model"):
         if not NAME.fullmatch(_value(data, name, (str,))):
             raise MalformedMessage(f"presence {name} is not a name: {_show(data[name])}")
-    for name, limit in (("host", 255), ("address", 64)):
+    for name, limit in (("host", 255), ("address", 64), ("broker", 300)):
         value = _value(data, name, (str,))
         if len(value) > limit or not PRINTABLE.fullmatch(value):
             raise MalformedMessage(f"presence {name} is not one printable line of at most {limit} characters")

@@ -66,7 +66,8 @@ function workerCard(w) {
     : el("span", { class: "state failed" }, `offline since ${time(w.offline_since)}`);
   return el("li", { class: `card${w.online ? "" : " offline"}`, "data-worker": w.worker, "data-online": String(w.online) },
     el("h3", {}, w.worker, status),
-    el("div", { class: "where" }, `${w.host} · ${w.address || "?"} · ${w.kinds.join(", ")} · ${w.cores} cores · heard ` +
+    el("div", { class: "where" }, `${w.host} · ${w.address || "?"} via broker ${w.broker || "?"} · ` +
+      `${w.kinds.join(", ")} · ${w.cores} cores · heard ` +
       `${Math.round(w.last_heartbeat_age)} s ago`),
     el("div", { class: "figures" },
       el("span", { class: "label" }, "CPU"),

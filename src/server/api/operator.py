@@ -42,7 +42,8 @@ def health():
     elif alive < configured:
         reasons.append(f"{alive} of {configured} configured workers alive")
     body = {"status": "degraded" if reasons else "ok", "reasons": reasons, "broker": broker_ok,
-            "workers": alive, "workers_configured": configured, "model": s.settings.model}
+            "workers": alive, "workers_configured": configured, "model": s.settings.model,
+            "broker_node": s.broker.node}
     return jsonify(body), 200 if broker_ok else 503
 
 
