@@ -110,6 +110,35 @@ class Deployment:
             if name.startswith(self.prefix + "."):  # jobs (one per kind and route), results, dead
                 subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True)
 
+    def add_workers(self, workers: list[dict[str, str]], timeout: float = 180) -> list[subprocess.Popen]:
+        """Start more workers on the running deployment; returns them once GET /workers lists each."""
+        started = [self._spawn("src.audio_worker", f"worker{len(self.workers) + i}", extra)
+                   for i, extra in enumerate(workers)]
+        self.workers += started
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in started):
+                raise RuntimeError("a worker exited while starting; see its log in " + str(self.workdir))
+            try:
+                if {p.pid for p in started} <= {w["pid"] for w in get_json(self.base + "/workers")}:
+                    return started
+            except (OSError, RuntimeError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the added workers did not come up")
+
+    def stop_workers(self, workers: list[subprocess.Popen]) -> None:
+        """Stop these workers as `make workers` would (SIGTERM: each says it leaves); kill a straggler."""
+        for proc in workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
     def upload(self, song: Path) -> dict:
         status, body = http("POST", self.base + "/music", song.read_bytes(), "application/octet-stream")
         if status != 200:

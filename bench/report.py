@@ -1,4 +1,5 @@
-"""docs/BENCHMARKS.md and its plots, from the results of bench/sections.py."""
+"""docs/BENCHMARKS.md and its plots, from the results of bench/sections.py, bench/transcode.py,
+bench/faceblur.py and bench/operations.py."""
 
 from __future__ import annotations
 
@@ -185,17 +186,20 @@ def _plots(results: dict, docs: Path) -> None:
 
 
 def _video_sections(results: dict, docs: Path) -> list[str]:
+    """Sections 6-8, those that `--only` runs alone, each where its figures are."""
     lines = []
     if "transcode" in results:
         lines += _transcode(results["transcode"], docs)
     if "faceblur" in results:
         lines += _faceblur(results["faceblur"], docs)
+    if "operations" in results:
+        lines += _operations(results["operations"], docs)
     return lines
 
 
 def _write_transcode_only(results: dict, docs: Path) -> Path:
     """The report of a run of a video section alone, where no earlier sections 1-5 were found."""
-    lines = ["# Benchmarks", "", "Only the video sections were measured here (`--only`); sections 1-5 are in "
+    lines = ["# Benchmarks", "", "Only sections 6-8 were measured here (`--only`); sections 1-5 are in "
              "the report of a full `make bench`. Raw figures: `benchmarks.json`.", ""]
     lines += _video_sections(results, docs)
     target = docs / "BENCHMARKS.md"
@@ -473,3 +477,227 @@ def _speedup_table(speedup: dict[str, float]) -> list[str]:
     """Amdahl's projected speed-up per number of hosts, as a one-row table."""
     return ["| hosts N | " + " | ".join(speedup) + " |", "|---|" + "---|" * len(speedup),
             "| projected speed-up | " + " | ".join(f"{v:.2f}" for v in speedup.values()) + " |"]
+
+
+# -- 8: operations --------------------------------------------------------------------------------
+
+MODE_LABELS = {"pull": "pull (WORKER_PREFETCH=1)", "push": "push (WORKER_PREFETCH=0, round-robin)"}
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}s"
+
+
+def _operations(op: dict, docs: Path) -> list[str]:
+    """Section 8 as Markdown lines; its plots are written beside it."""
+    p, when, cal, runs = op["profile"], op["measured"], op["calibration"], op["runs"]
+    refs = op["reference"]
+    songs = [name for name, i in op["inputs"].items() if i["kind"] == "separate"]
+    videos = [name for name, i in op["inputs"].items() if i["kind"] == "transcode"]
+    video = op["inputs"][videos[0]]["params"]
+    kills = " and ".join(f"{k:g} s" for k in p["kills"])
+    down = " and then ".join(f"{n / p['workers']:.0%}" for n in range(1, len(p["kills"]) + 1))
+    st = op["settings"]
+    planned = ", ".join(f"{share:.0%} with {workers}" for workers, share in cal["planned_utilisation"].items())
+    lines = [
+        "## 8. Operations: workers killed under load", "",
+        f"Measured {when['at']} UTC on {when['on']}.",
+        f"Command: `{when['command']}` (profile `{p['name']}`), {op['section_seconds'] / 60:.1f} minutes for this "
+        "section.", "",
+        f"**The load.** {p['workers']} workers; a client uploads a song and a video alternately, one every "
+        f"{p['interval']:g} s for {p['seconds']:g} s ({len(op['sequence'])} uploads: `POST /media`, then "
+        f"`POST /tasks`). Songs: {', '.join(songs)} (MP3, generated tones over pink noise), task `separate` "
+        f"(model `{st['MODEL']}`, MODEL_SEGMENT={st['MODEL_SEGMENT']}). Videos: {', '.join(videos)} "
+        f"({p['width']}x{p['height']}, 25 fps, H.264 with a keyframe a second, AAC), task `transcode` "
+        f"({json.dumps(video)}). CHUNK_SECONDS={st['CHUNK_SECONDS']}, CACHE_MB=0 (every task is computed), "
+        f"VERIFY=off. Each worker: one torch thread, WORKER_KINDS={op['worker_kinds']}.",
+        "",
+        f"**The faults.** At {kills} after the first upload the first live worker that is running a job is "
+        f"killed with SIGKILL (mid-job; the table of workers says which), so {down} of the farm is "
+        "gone for good. Phases: *before* (until the first kill), one per kill (until the next kill or the end "
+        f"of the uploads at {p['seconds']:g} s), *after* (from then until the last task is done). A task counts "
+        "in the phase in which it finished; latency is the upload request → the task's `finished_at`; p50 and "
+        "p95 are nearest-rank; the busy share is the workers' time in jobs (the task timelines' attempts, each "
+        "as long as the worker timed its job) over the live workers' time.",
+        "",
+        f"**Each worker a slow machine.** On this {os.cpu_count()}-core host five CPU-bound workers would share "
+        "the cores, and killing one would free cores for the others and cost nothing. So each worker acts as "
+        "an independent machine N times slower (WORKER_SLOWDOWN=N: after a job it waits (N−1)x the job's "
+        "compute time), and the farm's capacity is proportional to its live workers. N is calibrated: a "
+        "fault-free reference run (one worker without slowdown, one task at a time, each input twice, the "
+        "second counted) timed every input's jobs alone; an upload costs "
+        f"{cal['compute_per_upload']:.2f} s of compute on average, so **WORKER_SLOWDOWN="
+        f"{cal['slowdown']:g}** makes the uploads fill the workers {planned} by the compute alone (planned; "
+        "jobs that compute at once stretch each other, by about a quarter on 2 quiet cores, so the busy share "
+        "measured below is higher; the planned share leaves room for that). The "
+        f"workers' real compute is then about {cal['worker_cores']:.2f} of a core, which leaves the host's cores "
+        "to the server. The slowdown waits in proportion to the job's wall time, so jobs that compute at the "
+        "same moment on the shared cores (a task's jobs are published together) stretch each other, and so do "
+        "other programs on the host, and the slowdown multiplies the stretch: the column *job time ÷ N x "
+        "reference compute* says by how much (1: the independent slow machines the workers play). Each run's "
+        "workers first do one job of each kind, not measured: a fresh process's first job computes several "
+        "times slower (torch's and ffmpeg's first calls). A song and a video are short so that a task has a few "
+        "jobs (see the job sizes below) and the schedule fits in minutes.",
+        "",
+        "**Pull and push.** The same schedule and faults run twice, each with new workers: *pull*, "
+        "WORKER_PREFETCH=1, a worker holds one unacknowledged job per queue and takes the next when it is "
+        "done; *push*, WORKER_PREFETCH=0 (RabbitMQ's unbounded prefetch): RabbitMQ hands each job, as soon "
+        "as it is published, to the queue's consumers in turn, whatever they already hold, as a scheduler "
+        "that assigns work round-robin does. A bounded prefetch such as 10 is push only while no worker holds "
+        "10 jobs and pull beyond, a mix of the two; unbounded is the pure case, as in section 5. RabbitMQ's "
+        "prefetch is per subscription: a worker here consumes two queues (songs and videos), so even a "
+        "pull worker can hold a song job and a video job at once, one of them waiting.",
+        "",
+    ]
+    lines += ["### 8.1 Pull against push, the whole run", "",
+              "Outputs: the sha256 of every output file of every task against the reference run's for the same "
+              "input. Jobs redelivered: results that came from a second or later delivery (a killed worker's "
+              "jobs, and in push those it held besides); published again: by the server, after a deadline or a "
+              "failure; duplicate results: ignored, the job was done already.", "",
+              "| mode | tasks done | outputs equal to the fault-free run | p50 | p95 | last task done | jobs "
+              "redelivered | published again | duplicate results | job time ÷ N x reference compute |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, run in runs.items():
+        c = run["counters"]
+        times = sum(ph["stretch"] * ph["jobs"] for ph in run["phases"] if ph.get("stretch"))
+        jobs = sum(ph["jobs"] for ph in run["phases"] if ph.get("stretch"))
+        lines.append(f"| {MODE_LABELS.get(mode, mode)} | {run['done']} of {run['uploads']} | **{run['equal']} of "
+                     f"{run['compared']}** | {_seconds(run['p50'])} | {_seconds(run['p95'])} | {run['end']:.0f} s | "
+                     f"{c.get('karaoke_jobs_redelivered', 0):.0f} | {c.get('karaoke_jobs_republished', 0):.0f} | "
+                     f"{c.get('karaoke_duplicate_results', 0):.0f} | {_na(times / jobs if jobs else None)} |")
+    lines.append("")
+    for number, (mode, run) in enumerate(runs.items(), start=2):
+        lines += [f"### 8.{number} {MODE_LABELS.get(mode, mode)}", "",
+                  "| phase | seconds | live workers | busy share | tasks done | tasks/s | media s/s | p50 | p95 "
+                  "| song p50 / p95 | video p50 / p95 | job time ÷ N x reference compute "
+                  "| host CPU busy / other programs' cores |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for ph in run["phases"]:
+            song, vid = ph["by_kind"]["separate"], ph["by_kind"]["transcode"]
+            busy = "–" if ph["busy_share"] is None else f"{ph['busy_share']:.0%}"
+            lines.append(
+                f"| {ph['label']} | {ph['start']:.0f}–{ph['stop']:.0f} | {ph['live_workers']} | {busy} | "
+                f"{ph['tasks']} | {ph['tasks_per_second']:.3f} | {ph['media_seconds_per_second']:.2f} | "
+                f"{_seconds(ph['p50'])} | {_seconds(ph['p95'])} | {_seconds(song['p50'])} / "
+                f"{_seconds(song['p95'])} | {_seconds(vid['p50'])} / {_seconds(vid['p95'])} | "
+                f"{_na(ph.get('stretch'))} | "
+                f"{_na(_pct(ph.get('host_busy_share')), '.0f', ' %')} / {_na(ph.get('other_cores'))} |")
+        c, whole = run["counters"], run.get("whole_run") or {}
+        lines += ["", f"The host's CPU over the run: {_na(_pct(whole.get('host_busy_share')), '.0f', ' %')} busy of "
+                  f"{os.cpu_count()} cores: this deployment {_na(whole.get('deployment_cores'))} cores (server and "
+                  f"workers), RabbitMQ {_na(whole.get('rabbitmq_cores'))}, other programs "
+                  f"{_na(whole.get('other_cores'))}. Other programs slow the workers' compute, and the slowdown "
+                  "multiplies it: read the phases with that column beside them.", ""]
+        if run["failed"]:
+            lines += [f"**Tasks not done: {run['failed']}** (" + ", ".join(
+                f"task {t['task_id']} {t['state']}" for t in run["tasks"] if t["state"] != "done") + ").", ""]
+        if run["prefetch"] != 1 and c.get("karaoke_jobs_republished", 0) > 0:
+            lines += ["A pushed job waits in one worker's prefetch, behind that worker's own jobs, while its "
+                      "deadline (JOB_DEADLINE_SECONDS + JOB_DEADLINE_FACTOR x the media ahead of it in the queue ÷ "
+                      "the live workers) assumes one queue that every live worker drains: behind a slow job it can "
+                      "run out, the server publishes the job again, and two workers compute it.", ""]
+        if run["upload_errors"]:
+            lines += [f"Uploads that failed: {'; '.join(run['upload_errors'])}.", ""]
+    lines += [f"### 8.{len(runs) + 2} Jobs each worker did", "",
+              "Jobs whose result was accepted, by the job records' `worker` (`GET /job/{id}`), per phase in "
+              "which the job was done (before / … / after); † killed at that second, mid-job where the run "
+              "says so.", "",
+              "| worker | " + " | ".join(MODE_LABELS.get(m, m) for m in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for index in range(p["workers"]):
+        cells = []
+        for run in runs.values():
+            w = run["workers"][index]
+            per_phase = " / ".join(str(ph["jobs_per_worker"][index]) for ph in run["phases"])
+            killed = f" † {w['killed_at']:.0f} s" if w["killed_at"] is not None else ""
+            cells.append(f"**{w['jobs_done']}** ({per_phase}){killed}")
+        lines.append(f"| {index + 1} | " + " | ".join(cells) + " |")
+    for mode, run in runs.items():
+        for k in run["kills"]:
+            lines.append("")
+            lines.append(f"{mode}: worker {k['worker'] + 1} killed at {k['at']:.1f} s, "
+                         f"{'in job ' + str(k['job_id']) if k['busy'] else 'idle (no worker was busy)'}.")
+    lines += ["", "![latency of each task against its upload time](operations.png)", "",
+              "![jobs per worker and phase](operations-workers.png)", ""]
+
+    sc = op["scaling"]["per_kind"]
+    lines += [f"### 8.{len(runs) + 3} Costs per media second (for docs/SCALING.md)", "",
+              "From the reference run, one task at a time (upload included): the server's CPU seconds (its "
+              "process and the ffmpeg it waited for, /proc) per second of media; the bytes through the broker "
+              "(the task's `stats.broker_bytes`: job payloads and results, before base64, which adds a third on "
+              "the wire); the upload's own bytes; the job sizes (`GET /job/{id}` size: the bytes of input in "
+              "the job, over every job of the load runs).", "",
+              "| kind | server CPU per media s | broker bytes per media s: jobs + results | on the wire (base64) "
+              "| upload bytes per media s | job size: median (min–max) | media s per job |",
+              "|---|---|---|---|---|---|---|"]
+    for kind, k in sc.items():
+        sizes = k["job_sizes"] or {}
+        moved = k["broker_bytes_per_media_second"]
+        size = (f"{sizes['bytes_median'] / 1e3:.0f} kB ({sizes['bytes_min'] / 1e3:.0f}–"
+                f"{sizes['bytes_max'] / 1e3:.0f})" if sizes else "–")
+        lines.append(f"| {kind} | {k['server_cpu_per_media_second']:.3f} s | {moved['jobs'] / 1e3:.0f} kB + "
+                     f"{moved['results'] / 1e3:.0f} kB = **{k['broker_bytes_per_media_second_total'] / 1e6:.2f} "
+                     f"MB** | {k['broker_bytes_per_media_second_total'] * 4 / 3 / 1e6:.2f} MB | "
+                     f"{k['input_bytes_per_media_second'] / 1e3:.0f} kB | {size} | "
+                     f"{_na(sizes.get('media_seconds_median'), '.2f', ' s')} |")
+    under = op["scaling"]["under_load"]
+    lines += ["", "Under the load (both kinds, uploads included, the whole run with its kills): the server "
+              "spent " + "; ".join(f"{u['server_cpu_per_media_second']:.3f} CPU-s per media second in the {m} run "
+                                   f"({u['server_cpu']:.0f} s for {u['media_seconds']:.0f} media s)"
+                                   for m, u in under.items()) + ". RabbitMQ spent " + "; ".join(
+                  f"{_na(u.get('rabbitmq_cpu_per_media_second'), '.3f')} CPU-s per media second in the {m} run"
+                  for m, u in under.items()) + " (an upper bound: every RabbitMQ node on this host, with whatever "
+              "else used it meanwhile).",
+              "", "Reference run per input: " + "; ".join(
+                  f"{name}: {r['jobs']} jobs, compute {r['compute_seconds']:.2f} s, wall {r['wall']:.1f} s, "
+                  f"server CPU {r['server_cpu']:.2f} s" for name, r in refs.items()) + ".", ""]
+    _operations_plots(op, docs)
+    return lines
+
+
+def _operations_plots(op: dict, docs: Path) -> None:
+    runs = op["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(10, 3.6), sharey=True, squeeze=False)
+    for ax, (mode, run) in zip(axes[0], runs.items(), strict=True):
+        for kind, marker, label in (("separate", "o", "song"), ("transcode", "s", "video")):
+            done = [t for t in run["tasks"] if t["kind"] == kind and t["latency"] is not None]
+            ax.scatter([t["uploaded"] for t in done], [t["latency"] for t in done], marker=marker, s=18,
+                       label=label)
+        for k in run["kills"]:
+            ax.axvline(k["at"], color="#c33", linestyle="--", linewidth=1)
+        ax.axvline(op["profile"]["seconds"], color="#888", linestyle=":", linewidth=1)
+        ax.set_title(MODE_LABELS.get(mode, mode), fontsize=9)
+        ax.set_xlabel("upload time (s); red: a worker killed")
+    axes[0][0].set_ylabel("latency, upload → done (s)")
+    axes[0][0].set_ylim(bottom=0)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(docs / "operations.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    workers = op["profile"]["workers"]
+    width = 0.8 / len(runs)
+    for m, run in enumerate(runs.values()):
+        xs = [i + (m - (len(runs) - 1) / 2) * width for i in range(workers)]
+        bottom = [0] * workers
+        for p, ph in enumerate(run["phases"]):
+            counts = ph["jobs_per_worker"]
+            ax.bar(xs, counts, width * 0.95, bottom=bottom, color=plt.cm.viridis(p / max(1, len(run["phases"]) - 1)),
+                   hatch="//" if m else None, edgecolor="white", label=None if m else ph["label"])
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+        for x, top, w in zip(xs, bottom, run["workers"], strict=True):
+            if w["killed_at"] is not None:
+                ax.text(x, top, f"† {w['killed_at']:.0f} s", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(workers), [f"worker {i + 1}" for i in range(workers)])
+    ax.set_ylabel("jobs done")
+    ax.set_title("jobs done per worker and phase: left bar " + ", right bar (hatched) ".join(runs)
+                 + "; † killed at", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(docs / "operations-workers.png", dpi=110)
+    plt.close(fig)

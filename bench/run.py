@@ -1,10 +1,11 @@
 """`make bench`: run every benchmark section and write docs/BENCHMARKS.md with its plots.
 
-    python -m bench.run                      # the full run (about 55 minutes on 2 cores)
+    python -m bench.run                      # the full run (about 66 minutes on 2 cores)
     BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory
     BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
     python -m bench.run --only transcode     # section 6 alone (about 17 minutes on 2 cores), the
                                              # other sections' figures kept from docs/benchmarks.json
+    python -m bench.run --only operations    # section 8 alone: 5 workers, 2 killed (about 11 minutes)
 
 The realistic model is saved once under bench/.models (htdemucs' architecture, random
 weights). Deployments use their own QUEUE_PREFIX and a scratch STORAGE_DIR.
@@ -22,12 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import faceblur, sections, transcode
+from bench import faceblur, operations, sections, transcode
 from bench.report import measured, write
 from tools.random_model import save_random_htdemucs
 
 ROOT = Path(__file__).resolve().parents[1]
-VIDEO_SECTIONS = {"transcode": transcode, "faceblur": faceblur}  # sections 6 and 7, each `--only`-able
+# sections 6-8, each `--only`-able, each with profiles of its own
+LATER_SECTIONS = {"transcode": transcode, "faceblur": faceblur, "operations": operations}
 
 
 def profile(name: str, models: Path) -> sections.Profile:
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--profile", default=os.environ.get("BENCH_PROFILE", "full"),
                         choices=["full", "quick", "smoke"])
-    parser.add_argument("--only", choices=list(VIDEO_SECTIONS),
+    parser.add_argument("--only", choices=list(LATER_SECTIONS),
                         help="run only this section; the others' figures are kept from DOCS/benchmarks.json")
     args = parser.parse_args()
     command = "make bench" if args.profile == "full" else f"BENCH_PROFILE={args.profile} make bench"
@@ -97,7 +99,7 @@ def main() -> None:
             results["memory"] = timed("memory", sections.memory, chosen, workdir)
             # the load's pace comes from the speed section's measured cost per second of audio
             results["load"] = timed("load", sections.load, chosen, workdir, results["speed"])
-        for name, section in VIDEO_SECTIONS.items():
+        for name, section in LATER_SECTIONS.items():
             if args.only in (None, name):
                 results[name] = timed(name, section.run, section.profile(args.profile), workdir)
                 results[name]["measured"] = measured(command)

@@ -220,7 +220,7 @@ class Worker:
         try:
             stopped = lambda: self._stopped(job.task_id)  # noqa: E731
             params, payload = runner.run(job.params, job.payload, stopped)
-            self._slow_down(time.monotonic() - started, stopped)
+            self._slow_down(started, self.energy.stop(spent).cpu_seconds, stopped)
         except Cancelled:
             log.info("Worker[%s] stopped Job[%d]: its task was stopped", self.name, job.job_id)
             self.broker.ack(delivery)
@@ -247,9 +247,18 @@ class Worker:
             self._current = None
             self._announce("idle")
 
-    def _slow_down(self, seconds: float, stopped) -> None:
-        """WORKER_SLOWDOWN: act as a machine that many times slower (benchmarks, fault tests)."""
-        deadline = time.monotonic() + (self.settings.worker_slowdown - 1) * seconds
+    def _slow_down(self, started: float, cpu_seconds: float, stopped) -> None:
+        """WORKER_SLOWDOWN=N: act as a machine N times slower (benchmarks, fault tests).
+
+        The job ends N times its compute after it started, the compute being its CPU time over
+        its threads: what it takes on cores of its own. Waiting N-1 times the wall time instead
+        multiplied every slowdown from sharing cores (other workers, the server) by N, so
+        workers meant to be independent machines slowed each other down N-fold.
+        """
+        if self.settings.worker_slowdown <= 1:
+            return
+        compute = cpu_seconds / self.settings.threads_per_worker
+        deadline = started + self.settings.worker_slowdown * compute
         while time.monotonic() < deadline:
             if stopped():
                 raise Cancelled()
