@@ -19,15 +19,12 @@ Each worker acts as an independent slow machine (WORKER_SLOWDOWN=N: it waits (N-
 compute time after each job), so that capacity is proportional to live workers on a
 2-core host. N is calibrated: a fault-free reference run (one worker, no slowdown, one
 task at a time) times every distinct input's jobs, and N is set so that, by that compute
-alone, the uploads keep the workers `utilisation` busy (55 %) before the kills. Jobs that
-compute at once stretch each other by about a quarter on 2 quiet cores, so about 70 % is
-measured; the work that arrives then needs about 85 % of 4 workers and 115 % of 3: they
-are overloaded and the latency grows. The
-slowdown waits in proportion to a job's wall time, so jobs computing at once on the
-shared cores, and other programs on the host, stretch every job and the slowdown
-multiplies the stretch: each phase records the jobs' time against N x their compute
-alone in the reference run, and the host's CPU: this deployment's, RabbitMQ's, the rest
-(/proc). Each run's workers first do a job of each kind, unmeasured: a fresh process's
+alone, the uploads keep the workers `utilisation` busy (55 %) before the kills; the same
+work then needs about 70 % of 4 workers and 90 % of 3. The slowdown ends a job N times its
+CPU time after it started, so jobs computing at once on the shared cores do not stretch
+each other: each phase records the jobs' time against N x their compute alone in the
+reference run (about 1 when the emulation holds), and the host's CPU: this deployment's,
+RabbitMQ's, the rest (/proc). Each run's workers first do a job of each kind, unmeasured: a fresh process's
 first job is several times slower.
 
 The reference run also gives each input's output hashes, the server's CPU seconds per

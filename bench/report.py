@@ -194,6 +194,8 @@ def _video_sections(results: dict, docs: Path) -> list[str]:
         lines += _faceblur(results["faceblur"], docs)
     if "operations" in results:
         lines += _operations(results["operations"], docs)
+    if "broker" in results:
+        lines += _broker(results["broker"])
     return lines
 
 
@@ -526,19 +528,19 @@ def _operations(op: dict, docs: Path) -> list[str]:
         "",
         f"**Each worker a slow machine.** On this {os.cpu_count()}-core host five CPU-bound workers would share "
         "the cores, and killing one would free cores for the others and cost nothing. So each worker acts as "
-        "an independent machine N times slower (WORKER_SLOWDOWN=N: after a job it waits (N−1)x the job's "
-        "compute time), and the farm's capacity is proportional to its live workers. N is calibrated: a "
+        "an independent machine N times slower (WORKER_SLOWDOWN=N: a job ends N times its compute after it "
+        "started, its compute being its CPU time over its threads), and the farm's capacity is proportional to "
+        "its live workers. N is calibrated: a "
         "fault-free reference run (one worker without slowdown, one task at a time, each input twice, the "
         "second counted) timed every input's jobs alone; an upload costs "
         f"{cal['compute_per_upload']:.2f} s of compute on average, so **WORKER_SLOWDOWN="
         f"{cal['slowdown']:g}** makes the uploads fill the workers {planned} by the compute alone (planned; "
-        "jobs that compute at once stretch each other, by about a quarter on 2 quiet cores, so the busy share "
-        "measured below is higher; the planned share leaves room for that). The "
+        "the busy share measured below counts the time jobs take, which is close to it). The "
         f"workers' real compute is then about {cal['worker_cores']:.2f} of a core, which leaves the host's cores "
-        "to the server. The slowdown waits in proportion to the job's wall time, so jobs that compute at the "
-        "same moment on the shared cores (a task's jobs are published together) stretch each other, and so do "
-        "other programs on the host, and the slowdown multiplies the stretch: the column *job time ÷ N x "
-        "reference compute* says by how much (1: the independent slow machines the workers play). Each run's "
+        "to the server. Because the wait counts CPU time, jobs that compute at the same moment on the shared "
+        "cores (a task's jobs are published together) or beside other programs do not stretch each other as "
+        "long as the wait absorbs it: the column *job time ÷ N x reference compute* says how close the workers "
+        "come to the independent slow machines they play (1). Each run's "
         "workers first do one job of each kind, not measured: a fresh process's first job computes several "
         "times slower (torch's and ffmpeg's first calls). A song and a video are short so that a task has a few "
         "jobs (see the job sizes below) and the schedule fits in minutes.",
@@ -590,8 +592,7 @@ def _operations(op: dict, docs: Path) -> list[str]:
         lines += ["", f"The host's CPU over the run: {_na(_pct(whole.get('host_busy_share')), '.0f', ' %')} busy of "
                   f"{os.cpu_count()} cores: this deployment {_na(whole.get('deployment_cores'))} cores (server and "
                   f"workers), RabbitMQ {_na(whole.get('rabbitmq_cores'))}, other programs "
-                  f"{_na(whole.get('other_cores'))}. Other programs slow the workers' compute, and the slowdown "
-                  "multiplies it: read the phases with that column beside them.", ""]
+                  f"{_na(whole.get('other_cores'))}.", ""]
         if run["failed"]:
             lines += [f"**Tasks not done: {run['failed']}** (" + ", ".join(
                 f"task {t['task_id']} {t['state']}" for t in run["tasks"] if t["state"] != "done") + ").", ""]
@@ -657,6 +658,29 @@ def _operations(op: dict, docs: Path) -> list[str]:
                   f"server CPU {r['server_cpu']:.2f} s" for name, r in refs.items()) + ".", ""]
     _operations_plots(op, docs)
     return lines
+
+
+# -- 9: one broker node ----------------------------------------------------------------------------
+
+
+def _broker(b: dict) -> list[str]:
+    p = b["profile"]
+    when = b["measured"]
+    lines = ["## 9. One broker node's capacity", "", f"Measured {when['at']} UTC on {when['on']}.",
+             f"Command: `{when['command']}` (profile `{p['name']}`).", "",
+             f"The product's own `Broker` sends {p['messages']} persistent messages of one size through a quorum "
+             "jobs queue of the local node (`make broker`'s), each with a RECEIPT, while another connection "
+             "consumes them with prefetch 1 and a client ACK: the way jobs and results travel. Bytes are the "
+             "wire's (the product's payloads are base64, a third more than the media's bytes); the broker's CPU is "
+             "its Erlang VM's (/proc). The producer, the consumer and the node share the host's "
+             f"{os.cpu_count()} cores, so a node on a machine of its own carries more. docs/SCALING.md turns this "
+             f"into media hours per hour. Median of {p['runs']} runs (range).", "",
+             "| message | messages/s | MB/s through the node | broker CPU-s per MB |", "|---|---|---|---|"]
+    for r in b["rows"]:
+        lines.append(f"| {r['message_bytes'] / 1e3:.0f} kB | {r['messages_per_second']:.0f} | "
+                     f"**{r['megabytes_per_second']:.1f}** ({r['min']:.1f}–{r['max']:.1f}) | "
+                     f"{r['broker_cpu_seconds_per_megabyte']:.4f} |")
+    return lines + [""]
 
 
 def _operations_plots(op: dict, docs: Path) -> None:

@@ -16,7 +16,7 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
                    check=True, timeout=900)
     report = (docs / "BENCHMARKS.md").read_text()
     for heading in ("1. Speed", "2. Where the time goes", "3. Fidelity", "4. Memory", "5. Load", "6. Transcoding",
-                    "7. Face blurring", "8. Operations"):
+                    "7. Face blurring", "8. Operations", "9. One broker node"):
         assert heading in report
     for plot in ("speed.png", "memory.png", "load.png", "transcode-ratio.png", "amdahl.png", "operations.png",
                  "operations-workers.png"):
@@ -35,6 +35,7 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
         assert run["done"] == run["uploads"] > 0 and run["equal"] == run["done"]
         assert len(run["kills"]) == 1 and sum(w["jobs_done"] for w in run["workers"]) > 0
     assert all(k["server_cpu_per_media_second"] > 0 for k in operations["scaling"]["per_kind"].values())
+    assert all(row["megabytes_per_second"] > 0 for row in results["broker"]["rows"])
 
 
 def test_one_section_alone_keeps_the_others(tmp_path):
