@@ -14,9 +14,6 @@ that host), the server's files do not.
 inside. Where this machine cannot make them (not root, no CAP_NET_ADMIN, no `ip`, no
 `unshare`, a sandbox that refuses a step) it raises `Unavailable` with the command and
 its error text, for the test to skip with that reason.
-
-`Relay` forwards TCP from the link's address to a port that only listens on loopback, for
-a broker whose STOMP listener is bound to 127.0.0.1: the machine's broker is left as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -182,47 +178,3 @@ def accepts(address: str, port: int, timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
-
-
-class Relay:
-    """TCP from (address, an ephemeral port) to (target, target_port), one thread pair per connection."""
-
-    def __init__(self, address: str, target: str, target_port: int):
-        self.target = (target, target_port)
-        self._server = socket.create_server((address, 0))
-        self.port: int = self._server.getsockname()[1]
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, name="relay", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return  # closed
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._server.close()
-        for conn in self._open:
-            with suppress(OSError):
-                conn.close()
