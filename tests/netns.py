@@ -5,10 +5,10 @@ address of a /30 out of 10.213.0.0/16, the namespace's end the second, the names
 loopback is brought up, and there is no other route, so what runs inside reaches this
 machine only through that link, with an address of its own, as a worker on another
 computer would. `Host.command` wraps a command so that it also runs in a mount
-namespace of its own where the given folders (the server's storage) are hidden under
-empty tmpfs mounts and /tmp is a fresh tmpfs, with a hostname of its own and a fresh
-working folder: the code and the Python environment stay visible (software installed on
-that host), the server's files do not.
+namespace of its own where the given folders (the server's storage, the test's files) are
+hidden under empty tmpfs mounts, with a hostname of its own and a working folder of its own
+(a private tmpfs on WORKDIR): the code and the Python environment stay visible (software
+installed on that host, wherever the checkout is, /tmp included), the server's files do not.
 
 `hosts(count)` makes them and always takes them down again, killing every process still
 inside. Where this machine cannot make them (not root, no CAP_NET_ADMIN, no `ip`, no
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NETWORK = ipaddress.ip_network("10.213.0.0/16")  # private, and unlikely to be one this machine routes already
-WORKDIR = "/tmp/host"  # a process's working folder inside its own /tmp
+# A process's working folder and HOME: each host mounts a private tmpfs on this one empty
+# folder, so hosts never see each other's files there. Not under /tmp, where a checkout may be.
+WORKDIR = "/var/tmp/karaoke-netns-work"
 
 
 class Unavailable(Exception):
@@ -84,15 +86,16 @@ class Host:
 
     def command(self, argv: Sequence[str], hide: Sequence[Path] = ()) -> list[str]:
         """`argv` as a process on this host: its network namespace, a mount namespace where every
-        folder of `hide` and /tmp are empty tmpfs, its own hostname, and WORKDIR as working folder."""
-        # Deeper folders first: one under /tmp must be covered before /tmp itself is.
+        folder of `hide` is an empty tmpfs, its own hostname, and a private tmpfs on WORKDIR as its
+        working folder."""
+        # Deeper folders first: one inside another must be covered before its parent is.
         covered = [str(p) for p in sorted({Path(p) for p in hide}, key=lambda p: -len(p.parts)) if Path(p).is_dir()]
+        os.makedirs(WORKDIR, exist_ok=True)  # the mount point; what each host writes stays in its own tmpfs
         script = "; ".join([
             "set -e",
             *(f"mount -t tmpfs -o size=1m,mode=0755 hidden {shlex.quote(p)}" for p in covered),
-            "mount -t tmpfs -o mode=1777 tmp /tmp",
+            f"mount -t tmpfs -o mode=0700 work {WORKDIR}",
             f"hostname {shlex.quote(self.hostname)}",
-            f"mkdir -p {WORKDIR}",
             f"cd {WORKDIR}",
             'exec "$@"',
         ])

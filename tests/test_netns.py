@@ -3,7 +3,7 @@
 Two "other hosts" are made on this machine (tests/netns.py): each a Linux network
 namespace with its own address on a veth link to this machine and no other route, and,
 for the processes started in it, a mount namespace where the server's STORAGE_DIR, the
-repository's storage/ and /tmp are empty, and a hostname of its own. The server runs here
+repository's storage/ and the test's own files are empty, and a hostname of its own. The server runs here
 as usual (listening on this machine's loopback only); one worker runs on each host, given
 nothing but the broker's address on the link, a worker login of its own (provisioned as
 `make broker` does, `least_privilege` in conftest.py) and the deployment's names
@@ -155,9 +155,8 @@ def test_workers_in_network_namespaces_of_their_own_run_a_song_and_a_video(other
     settings, brokers = least_privilege, broker_links
     cluster = Cluster(settings, tmp_path)
     singer, editor = other_hosts  # the song's host and the video's
-    # The server's storage and the repository's storage/ are hidden on the other hosts
-    # (/tmp, where the tests keep theirs, is always replaced).
-    hidden = [settings.storage_dir, ROOT / "storage"]
+    # The server's storage, this test's files and the repository's storage/ are hidden on the other hosts.
+    hidden = [settings.storage_dir, tmp_path, ROOT / "storage"]
     try:
         cluster.start_server()
         # Started first: loading torch takes the longest; meanwhile the media are made and stored.
