@@ -259,10 +259,6 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     if not explicit & set(LOGIN_SETTINGS):
         values.update(provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]))
 
-    if values["BROKER_HOSTS"]:
-        nodes = [parse_endpoint(entry) for entry in values["BROKER_HOSTS"].split(",") if entry.strip()]
-        if not nodes:
-            raise ValueError("BROKER_HOSTS must list host:port entries")
     if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
         raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
     if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt", "tamper"}:
@@ -288,7 +284,10 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     for name in ("MAX_ATTEMPTS", "JOB_DEADLINE_SECONDS", "JOB_DEADLINE_FACTOR"):
         if values[name] <= 0:
             raise ValueError(f"{name} must be positive")
-    return Settings(**{name.lower(): value for name, value in values.items()})
+    settings = Settings(**{name.lower(): value for name, value in values.items()})
+    if not settings.broker_nodes:  # parsing them also refuses an entry that is not host:port
+        raise ValueError("BROKER_HOSTS must list host:port entries")
+    return settings
 
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s"

@@ -501,8 +501,8 @@ class Store:
                           "ORDER BY task.finished_at", (since,))
 
     def jobs_done_since(self, since: float) -> list[sqlite3.Row]:
-        """Jobs done at or after `since`: their task's kind, done_at, and the media seconds they held."""
-        return self._rows("SELECT task.kind, job.done_at, job.seconds FROM job JOIN task ON task.id = job.task_id "
+        """Jobs done at or after `since`: their task's kind and done_at."""
+        return self._rows("SELECT task.kind, job.done_at FROM job JOIN task ON task.id = job.task_id "
                           "WHERE job.state = 'done' AND job.done_at >= ? ORDER BY job.done_at", (since,))
 
     def job_state_counts(self) -> dict[str, int]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, send_from_directory
+from flask import Blueprint, jsonify, send_from_directory
 
-from src.server.api.errors import ApiError
-from src.server.api.web import WEB_DIR
+from src.server.api.web import WEB_DIR, event_stream
 from src.server.dashboard import TOPIC
-from src.server.events import TooManyListeners
 from src.server.services import services
 
 bp = Blueprint("dashboard", __name__)
@@ -26,11 +24,7 @@ def state():
 @bp.get("/dashboard/events")
 def events():
     """The state pushed every few seconds while this page listens (one SSE slot, as the main page's)."""
+    response = event_stream(TOPIC)
     s = services()
-    try:
-        stream = s.events.stream(topic=TOPIC)
-    except TooManyListeners as exc:
-        raise ApiError(503, f"{exc}; try again later") from None
     s.events.publish(TOPIC, s.dashboard.state(), topic=TOPIC)  # the first picture at once, not a tick later
-    return Response(stream, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return response

@@ -7,7 +7,7 @@ from pathlib import Path
 from flask import Blueprint, Response, send_from_directory
 
 from src.server.api.errors import ApiError
-from src.server.events import TooManyListeners
+from src.server.events import PAGE, TooManyListeners
 from src.server.services import services
 
 WEB_DIR = Path(__file__).resolve().parents[3] / "web"
@@ -25,11 +25,16 @@ def asset(name: str):
     return send_from_directory(WEB_DIR, name, max_age=0)
 
 
-@bp.get("/events")
-def events():
+def event_stream(topic: str = PAGE) -> Response:
+    """One page's Server-Sent Events on `topic` (503 when every slot is taken)."""
     try:
-        stream = services().events.stream()
+        stream = services().events.stream(topic=topic)
     except TooManyListeners as exc:
         raise ApiError(503, f"{exc}; try again later") from None
     return Response(stream, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.get("/events")
+def events():
+    return event_stream()
