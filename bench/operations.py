@@ -52,6 +52,7 @@ from typing import Any
 
 from bench.harness import Deployment, cpu_seconds, get_json, http, make_song
 from bench.transcode import upload
+from src.server.dashboard import percentile
 
 MODES = {"pull": 1, "push": 0}  # WORKER_PREFETCH; 0 is RabbitMQ's unbounded prefetch
 KINDS = "separate,transcode/h264"  # two jobs queues per worker: one kind each
@@ -206,14 +207,6 @@ def worker_states(deployment: Deployment) -> dict[int, dict]:
 
 
 # -- figures -----------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def overlap(a0: float, a1: float, b0: float, b1: float) -> float:
