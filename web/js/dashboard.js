@@ -1,35 +1,28 @@
 // The operations dashboard. The server pushes its whole state every few seconds on
 // /dashboard/events (src/server/dashboard.py); each push redraws the page, so a missed one
 // costs nothing. Sparklines are inline SVG built with the DOM (the CSP forbids inline styles).
-import { $, el } from "./dom.js";
+import { $, el, svgEl } from "./dom.js";
 import { connect } from "./connection.js";
 
-const SVG = "http://www.w3.org/2000/svg";
-
-function svg(tag, attributes = {}) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
-  return node;
-}
 
 // A line (or bars) of `values` in a 100 x 28 box, scaled to `max`; `label` says it in words.
 function sparkline(values, max, label, bars = false) {
-  const chart = svg("svg", { class: "spark", viewBox: "0 0 100 28", preserveAspectRatio: "none", role: "img",
+  const chart = svgEl("svg", { class: "spark", viewBox: "0 0 100 28", preserveAspectRatio: "none", role: "img",
                              "aria-label": label });
-  chart.append(svg("line", { class: "base", x1: 0, y1: 27.5, x2: 100, y2: 27.5 }));
+  chart.append(svgEl("line", { class: "base", x1: 0, y1: 27.5, x2: 100, y2: 27.5 }));
   const top = Math.max(max, ...values, 1e-9);
   const y = (v) => (27 - (26 * v) / top).toFixed(2);
   if (bars) {
     const width = 100 / Math.max(values.length, 1);
     values.forEach((v, i) => {
-      if (v > 0) chart.append(svg("rect", { x: (i * width + 0.5).toFixed(2), y: y(v), width: Math.max(width - 1, 0.5),
+      if (v > 0) chart.append(svgEl("rect", { x: (i * width + 0.5).toFixed(2), y: y(v), width: Math.max(width - 1, 0.5),
                                             height: (27 - y(v)).toFixed(2) }));
     });
   } else if (values.length) {
     const step = values.length > 1 ? 100 / (values.length - 1) : 0;
     const points = values.map((v, i) => `${(i * step).toFixed(2)},${y(v)}`);
     if (values.length === 1) points.push(`100,${y(values[0])}`);
-    chart.append(svg("polyline", { points: points.join(" ") }));
+    chart.append(svgEl("polyline", { points: points.join(" ") }));
   }
   return chart;
 }

@@ -19,6 +19,14 @@ export function el(tag, attributes = {}, ...children) {
   return node;
 }
 
+// The same for SVG, whose elements live in their own namespace.
+export function svgEl(tag, attributes = {}, text = null) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
 export function clock(seconds) {
   if (!Number.isFinite(seconds) || seconds < 0) return "–";
   if (seconds < 10 && seconds % 1 !== 0) return `${seconds.toFixed(1)}s`;

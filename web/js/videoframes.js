@@ -4,9 +4,8 @@
 // faces, the faces found in each frame as a small bar chart with a text alternative.
 // The server counts a job's share in media seconds; seconds × the video's frame rate are
 // frames (exact for the video kinds, whose jobs are runs of whole frames).
-import { $, el } from "./dom.js";
+import { $, el, svgEl } from "./dom.js";
 
-const SVG = "http://www.w3.org/2000/svg";
 const MAX_GAPS = 6;         // frames without a face listed by the text alternative, as ranges
 
 // A frame rate as the server gives it: a number (25, 29.97) or an exact fraction "30000/1001".
@@ -120,12 +119,12 @@ export function renderFaces(faces, frames) {
   svg.dataset.bars = values.length;
   svg.replaceChildren(...values.map((value, index) => {
     const height = value > 0 ? value : stub;
-    const rect = svgNode("rect", { x: index + 0.1, width: 0.8, y: top - height, height,
+    const rect = svgEl("rect", { x: index + 0.1, width: 0.8, y: top - height, height,
                                    class: value > 0 ? "found" : "none", "data-faces": value });
     const first = index * group;
     const last = Math.min(first + group, total);
     const span = last - first === 1 ? `frame ${first + 1}` : `frames ${first + 1}–${last}`;
-    rect.append(svgNode("title", {}, `${span}: ${value ? `${value} face${value === 1 ? "" : "s"}` : "no face"}`));
+    rect.append(svgEl("title", {}, `${span}: ${value ? `${value} face${value === 1 ? "" : "s"}` : "no face"}`));
     return rect;
   }));
 }
@@ -154,9 +153,3 @@ function facesText(values, group, frames, faces) {
 // Math.max(...list) would pass every frame as an argument: a long video's list is too many.
 const largest = (list) => list.reduce((most, n) => (n > most ? n : most), 0);
 
-function svgNode(tag, attributes = {}, text = null) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
-  if (text !== null) node.textContent = text;
-  return node;
-}
