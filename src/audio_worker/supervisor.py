@@ -6,6 +6,11 @@ seconds into their first job they die hard (SIGKILL: no ACK, no goodbye) or free
 frees the job). The supervisor announces that before starting them, relays their logs,
 and stops them all on Ctrl-C.
 
+Where the workers run. On a GPU host (DEVICE=cuda, or auto where a GPU is visible) it runs
+WORKERS_PER_GPU workers on each GPU (DEVICE=cuda:0,cuda:2 names the GPUs), each told its own
+device. On a CPU host it runs WORKERS_HEALTHY workers, whose default follows the core count
+(`config.cpu_layout`: on 16 cores 4 workers of 4 threads, on 2 cores 2 of 1).
+
 It keeps N workers alive: a worker that exits (crashed, killed, or a poison message
 that got past every guard) is started again after a back-off that doubles from 1 s up to
 60 s while restarts keep failing quickly, and starts over once a worker has run for a
@@ -16,6 +21,7 @@ simulates nothing but a retry loop.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -43,7 +49,18 @@ def main() -> None:
         log.info("Simulating %s results: %d worker(s) damage their first job's result", settings.worker_simulate,
                  unhealthy)
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
-    slots = [_Slot(index, simulate=settings.worker_simulate if index >= healthy else None)
+    devices = gpu_devices(settings.device)
+    if devices:
+        healthy = len(devices) * settings.workers_per_gpu - unhealthy
+        if healthy < 0:
+            raise SystemExit(f"WORKERS_UNHEALTHY={unhealthy} is more than the {len(devices)} GPU(s) x "
+                             f"WORKERS_PER_GPU={settings.workers_per_gpu} workers")
+        threads = settings.worker_threads or max(1, (os.cpu_count() or 1) // (healthy + unhealthy))
+        log.info("GPU workers: %d on each of %s, %d CPU thread(s) each", settings.workers_per_gpu,
+                 ", ".join(devices), threads)
+        env["WORKER_THREADS"] = str(threads)
+    slots = [_Slot(index, simulate=settings.worker_simulate if index >= healthy else None,
+                   device=devices[index % len(devices)] if devices else None)
              for index in range(healthy + unhealthy)]
     for slot in slots:
         slot.start(env)
@@ -68,15 +85,39 @@ def main() -> None:
             slot.process.kill()
 
 
+def gpu_devices(device: str) -> list[str]:
+    """The GPUs that DEVICE names, one entry per GPU: a `cuda:N` list as given; `cuda` (and `auto`)
+    every GPU torch sees. Empty for the CPU. `cuda` on a host without a GPU stays `["cuda"]`: the
+    worker then refuses separation jobs with the reason, as a misconfigured host should."""
+    if device == "cpu":
+        return []
+    if device.startswith("cuda:"):
+        return device.split(",")
+    count = visible_gpus()
+    if count == 0:
+        return ["cuda"] if device == "cuda" else []
+    return [f"cuda:{index}" for index in range(count)]
+
+
+def visible_gpus() -> int:
+    """GPUs torch sees; 0 without torch or an NVIDIA driver (checked first: importing torch costs seconds)."""
+    if not os.path.exists("/dev/nvidiactl") or importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 RESTART_DELAY, RESTART_DELAY_MAX, HEALTHY_RUN_SECONDS = 1.0, 60.0, 60.0
 
 
 class _Slot:
     """One of the N workers: its process, restarted with back-off when it exits."""
 
-    def __init__(self, index: int, simulate: str | None):
+    def __init__(self, index: int, simulate: str | None, device: str | None = None):
         self.index = index
         self.simulate = simulate
+        self.device = device  # its own GPU, or None: DEVICE as configured
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
         self.delay = RESTART_DELAY
@@ -87,7 +128,7 @@ class _Slot:
         if self.simulate:
             command += ["--simulate", self.simulate]
             self.simulate = None  # crash once: a restart is a healthy worker
-        self.process = subprocess.Popen(command, env=env)
+        self.process = subprocess.Popen(command, env={**env, "DEVICE": self.device} if self.device else env)
         self.started_at = time.monotonic()
 
     def watch(self, env: dict[str, str]) -> None:

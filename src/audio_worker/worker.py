@@ -45,6 +45,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 
@@ -159,7 +160,32 @@ class Worker:
     # -- jobs -----------------------------------------------------------------------------
 
     def _handle(self, delivery: Delivery) -> None:
-        """One delivery from a jobs queue; whatever it holds, the worker lives on."""
+        """One delivery from a jobs queue, pooled with the jobs of the same kind already waiting in
+        this worker's prefetch when its runner can run several at once (`run_many`: separation,
+        whose segments then share a GPU's batches). Whatever they hold, the worker lives on."""
+        pool = [checked for checked in [self._check(delivery)] if checked]
+        if pool and hasattr(self.runners[pool[0][1].kind], "run_many"):
+            while len(pool) < self.settings.worker_prefetch:
+                try:
+                    extra = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                checked = self._check(extra)
+                if checked and checked[1].kind != pool[0][1].kind:
+                    self._run([checked])  # another kind's job: on its own
+                elif checked:
+                    pool.append(checked)
+        if not pool:
+            return
+        try:
+            self._run(pool)
+        except Exception:  # a bug here must cost these jobs, not the worker
+            log.exception("Worker[%s] - Jobs %s failed unexpectedly; parked", self.name, [j.job_id for _, j in pool])
+            for delivery, _ in pool:
+                self.broker.nack(delivery, requeue=False)
+
+    def _check(self, delivery: Delivery) -> tuple[Delivery, JobMessage] | None:
+        """The job a delivery holds, checked by its kind's runner; None when it was refused."""
         try:
             job = decode(delivery.headers, delivery.body, kinds=self.kinds)
             if not isinstance(job, JobMessage):
@@ -170,15 +196,13 @@ class Worker:
             if problem:
                 raise MalformedMessage(problem)
         except MalformedMessage as exc:
-            return self._refuse(delivery, str(exc))
+            self._refuse(delivery, str(exc))
+            return None
         except Exception as exc:
             log.exception("Worker[%s] - checking a job failed", self.name)
-            return self._refuse(delivery, f"{type(exc).__name__}: {exc}")
-        try:
-            self._run(delivery, job)
-        except Exception:  # a bug here must cost one job, not the worker
-            log.exception("Worker[%s] - Job[%d] failed unexpectedly; parked", self.name, job.job_id)
-            self.broker.nack(delivery, requeue=False)
+            self._refuse(delivery, f"{type(exc).__name__}: {exc}")
+            return None
+        return delivery, job
 
     def _refuse(self, delivery: Delivery, reason: str) -> None:
         """Park an invalid job; if it names a job of ours, say why, so the server counts the failure."""
@@ -197,55 +221,91 @@ class Worker:
     def _stopped(self, task_id: int) -> bool:
         return task_id <= self._reset_up_to or task_id in self._cancelled
 
-    def _run(self, delivery: Delivery, job: JobMessage) -> None:
+    def _admit(self, delivery: Delivery, job: JobMessage) -> bool:
+        """Whether to run a checked job: not when its task was stopped or its attempts are spent."""
         self._highest_seen = max(self._highest_seen, job.task_id)
         if self._stopped(job.task_id):
             log.info("Worker[%s] dropped Job[%d]: its task was stopped", self.name, job.job_id)
             self.broker.ack(delivery)
-            return
+            return False
         attempt = delivery.delivery_count + 1
         if attempt > self.settings.max_attempts:
             self._give_up(delivery, job, attempt - 1,
                           f"no result after {attempt - 1} attempts: the job crashed or hung every worker "
                           "that took it")
-            return
-
+            return False
         log.info("Worker[%s] started Job[%d] (%s, task %d, chunk %d, attempt %d)", self.name, job.job_id, job.kind,
                  job.task_id, job.chunk, attempt)
-        self._current = job
+        return True
+
+    def _run(self, pool: list[tuple[Delivery, JobMessage]]) -> None:
+        """Run checked jobs of one kind together; each is answered (result, failure or drop) and
+        ACKed or parked on its own. Time and energy are shared out evenly among them."""
+        pool = [(delivery, job) for delivery, job in pool if self._admit(delivery, job)]
+        if not pool:
+            return
+        runner = self.runners[pool[0][1].kind]
+        stops = [lambda job=job: self._stopped(job.task_id) for _, job in pool]
+        self._current = pool[0][1]
         self._announce("busy")
         fault = self._maybe_simulate_fault()
         started, spent = time.monotonic(), self.energy.start()
-        runner = self.runners[job.kind]
         try:
-            stopped = lambda: self._stopped(job.task_id)  # noqa: E731
-            params, payload = runner.run(job.params, job.payload, stopped)
-            self._slow_down(started, self.energy.stop(spent).cpu_seconds, stopped)
+            if len(pool) == 1:
+                outcomes = [self._outcome(lambda: runner.run(pool[0][1].params, pool[0][1].payload, stops[0]))]
+            else:
+                jobs = [(job.params, job.payload, stop) for (_, job), stop in zip(pool, stops, strict=True)]
+                outcomes = runner.run_many(jobs)
+            self._slow_down(started, self.energy.stop(spent).cpu_seconds, lambda: all(stop() for stop in stops))
         except Cancelled:
-            log.info("Worker[%s] stopped Job[%d]: its task was stopped", self.name, job.job_id)
-            self.broker.ack(delivery)
+            outcomes = [Cancelled()] * len(pool)
         except Exception as exc:
-            log.exception("Worker[%s] - Job[%d] failed (attempt %d)", self.name, job.job_id, attempt)
-            self._give_up(delivery, job, attempt, f"{type(exc).__name__}: {exc}")
-        else:
-            if fault:
-                log.warning("Worker[%s] - simulating a %s result for Job[%d]", self.name, fault, job.job_id)
-                payload = runner.corrupt(payload) if fault == "corrupt" else runner.tamper(job.params, payload)
-            seconds, energy = time.monotonic() - started, self.energy.stop(spent)
-            version = self.offers[f"{job.kind}/{job.route}" if job.route else job.kind]
-            result = ResultMessage(job.kind, job.task_id, job.job_id, job.task_token, job.attempt_token, self.name,
-                                   attempt, int(seconds * 1000), params, payload, version=version,
-                                   cpu_ms=round(energy.cpu_seconds * 1000), energy_mj=round(energy.joules * 1000),
-                                   energy_source=energy.source)
-            self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
-            self.broker.ack(delivery)
-            self._jobs_done += 1
-            self._jobs_by_kind[job.kind] = self._jobs_by_kind.get(job.kind, 0) + 1
-            self._job_seconds += seconds
-            log.info("Worker[%s] finished Job[%d] - job time: %.2f[s] - ACK", self.name, job.job_id, seconds)
+            log.exception("Worker[%s] - Jobs %s failed", self.name, [job.job_id for _, job in pool])
+            outcomes = [exc] * len(pool)
+        seconds, energy = (time.monotonic() - started) / len(pool), self.energy.stop(spent)
+        try:
+            for (delivery, job), outcome in zip(pool, outcomes, strict=True):
+                self._answer(delivery, job, outcome, fault, seconds, energy, len(pool))
+                fault = None  # a simulated fault damages one result
         finally:
             self._current = None
             self._announce("idle")
+
+    @staticmethod
+    def _outcome(run):
+        try:
+            return run()
+        except Exception as exc:  # Cancelled included: it is an outcome of this job alone
+            return exc
+
+    def _answer(self, delivery: Delivery, job: JobMessage, outcome, fault: str | None, seconds: float, energy,
+                shared_by: int) -> None:
+        attempt = delivery.delivery_count + 1
+        if isinstance(outcome, Cancelled):
+            log.info("Worker[%s] stopped Job[%d]: its task was stopped", self.name, job.job_id)
+            self.broker.ack(delivery)
+            return
+        if isinstance(outcome, BaseException):
+            log.error("Worker[%s] - Job[%d] failed (attempt %d): %s", self.name, job.job_id, attempt,
+                      "".join(traceback.format_exception(outcome)).strip())
+            self._give_up(delivery, job, attempt, f"{type(outcome).__name__}: {outcome}")
+            return
+        params, payload = outcome
+        runner = self.runners[job.kind]
+        if fault:
+            log.warning("Worker[%s] - simulating a %s result for Job[%d]", self.name, fault, job.job_id)
+            payload = runner.corrupt(payload) if fault == "corrupt" else runner.tamper(job.params, payload)
+        version = self.offers[f"{job.kind}/{job.route}" if job.route else job.kind]
+        result = ResultMessage(job.kind, job.task_id, job.job_id, job.task_token, job.attempt_token, self.name,
+                               attempt, int(seconds * 1000), params, payload, version=version,
+                               cpu_ms=round(energy.cpu_seconds * 1000 / shared_by),
+                               energy_mj=round(energy.joules * 1000 / shared_by), energy_source=energy.source)
+        self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
+        self.broker.ack(delivery)
+        self._jobs_done += 1
+        self._jobs_by_kind[job.kind] = self._jobs_by_kind.get(job.kind, 0) + 1
+        self._job_seconds += seconds
+        log.info("Worker[%s] finished Job[%d] - job time: %.2f[s] - ACK", self.name, job.job_id, seconds)
 
     def _slow_down(self, started: float, cpu_seconds: float, stopped) -> None:
         """WORKER_SLOWDOWN=N: act as a machine N times slower (benchmarks, fault tests).

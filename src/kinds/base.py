@@ -24,7 +24,9 @@ Server half, `Kind`, in the order a task meets it:
    the results cache keeps them, so the same task again needs no job at all.
 
 Routing and caching: `route(params)` is the capability a task's jobs need (transcode: the
-codec; None: any worker of the kind), one of the package's ROUTES (src/kinds/registry.py).
+codec; None: any worker of the kind), one of the package's ROUTES (src/kinds/registry.py);
+or a tuple of routes in order of preference (separation: a GPU, else a CPU), of which the
+server takes the first that a live worker serves and keeps it for all of the task's jobs.
 `version(params)` names the software that computes a job on this host (encoder and ffmpeg
 build, demucs and torch): a cached result is reused only for the same version.
 
@@ -156,7 +158,7 @@ class Kind(Protocol):
     def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]: ...
     def output(self, task: TaskView, name: str) -> Output: ...
     def merged_files(self, task: TaskView) -> list[Path]: ...
-    def route(self, params: dict[str, Any]) -> str | None: ...
+    def route(self, params: dict[str, Any]) -> str | None | tuple[str, ...]: ...
     def version(self, params: dict[str, Any]) -> str: ...
 
 

@@ -55,11 +55,32 @@ class Pipeline:
                 self._kinds[name] = registry.server(name, self.settings)
             return self._kinds[name]
 
+    def route(self, task: Task) -> str | None:
+        """The route of a task's jobs. Where the kind names several in order of preference, the one
+        kept on the task (`facts["route"]`, see `pin_route`), else the first that a live worker
+        serves, else the last."""
+        wanted = self.kind(task.kind).route(task.params)
+        if not isinstance(wanted, tuple):
+            return wanted
+        if "route" in task.facts:
+            return task.facts["route"] or None
+        return next((r for r in wanted if self.offering(task.kind, r or None)), wanted[-1]) or None
+
+    def pin_route(self, task: Task) -> str | None:
+        """The task's route, kept on it at its first publication, so all its jobs run on one route."""
+        route = self.route(task)
+        if isinstance(self.kind(task.kind).route(task.params), tuple) and "route" not in task.facts:
+            self.store.update_facts(task.id, {"route": route or ""})
+        return route
+
     def versions(self, task: Task) -> set[str]:
         """The software versions a job of this task would run with: each live worker's for its
-        route, and this host's own (for the results cache)."""
+        route (any of the kind's preferred routes before one is kept), and this host's own (for the
+        results cache)."""
         kind = self.kind(task.kind)
-        return {*self.offering(task.kind, kind.route(task.params)).values(), kind.version(task.params)}
+        wanted = kind.route(task.params)
+        routes = [self.route(task)] if not isinstance(wanted, tuple) or "route" in task.facts else wanted
+        return {v for r in routes for v in self.offering(task.kind, r or None).values()} | {kind.version(task.params)}
 
     def view(self, task: Task) -> TaskView:
         media = self.store.media(task.media_id)

@@ -80,8 +80,8 @@ class SeparationKind:
     def output_names(self, params: dict[str, Any], facts: dict[str, Any]) -> list[str]:
         return [*self.spec.sources, MIX]
 
-    def route(self, params: dict[str, Any]) -> str | None:
-        return None  # every separation worker can run every separation job
+    def route(self, params: dict[str, Any]) -> tuple[str, ...]:
+        return ("cuda", "")  # a GPU when a live worker has one, else the CPU workers' queue
 
     def version(self, params: dict[str, Any]) -> str:
         return software_version()

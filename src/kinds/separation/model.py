@@ -24,10 +24,11 @@ class ModelUnavailable(RuntimeError):
 
 
 def pick_device(wanted: str) -> str:
-    """DEVICE as a torch device name: `auto` is a GPU when torch sees one, else the CPU."""
+    """DEVICE as one torch device name: `auto` is a GPU when torch sees one, else the CPU; of a
+    list (`cuda:0,cuda:1`, which the supervisor spreads over its workers) the first."""
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return wanted
+    return wanted.split(",")[0]
 
 
 def load_model(name: str, repo: str = "", device: str = "cpu") -> Any:
@@ -127,8 +128,16 @@ def load_spec(name: str, repo: str, segment_override: float | None) -> ModelSpec
     return describe(model, name, segment_override)
 
 
-def software_version() -> str:
-    """What names the numbers a job returns, besides its params (which name the model)."""
+def device_class(device: str) -> str:
+    """`cpu` or `cuda`: which arithmetic a device does. Whole-file demucs on an H200 and on a CPU
+    agree only to about 40 dB, so a task's jobs run on one class and the cache names it."""
+    return torch.device(device).type
+
+
+def software_version(device: str = "cpu", precision: str = "fp32") -> str:
+    """What names the numbers a job returns, besides its params (which name the model): the
+    software, the device class and the precision (a CPU always computes in fp32)."""
     import demucs
 
-    return f"demucs {demucs.__version__} torch {torch.__version__}"
+    kind = device_class(device)
+    return f"demucs {demucs.__version__} torch {torch.__version__} {kind} {precision if kind != 'cpu' else 'fp32'}"

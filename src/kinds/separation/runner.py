@@ -2,11 +2,13 @@
 
 A job arrives as untrusted params and bytes. `problem` checks them the way the server's
 plan made them (every segment inside the audio sent, the grid the model's own) before
-`run` hands them to compute.run_job. The model is loaded once per model name.
+`run` (one job) or `run_many` (the jobs a worker holds, their segments pooled) hands them to
+compute.run_jobs. The model is loaded once per model name.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,8 @@ import numpy as np
 
 from src.config import Settings
 from src.media.pcm import SAMPLE_BYTES
+
+log = logging.getLogger("worker")
 
 MAX_CHANNELS = 8
 MAX_FRAMES = 2**28  # frames of one job's audio or output
@@ -81,15 +85,28 @@ def _typed(p: dict[str, Any]) -> str | None:
 
 
 class SeparationRunner:
+    """Runs separation jobs on one device (DEVICE), in PRECISION, SEGMENT_BATCH segments per model call.
+
+    It offers one route: "" (the kind's plain jobs queue) on a CPU, "cuda" on a GPU, so that all
+    the jobs of a task run on one device class (their answers differ by about 40 dB), with a
+    version that names the device class and the precision (the results cache keys on it).
+    `run_many` takes several jobs at once and pools their segments into the same batches:
+    the worker hands it the jobs it holds (WORKER_PREFETCH > 1).
+    """
+
     def __init__(self, settings: Settings):
         import torch
 
-        from src.kinds.separation.model import pick_device
+        from src.kinds.separation.compute import configure_precision
+        from src.kinds.separation.model import device_class, pick_device
 
         self.settings = settings
         self.device = pick_device(settings.device)
+        self.precision = settings.precision if device_class(self.device) != "cpu" else "fp32"
+        configure_precision(self.precision)
         torch.set_num_threads(settings.threads_per_worker)
         self._models: dict[str, Any] = {}
+        self._batcher: Any = None
 
     def model(self, name: str) -> Any:
         """The model `name`, loaded once; ModelUnavailable (kept) if it cannot be loaded."""
@@ -105,11 +122,25 @@ class SeparationRunner:
             raise model
         return model
 
-    def offers(self) -> dict[str, str]:
-        """One route, every separation job, with the software version that computes it."""
-        from src.kinds.separation.model import software_version
+    def batcher(self, model: Any, params: dict[str, Any]) -> Any:
+        """The Batcher of this worker: SEGMENT_BATCH, or for `auto` what free device memory allows."""
+        from src.kinds.separation.compute import Batcher, auto_batch
 
-        return {"": software_version()}
+        if self._batcher is None:
+            wanted = self.settings.segment_batch
+            share = 0.5 / self.settings.workers_per_gpu  # workers sharing a GPU each plan with their part
+            size = int(wanted) if wanted != "auto" else auto_batch(model, params, self.precision, share)
+            log.info("Separation on %s in %s: %d segment(s) per model call (SEGMENT_BATCH=%s)", self.device,
+                     self.precision, size, wanted)
+            self._batcher = Batcher(size)
+        return self._batcher
+
+    def offers(self) -> dict[str, str]:
+        """One route, the device class's, with the software version that computes it."""
+        from src.kinds.separation.model import device_class, software_version
+
+        route = "" if device_class(self.device) == "cpu" else device_class(self.device)
+        return {route: software_version(self.device, self.precision)}
 
     def problem(self, params: dict[str, Any], body: bytes) -> str | None:
         from src.kinds.separation.model import ModelUnavailable, describe
@@ -133,14 +164,30 @@ class SeparationRunner:
 
     def run(self, params: dict[str, Any], body: bytes, should_stop: Callable[[], bool]
             ) -> tuple[dict[str, Any], bytes]:
-        from src.kinds.separation.compute import run_job
+        (outcome,) = self.run_many([(params, body, should_stop)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-        model = self.model(params["model"])
-        audio = np.frombuffer(body, dtype="<f4").reshape(params["channels"], params["frames"])
-        out_start, output = run_job(model, params, audio, should_stop)
-        result = {"out_start": out_start, "sources": list(model.sources), "channels": int(output.shape[1]),
-                  "frames": int(output.shape[2])}
-        return result, np.ascontiguousarray(output, dtype="<f4").tobytes()
+    def run_many(self, jobs: list[tuple[dict[str, Any], bytes, Callable[[], bool]]]
+                 ) -> list[tuple[dict[str, Any], bytes] | BaseException]:
+        """Each job's (result params, body), or the exception that ended it (Cancelled when stopped).
+        The jobs' segments share the model calls; checked jobs of this deployment's model."""
+        from src.kinds.separation.compute import JobInput, run_jobs
+
+        model = self.model(jobs[0][0]["model"])
+        inputs = [JobInput(p, np.frombuffer(body, dtype="<f4").reshape(p["channels"], p["frames"]), stop)
+                  for p, body, stop in jobs]
+        outcomes: list[tuple[dict[str, Any], bytes] | BaseException] = []
+        for result in run_jobs(model, inputs, self.batcher(model, jobs[0][0]), self.precision):
+            if isinstance(result, BaseException):
+                outcomes.append(result)
+                continue
+            out_start, output = result
+            params = {"out_start": out_start, "sources": list(model.sources), "channels": int(output.shape[1]),
+                      "frames": int(output.shape[2])}
+            outcomes.append((params, np.ascontiguousarray(output, dtype="<f4").tobytes()))
+        return outcomes
 
     def corrupt(self, body: bytes) -> bytes:
         """A result with a NaN in the middle: what a broken GPU or bad memory returns."""
