@@ -40,7 +40,8 @@ function open(id, { scroll = false } = {}) {
   if (selectedId !== id && player) { player.close(); player = null; }
   selectedId = id;
   if (songsShown()) {
-    history.replaceState(null, "", `#song=${id}`);   // reload and shared links open the same song
+    // reload and shared links open the same song (with its settings, kept in the fragment)
+    if (Number(new URLSearchParams(location.hash.slice(1)).get("song")) !== id) history.replaceState(null, "", `#song=${id}`);
     clearTimeline("Loading…");
   }
   showList();
@@ -78,6 +79,7 @@ function closeSong() {
 function showList() { renderLibrary(songs, selectedId, open); }
 
 function onStatus(status) {
+  const before = songs.get(status.music_id)?.state;
   songs.set(status.music_id, { ...songs.get(status.music_id), ...status });
   if (status.state !== "uploaded") waiting.delete(status.music_id);
   showList();
@@ -86,6 +88,8 @@ function onStatus(status) {
   if (status.state === "done" && (!player || player.songId !== status.music_id)) {
     if (player) player.close();
     player = new Player(songs.get(selectedId));
+    // watched while it was processing: the focus goes to the player once it can play
+    if (before && before !== "done") player.onReady = () => $("#play").focus();
   }
 }
 
@@ -133,6 +137,7 @@ function startClicked() {
   const batch = waiting.get(selectedId);
   const targets = [selectedId, ...[...waiting].filter(([id, b]) => b === batch && id !== selectedId).map(([id]) => id)];
   if (batch) batch.choice = names;
+  $("#song-panel").focus();   // the Start button is about to disappear: the focus stays in the song
   for (const id of targets) start(id, names);
 }
 
@@ -191,7 +196,9 @@ function viewChanged(view) {
   video.hideVideo();
   timelineFor("song");
   if (selectedId !== null) {
-    history.replaceState(null, "", `#song=${selectedId}`);
+    if (Number(new URLSearchParams(location.hash.slice(1)).get("song")) !== selectedId) {
+      history.replaceState(null, "", `#song=${selectedId}`);
+    }
     refreshTimeline();
   } else if (viewOfHash() === "video") {   // a #song=N is kept: it names the song to open
     history.replaceState(null, "", location.pathname);
@@ -209,12 +216,13 @@ async function main() {
   $("#delete-song").addEventListener("click", deleteClicked);
   $("#play").addEventListener("click", () => player?.toggle());
   $("#compare").addEventListener("click", () => player?.toggleCompare());
-  $("#loop-a").addEventListener("click", () => player?.setLoopPoint("a"));
-  $("#loop-b").addEventListener("click", () => player?.setLoopPoint("b"));
+  $("#loop-a").addEventListener("click", () => player?.setLoopA());
+  $("#loop-b").addEventListener("click", () => player?.setLoopB());
+  $("#loop-clear").addEventListener("click", () => player?.clearLoop());
   $("#loop").addEventListener("click", () => player?.toggleLoop());
   $("#seek").addEventListener("input", (e) => player?.seek(Number(e.target.value)));
   $("#tempo").addEventListener("input", (e) => player?.setTempo(Number(e.target.value)));
-  $("#key").addEventListener("change", (e) => player?.setKey(Number(e.target.value)));
+  $("#key").addEventListener("input", (e) => player?.setKey(Number(e.target.value)));
   $("#download-mix").addEventListener("click", () => player?.downloadMix());
   $("#reset").addEventListener("click", async () => {
     if (!confirm("Stop all work and delete every song and result?")) return;

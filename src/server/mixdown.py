@@ -4,10 +4,10 @@ The kind (`src.kinds.separation`) writes one float32 file per stem and the mix o
 chosen sources; this module only reads them. `render_mix` re-mixes a finished song when
 the user picks other instruments (the façade saves that choice). `listening_mix`
 renders any set of stems at any volumes, tempo and key for a download without touching
-the song's saved choice. MP3, WAV and FLAC renderings of stems (also key-shifted for the
-page's practice player), of the saved mix and of the original are made on first request
-and cached until the stems change; `peaks` gives the page its waveforms without sending
-it the audio.
+the song's saved choice (the page's player shifts the key itself as it plays; the server
+renders a key only for this download). MP3, WAV and FLAC renderings of stems, of the
+saved mix and of the original are made on first request and cached until the stems
+change; `peaks` gives the page its waveforms without sending it the audio.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _raw(song: Song, source: str | None) -> Path:
 def rendering(song: Song, source: str | None, fmt: str, semitones: int = 0) -> Path:
     """Path of a tagged rendering of a stem, of the saved mix (None) or of the original, cached.
 
-    A key shift (`semitones`) is what the page's practice player streams; it keeps the tempo.
+    A key shift (`semitones`, `?semitones=` on a download) keeps the tempo.
     """
     suffix = f"st{semitones:+d}.{fmt}" if semitones else fmt
     if source is None:
@@ -114,20 +114,9 @@ def rendering(song: Song, source: str | None, fmt: str, semitones: int = 0) -> P
     return target
 
 
-def practice_source(song: Song, source: str, semitones: int = 0) -> Path:
-    """The float32 file the page's player streams: a stem or the original, key-shifted if asked.
-
-    A key shift is rendered once by rubberband (tempo kept) and cached beside the stems;
-    the player goes on with the unshifted audio until it is there.
-    """
-    raw = _raw(song, source)
-    if not semitones:
-        return raw
-    target = raw.with_name(f"{raw.stem}.st{semitones:+d}.pcm")
-    if not target.exists():
-        with atomic(target) as temporary:
-            audio.stretch_raw(raw, temporary, song.samplerate, song.channels, semitones=semitones)
-    return target
+def practice_source(song: Song, source: str) -> Path:
+    """The float32 file the page's player streams: a stem or the original (the page shifts the key)."""
+    return _raw(song, source)
 
 
 def listening_mix(song: Song, parts: Sequence[tuple[str, float]], fmt: str, tempo: float = 1.0,
@@ -140,16 +129,22 @@ def listening_mix(song: Song, parts: Sequence[tuple[str, float]], fmt: str, temp
     work = song.folder / "renders"
     work.mkdir(parents=True, exist_ok=True)
     raw, target = work / f"{uuid.uuid4().hex}.f32", work / f"{uuid.uuid4().hex}.{fmt}"
+    stretched = raw.with_suffix(".stretched.f32")
     try:
         with raw.open("wb") as out:
-            _write_mix(song, parts, out)
+            _write_mix(song, parts, out)  # the audible stems summed first: one stretch, not one per stem
+        if audio.stretch_filter(tempo, semitones):
+            audio.stretch_raw_parallel(raw, stretched, song.samplerate, song.channels, tempo, semitones)
+            raw.unlink()
+            stretched.rename(raw)
         audio.render(raw, target, song.samplerate, song.channels, fmt,
-                     audio.Tags(song.name, song.band, tuple(name for name, _ in parts)), tempo, semitones)
+                     audio.Tags(song.name, song.band, tuple(name for name, _ in parts)))
     except BaseException:
         target.unlink(missing_ok=True)
         raise
     finally:
         raw.unlink(missing_ok=True)
+        stretched.unlink(missing_ok=True)
     return target
 
 

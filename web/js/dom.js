@@ -27,11 +27,18 @@ export function svgEl(tag, attributes = {}, text = null) {
   return node;
 }
 
+// One time format on the page: m:ss (h:mm:ss past an hour); to the tenth where it matters (loop points).
 export function clock(seconds) {
   if (!Number.isFinite(seconds) || seconds < 0) return "–";
-  if (seconds < 10 && seconds % 1 !== 0) return `${seconds.toFixed(1)}s`;
-  const m = Math.floor(seconds / 60), s = Math.floor(seconds % 60);
-  return `${m}:${String(s).padStart(2, "0")}`;
+  const whole = Math.floor(seconds), h = Math.floor(whole / 3600), m = Math.floor(whole / 60) % 60;
+  const ss = String(whole % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${ss}` : `${m}:${ss}`;
+}
+
+export function clockTenths(seconds) {
+  if (!Number.isFinite(seconds) || seconds < 0) return "–";
+  const tenths = Math.round(seconds * 10);
+  return `${clock(Math.floor(tenths / 10))}.${tenths % 10}`;
 }
 
 export function showMessage(node, text, kind = "error") {

@@ -1,15 +1,24 @@
 // The practice player of a finished song: every stem, and the original upload, streams
 // from the server into its own <audio> element (`/music/{id}/stream/{name}`: a WAV made on
 // the fly, with Range), so a long song plays within a second and the page never holds
-// decoded audio (the old Web Audio mixer decoded whole stems: 638 MB of heap for 15 min).
-// All elements play together; muting only silences one, so they stay in step, and any
-// that drifts is put back. Tempo is the browser's own time-stretch (`playbackRate` with
-// `preservesPitch`); a key shift streams a rubberband rendering from the server. The mix
-// opens as the song was processed: exactly the chosen instruments audible.
-import { $, el, clock, download } from "./dom.js";
+// decoded audio. All elements play together and stay in step (any that drifts is put
+// back); each feeds a gain of its own (mute, solo, volume) into one Web Audio graph.
+// Tempo is the browser's own time-stretch (`playbackRate` with `preservesPitch`); the key
+// is shifted as it plays by SoundTouch in an AudioWorklet (web/vendor/soundtouchjs), so a
+// key change is heard at once and the server renders a key only for a download.
+// The mix opens as the song was processed (exactly the chosen instruments audible), or
+// with the settings kept for this song (js/settings.js).
+import { $, el, clock, clockTenths } from "./dom.js";
+import { SoundTouchNode } from "../vendor/soundtouchjs/SoundTouchNode.js";
+import * as settings from "./settings.js";
 
 const DRIFT_SECONDS = 0.06;   // more than this apart from the first stem: put back in step
 const SEEK_STEP = 5;
+const MIN_LOOP = 0.1;         // seconds between A and B at least
+const GRAB_PX = 8;            // how near a loop line a pointer grabs it
+const PROCESSOR = "/web/vendor/soundtouchjs/soundtouch-processor.js";
+const STRETCH_SEQUENCE_MS = 40;
+const STRETCH_SEEK_MS = 12;
 
 export class Player {
   constructor(status) {
@@ -23,12 +32,17 @@ export class Player {
     this.semitones = 0;
     this.loop = { a: null, b: null, on: false };
     this.alive = true;
+    this.context = new AudioContext({ latencyHint: "interactive" });
+    this.output = this.context.createGain();   // every stem's gain meets here, then the key shift
     const chosen = new Set(status.mix_selection ?? status.selection ?? status.instruments.map((i) => i.track_id));
     this.stems = status.instruments.map((i) => this.stem(i.name, i.track_id, !chosen.has(i.track_id)));
     this.original = this.stem("original", null, false);
     this.all = [...this.stems, this.original];
     $("#mixer").replaceChildren(...this.stems.map((s) => this.row(s)), this.originalRow());
-    this.apply();
+    $("#downloads-list").replaceChildren(
+      ...this.stems.map((s) => this.links(`/music/${this.songId}/tracks/${s.trackId}`, s.name)),
+      this.links(`/music/${this.songId}/original`, "original"));
+    this.restore(settings.restore(this.songId));
     this.load();
   }
 
@@ -36,19 +50,16 @@ export class Player {
     const audio = new Audio();
     audio.preload = "auto";
     audio.preservesPitch = true;
-    audio.src = this.streamUrl(name, 0);
-    return { name, trackId, muted, solo: false, volume: 1, audio, canvas: null, buttons: {} };
-  }
-
-  streamUrl(name, semitones) {
-    const key = semitones ? `?semitones=${semitones}` : "";
-    return `/music/${this.songId}/stream/${encodeURIComponent(name)}${key}`;
+    audio.src = `/music/${this.songId}/stream/${encodeURIComponent(name)}`;
+    const gain = this.context.createGain();
+    this.context.createMediaElementSource(audio).connect(gain).connect(this.output);
+    return { name, trackId, muted, solo: false, volume: 1, audio, gain, canvas: null, buttons: {}, slider: null };
   }
 
   async load() {
     this.status("loading…");
     try {
-      await Promise.all(this.all.map((s) => ready(s.audio)));
+      await Promise.all([this.connectShifter(), ...this.all.map((s) => ready(s.audio))]);
     } catch (error) {
       this.status(`could not load the stems: ${error.message}`);
       return;
@@ -56,11 +67,31 @@ export class Player {
     if (!this.alive) return;
     this.status("");
     $("#play").disabled = false;
+    this.onReady?.();
     this.drawRuler();
     this.tick();
     fetch(`/music/${this.songId}/peaks`).then((r) => r.json()).then((data) => {
       for (const stem of this.all) drawWaveform(stem.canvas, data.peaks?.[stem.name]);
     }).catch(() => { /* no waveforms: the player works without them */ });
+  }
+
+  // The key shift: one SoundTouch node after the sum of the stems. Without AudioWorklet
+  // (an old browser) the mix plays unshifted and the key slider says so.
+  async connectShifter() {
+    try {
+      await SoundTouchNode.register(this.context, PROCESSOR);
+      this.shifter = new SoundTouchNode({ context: this.context });
+      // shorter windows than SoundTouch's automatic 50-125 ms: a key change is heard sooner,
+      // and for a shift of a few semitones at tempo 1 they sound the same
+      this.shifter.setStretchParameters({ sequenceMs: STRETCH_SEQUENCE_MS, seekWindowMs: STRETCH_SEEK_MS });
+      this.output.connect(this.shifter).connect(this.context.destination);
+      this.setKey(this.semitones);
+    } catch (error) {
+      this.shifter = null;
+      this.output.connect(this.context.destination);
+      $("#key").disabled = true;
+      $("#key-value").textContent = "key changes need a newer browser";
+    }
   }
 
   // ------------------------------------------------------------ rows
@@ -71,13 +102,14 @@ export class Player {
       onclick: () => (role === "mute" ? this.toggleMute(stem) : this.toggleSolo(stem)) }, label);
     stem.buttons.mute = toggle("mute", "Mute");
     stem.buttons.solo = toggle("solo", "Solo");
-    const volume = el("input", { type: "range", min: 0, max: 1, step: 0.05, value: 1,
-      "aria-label": `Volume of ${stem.name}`, oninput: () => { stem.volume = Number(volume.value); this.apply(); } });
+    stem.slider = el("input", { type: "range", min: 0, max: 1, step: 0.05, value: stem.volume,
+      "aria-label": `Volume of ${stem.name}`,
+      oninput: () => { stem.volume = Number(stem.slider.value); this.apply(); } });
     stem.canvas = this.canvas(stem);
     return el("div", { class: "stem", "data-stem": stem.name, tabindex: 0, "aria-label": `${stem.name} stem` },
       el("span", { class: "stem-name" }, stem.name),
-      el("span", { class: "stem-buttons" }, stem.buttons.mute, stem.buttons.solo, volume),
-      stem.canvas, this.links(`/music/${this.songId}/tracks/${stem.trackId}`, stem.name));
+      el("span", { class: "stem-buttons" }, stem.buttons.mute, stem.buttons.solo, stem.slider),
+      stem.canvas);
   }
 
   originalRow() {
@@ -85,18 +117,35 @@ export class Player {
     return el("div", { class: "stem original", "data-stem": "original" },
       el("span", { class: "stem-name" }, "original"),
       el("span", { class: "stem-buttons muted small" }, "the upload, to compare (O)"),
-      this.original.canvas, this.links(`/music/${this.songId}/original`, "original"));
+      this.original.canvas);
   }
 
+  // A waveform: a click seeks there; the loop's A and B lines on it can be dragged.
   canvas(stem) {
     const canvas = el("canvas", { class: "wave", width: 800, height: 48, role: "img",
                                   "aria-label": `waveform of ${stem.name}; click to jump there` });
-    canvas.addEventListener("click", (e) => this.seek(this.duration * e.offsetX / canvas.clientWidth));
+    canvas.secondsWide = this.duration;
+    const timeAt = (e) => this.duration * Math.min(1, Math.max(0, e.offsetX / canvas.clientWidth));
+    const near = (e) => ["a", "b"].find((p) => this.loop[p] !== null &&
+      Math.abs(e.offsetX - canvas.clientWidth * this.loop[p] / this.duration) <= GRAB_PX);
+    canvas.addEventListener("pointerdown", (e) => {
+      const point = near(e);
+      if (!point) { this.seek(timeAt(e)); return; }
+      canvas.setPointerCapture(e.pointerId);
+      canvas.dragging = point;
+    });
+    canvas.addEventListener("pointermove", (e) => {
+      if (canvas.dragging) this.moveLoopPoint(canvas.dragging, timeAt(e));
+      else canvas.classList.toggle("grab", Boolean(near(e)));
+    });
+    const drop = () => { if (canvas.dragging) { canvas.dragging = null; this.changed(); } };
+    canvas.addEventListener("pointerup", drop);
+    canvas.addEventListener("pointercancel", drop);
     return canvas;
   }
 
   links(base, name) {
-    return el("span", { class: "stem-links" }, ["mp3", "wav", "flac"].map((fmt) =>
+    return el("li", {}, el("span", { class: "stem-name" }, name), ["mp3", "wav", "flac"].map((fmt) =>
       el("a", { href: `${base}?format=${fmt}&download=1`, "aria-label": `Download ${name} as ${fmt.toUpperCase()}` },
          fmt.toUpperCase())));
   }
@@ -112,18 +161,20 @@ export class Player {
 
   apply() {
     for (const stem of this.all) {
-      stem.audio.muted = !this.audible(stem);
-      stem.audio.volume = stem.volume;
+      stem.gain.gain.value = this.audible(stem) ? stem.volume : 0;
       stem.canvas?.classList.toggle("silent", !this.audible(stem));
       stem.buttons.mute?.setAttribute("aria-pressed", stem.muted);
       stem.buttons.solo?.setAttribute("aria-pressed", stem.solo);
+      if (stem.slider) stem.slider.value = stem.volume;
     }
     $("#compare").setAttribute("aria-pressed", this.comparing);
     const heard = this.heard();
-    $("#download-mix").disabled = this.comparing || heard.length === 0;
-    $("#download-status").textContent = this.comparing ? "hearing the original; the mix download is the stems"
-      : heard.length ? `the download holds what you hear: ${heard.map((s) => s.name).join("+")}`
-      : "nothing is audible";
+    $("#download-mix").disabled = this.comparing || heard.length === 0 || this.downloading;
+    if (!this.downloading) {
+      $("#download-status").textContent = this.comparing ? "hearing the original; the mix download is the stems"
+        : heard.length ? `holds what you hear: ${heard.map((s) => s.name).join("+")}` : "nothing is audible";
+    }
+    this.changed();
   }
 
   heard() { return this.stems.filter((s) => this.audible(s)); }
@@ -131,6 +182,39 @@ export class Player {
   toggleMute(stem) { stem.muted = !stem.muted; this.apply(); }
   toggleSolo(stem) { stem.solo = !stem.solo; this.apply(); }
   toggleCompare() { this.comparing = !this.comparing; this.apply(); }
+
+  // ------------------------------------------------------------ settings kept per song
+
+  restore(saved) {
+    if (saved) {
+      for (const stem of this.stems) {
+        const kept = saved.stems?.[stem.name];
+        if (kept) Object.assign(stem, { volume: clamp(Number(kept.volume ?? 1), 0, 1), muted: Boolean(kept.muted),
+                                        solo: Boolean(kept.solo) });
+        else if (saved.mutesGiven) stem.muted = false;
+      }
+      const { a, b, on } = saved.loop ?? {};
+      if (Number.isFinite(a) && a >= 0 && a < this.duration) this.loop.a = a;
+      if (this.loop.a !== null && Number.isFinite(b) && b > this.loop.a && b <= this.duration) this.loop.b = b;
+      this.loop.on = Boolean(on) && this.loop.b !== null;
+    }
+    this.restoring = true;   // nothing is written back while the settings are being put in place
+    this.setTempo(clamp(Number(saved?.tempo ?? 1), 0.5, 1.25));
+    this.setKey(Math.round(clamp(Number(saved?.key ?? 0), -12, 12)));
+    this.apply();
+    this.drawLoop();
+    this.restoring = false;
+    this.changed();
+  }
+
+  changed() {
+    if (this.restoring || !this.alive) return;
+    clearTimeout(this.keepTimer);
+    this.keepTimer = setTimeout(() => settings.keep(this.songId, {
+      tempo: this.tempo, key: this.semitones, loop: { ...this.loop },
+      stems: Object.fromEntries(this.stems.map((s) => [s.name, { volume: s.volume, muted: s.muted, solo: s.solo }])),
+    }), 200);
+  }
 
   // ------------------------------------------------------------ transport
 
@@ -141,6 +225,7 @@ export class Player {
     for (const stem of this.all) stem.audio.currentTime = at;
     this.playing = true;
     $("#play").textContent = "Pause";
+    await this.context.resume();
     await Promise.all(this.all.map((s) => s.audio.play().catch(() => {})));
   }
 
@@ -166,61 +251,86 @@ export class Player {
       stem.audio.defaultPlaybackRate = tempo;
       stem.audio.playbackRate = tempo;
     }
+    $("#tempo").value = tempo;
     $("#tempo-value").textContent = `${tempo}x`;
+    this.changed();
   }
 
-  async setKey(semitones) {
+  // Heard as soon as the worklet's next render quantum: nothing is fetched or rendered.
+  setKey(semitones) {
     this.semitones = semitones;
-    $("#key-value").textContent = semitones ? `${semitones > 0 ? "+" : ""}${semitones}` : "±0";
-    this.status(semitones ? `rendering the key ${$("#key-value").textContent}…` : "");
-    // the new rendering loads in fresh elements while the old ones play on; then they swap
-    const fresh = this.all.map((stem) => {
-      const audio = new Audio(this.streamUrl(stem.name, semitones));
-      audio.preload = "auto";
-      return audio;
-    });
-    try {
-      await Promise.all(fresh.map(ready));
-    } catch (error) {
-      this.status(`could not change the key: ${error.message}`);
-      return;
-    }
-    if (!this.alive || this.semitones !== semitones) return;   // a later change won
-    const wasPlaying = this.playing, at = this.position();
-    if (wasPlaying) this.pause();
-    this.all.forEach((stem, i) => { stem.audio.src = ""; stem.audio = fresh[i]; });
-    this.setTempo(this.tempo);
-    this.apply();
-    this.seek(at);
-    if (wasPlaying) await this.play();
-    this.status("");
+    $("#key").value = semitones;
+    $("#key-value").textContent = keyName(semitones);
+    this.shifter?.pitchSemitones.setValueAtTime(semitones, this.context.currentTime);
+    this.changed();
   }
 
-  setLoopPoint(which) {
-    const at = Math.round(this.position() * 10) / 10;
-    this.loop[which] = at;
-    const { a, b } = this.loop;
-    if (a !== null && b !== null && b < a) [this.loop.a, this.loop.b] = [b, a];
-    if (a !== null && b !== null) this.loop.on = true;
-    this.drawLoop();
+  // ------------------------------------------------------------ the A-B loop
+  // [ sets A at the playhead and clears B; ] sets B after A (or is refused, saying why);
+  // the loop is on only while both are set.
+
+  setLoopA() {
+    this.loop = { a: tenths(this.position()), b: null, on: false };
+    this.loopMessage(`A at ${clockTenths(this.loop.a)}: now set B at the end of the passage`);
+  }
+
+  setLoopB() {
+    const at = tenths(this.position()), { a } = this.loop;
+    if (a === null) return this.loopMessage("Set A first: B is the end of the loop");
+    if (at < a + MIN_LOOP) {
+      return this.loopMessage(`B must come after A (${clockTenths(a)}): play on or move there, then set B`);
+    }
+    this.loop = { a, b: at, on: true };
+    this.loopMessage("");
+    return true;
   }
 
   toggleLoop() {
-    this.loop.on = !this.loop.on && this.loop.a !== null && this.loop.b !== null;
-    this.drawLoop();
+    if (this.loop.a === null || this.loop.b === null) return this.loopMessage("Set A and B first");
+    this.loop.on = !this.loop.on;
+    this.loopMessage("");
+    return true;
   }
 
-  drawLoop() {
+  clearLoop() {
+    this.loop = { a: null, b: null, on: false };
+    this.loopMessage("");
+  }
+
+  // A dragged loop line: A stays before B and B after A.
+  moveLoopPoint(point, seconds) {
+    const { a, b } = this.loop;
+    const at = tenths(seconds);
+    if (point === "a") this.loop.a = clamp(at, 0, b === null ? this.duration : b - MIN_LOOP);
+    else this.loop.b = clamp(at, a + MIN_LOOP, this.duration);
+    this.drawLoop(true);
+  }
+
+  loopMessage(text) {
+    $("#loop-message").textContent = text;
+    this.drawLoop();
+    return false;
+  }
+
+  drawLoop(dragging = false) {
     const { a, b, on } = this.loop;
-    $("#loop").setAttribute("aria-pressed", on);
-    $("#loop-text").textContent = a === null && b === null ? "no loop points"
-      : `A ${a === null ? "–" : clock(a)} · B ${b === null ? "–" : clock(b)}`;
+    const loopButton = $("#loop");
+    loopButton.setAttribute("aria-pressed", on);
+    loopButton.disabled = a === null || b === null;
+    $("#loop-clear").disabled = a === null;
+    $("#loop-text").textContent = a === null ? "no loop"
+      : `A ${clockTenths(a)} · B ${b === null ? "not set" : clockTenths(b)}${b !== null && !on ? " (off)" : ""}`;
     const region = $("#loop-region");
-    region.hidden = !(on && a !== null && b !== null);
+    region.hidden = a === null || b === null;
+    region.classList.toggle("off", !on);
     if (!region.hidden) {
       region.style.left = `${100 * a / this.duration}%`;
       region.style.width = `${100 * (b - a) / this.duration}%`;
     }
+    for (const stem of this.all) {
+      if (stem.canvas) { stem.canvas.loop = this.loop; stem.canvas.drawnAt = null; }
+    }
+    if (!dragging) this.changed();
   }
 
   drawRuler() {
@@ -248,9 +358,14 @@ export class Player {
         if (Math.abs(stem.audio.currentTime - at) > DRIFT_SECONDS) stem.audio.currentTime = at;
       }
     }
-    $("#position").textContent = `${clock(at)} / ${clock(this.duration)}`;
+    const text = `${clock(at)} of ${clock(this.duration)}`;
+    if (text !== this.shownText) {
+      this.shownText = text;
+      $("#position").textContent = `${clock(at)} / ${clock(this.duration)}`;
+      $("#seek").setAttribute("aria-valuetext", text);
+    }
     const seek = $("#seek");
-    if (document.activeElement !== seek) seek.value = at;
+    if (document.activeElement !== seek || this.playing) seek.value = at;
     for (const stem of this.all) drawPlayhead(stem.canvas, at / this.duration);
     requestAnimationFrame(() => this.tick());
   }
@@ -258,10 +373,12 @@ export class Player {
   status(text) { $("#player-status").textContent = text; }
 
   // ------------------------------------------------------------ download what you hear
+  // The server renders the audible stems once, at the tempo and key set now; the page
+  // fetches it (saying so while it is made) and saves it under the server's file name.
 
-  downloadMix() {
+  async downloadMix() {
     const heard = this.heard();
-    if (!heard.length) return;
+    if (!heard.length || this.downloading) return;
     const params = new URLSearchParams({
       tracks: heard.map((s) => s.trackId).join(","),
       gain: heard.map((s) => s.volume).join(","),
@@ -270,16 +387,49 @@ export class Player {
     if (this.tempo !== 1) params.set("tempo", this.tempo);
     if (this.semitones) params.set("semitones", this.semitones);
     const applied = [heard.some((s) => s.volume !== 1) && "volumes",
-                     this.tempo !== 1 && `tempo ${this.tempo}x`, this.semitones && `key ${$("#key-value").textContent}`];
-    $("#download-status").textContent = `downloading ${heard.map((s) => s.name).join("+")}` +
-      (applied.some(Boolean) ? ` with ${applied.filter(Boolean).join(", ")} applied` : "") + "…";
-    download(`/music/${this.songId}/mix?${params}`);
+                     this.tempo !== 1 && `tempo ${this.tempo}x`, this.semitones && `key ${keyName(this.semitones)}`];
+    const status = $("#download-status");
+    status.textContent = `preparing ${heard.map((s) => s.name).join("+")}` +
+      (applied.some(Boolean) ? ` with ${applied.filter(Boolean).join(", ")}` : "") + "…";
+    this.downloading = true;
+    $("#download-mix").disabled = true;
+    try {
+      const answer = await fetch(`/music/${this.songId}/mix?${params}&download=1`);
+      if (!answer.ok) throw new Error((await answer.json().catch(() => ({}))).error ?? answer.statusText);
+      const name = fileName(answer.headers.get("Content-Disposition")) ?? `mix.${params.get("format")}`;
+      const url = URL.createObjectURL(await answer.blob());
+      const link = el("a", { href: url, download: name });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+      this.downloading = false;
+      this.apply();
+      status.textContent = `saved “${name}”`;
+    } catch (error) {
+      this.downloading = false;
+      this.apply();
+      status.textContent = `the download failed: ${error.message}`;
+    }
   }
 
   close() {
     this.alive = false;
+    clearTimeout(this.keepTimer);
     for (const stem of this.all) { stem.audio.pause(); stem.audio.src = ""; }
+    this.context.close();
   }
+}
+
+const clamp = (value, low, high) => Math.min(high, Math.max(low, Number.isFinite(value) ? value : low));
+const tenths = (seconds) => Math.round(seconds * 10) / 10;
+const keyName = (semitones) => (semitones ? `${semitones > 0 ? "+" : ""}${semitones}` : "±0");
+
+function fileName(disposition) {
+  if (!disposition) return null;
+  const star = /filename\*=UTF-8''([^;]+)/i.exec(disposition);
+  if (star) return decodeURIComponent(star[1]);
+  return /filename="?([^";]+)"?/i.exec(disposition)?.[1] ?? null;
 }
 
 // Resolves once an element can play (its metadata and some audio are in).
@@ -301,11 +451,22 @@ function drawWaveform(canvas, peaks) {
 
 function drawPlayhead(canvas, fraction) {
   if (!canvas?.peaks) return;
-  const width = canvas.width, mid = canvas.height / 2, x0 = Math.round(fraction * width);
+  const width = canvas.width, height = canvas.height, mid = height / 2, x0 = Math.round(fraction * width);
   if (canvas.drawnAt === x0) return;   // nothing moved by a pixel
   canvas.drawnAt = x0;
   const context = canvas.getContext("2d"), step = width / canvas.peaks.length;
-  context.clearRect(0, 0, width, canvas.height);
+  context.clearRect(0, 0, width, height);
+  const loop = canvas.loop;
+  if (loop && loop.a !== null) {
+    const xa = width * loop.a / canvas.secondsWide, xb = loop.b === null ? null : width * loop.b / canvas.secondsWide;
+    if (xb !== null) {
+      context.fillStyle = loop.on ? "#f4dca4" : "#eee6d2";
+      context.fillRect(xa, 0, xb - xa, height);
+    }
+    context.fillStyle = "#8a5a00";
+    context.fillRect(xa - 1, 0, 2, height);
+    if (xb !== null) context.fillRect(xb - 1, 0, 2, height);
+  }
   canvas.peaks.forEach(([low, high], i) => {
     context.fillStyle = i * step < x0 ? "#11694c" : "#8a97a8";
     context.fillRect(i * step, mid - high * mid, Math.max(1, step), Math.max(1, (high - low) * mid));

@@ -35,6 +35,7 @@ export function renderSong(status, pendingInBatch) {
     $("#progress-percent").textContent = stage.value === null ? "" : `${stage.value}%`;
     $("#progress-times").textContent = times(status, stage);
   }
+  announce(status, stage);
   showMessage($("#song-error"), status.state === "failed" ? `Processing failed: ${status.error}` : "");
   $("#player").hidden = status.state !== "done";
 }
@@ -77,4 +78,18 @@ function times(status, stage) {
     return `elapsed ${clock(elapsed)} · about ${clock(left)} left for the jobs, then the merge`;
   }
   return `elapsed ${clock(elapsed)}`;
+}
+
+// The polite live region says each change of stage once (not every job's count): a screen
+// reader hears "Separating on the workers", "Merging the stems", "Done: the player is ready".
+let announced = "";
+function announce(status, stage) {
+  const said = status.state === "failed" ? `Processing failed: ${status.error}`
+    : status.state === "done" ? `${status.name}: done, the player is ready`
+    : stage ? `${status.name}: ${stage.text.split(":")[0]}` : "";
+  const key = `${status.music_id} ${said}`;
+  if (key === announced) return;
+  const first = announced === "" || !announced.startsWith(`${status.music_id} `);
+  announced = key;
+  if (!first) $("#announce").textContent = said;   // opening a song is not a change of stage
 }

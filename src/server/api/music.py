@@ -9,8 +9,9 @@ MAX_UPLOAD_MB (and the probe's limits), a selection by size, depth and content.
 Beyond the contract, for the page: `/mix` renders any set of stems at any volumes,
 tempo and key as a download that changes nothing about the song (`POST /music/{id}`
 still re-mixes and saves the choice, as other clients expect); `/original` is the upload
-as decoded, to compare against; `/peaks` draws waveforms; `?semitones=` on a stem is the
-practice player's key shift; FLAC beside MP3 and WAV; `DELETE` removes one song.
+as decoded, to compare against; `/peaks` draws waveforms; `/stream/{stem}` is what the
+practice player plays (it shifts the key itself, as it plays); FLAC beside MP3 and WAV;
+`DELETE` removes one song.
 """
 
 from __future__ import annotations
@@ -191,13 +192,12 @@ def original(music_id: int):
 
 @bp.get("/music/<id:music_id>/stream/<name>")
 def stream(music_id: int, name: str):
-    """A stem (by name) or the original as a WAV made on the fly, with Range: what the page plays.
-    `?semitones=` shifts the key (rendered once, then cached)."""
+    """A stem (by name) or the original as a WAV made on the fly, with Range: what the page plays
+    (the page shifts the key itself, in real time)."""
     music = _finished(music_id)
     if name not in set(_tracks(_music_or_404(music_id)).values()) | {mixdown.ORIGINAL}:
         raise ApiError(404, f"music {music_id} has no stem named {name[:40]!r}")
-    semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
-    source = mixdown.practice_source(music, name, semitones)
+    source = mixdown.practice_source(music, name)
     return pcmstream.wav_response(request, source, music.samplerate, music.channels)
 
 

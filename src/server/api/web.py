@@ -20,6 +20,12 @@ def index():
     return send_from_directory(WEB_DIR, "index.html", max_age=0)
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers ask for it on every page that names no icon (the API docs, a raw JSON answer)."""
+    return send_from_directory(WEB_DIR, "favicon.svg", max_age=86400, mimetype="image/svg+xml")
+
+
 @bp.get("/web/<path:name>")
 def asset(name: str):
     return send_from_directory(WEB_DIR, name, max_age=0)
