@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_UPLOAD_MB": 200,
     "MAX_DURATION_S": 7200.0,
     "MAX_CHANNELS": 8,
+    "MAX_PIXELS": 8_294_400,  # a picture's pixels at most: 3840x2160 (4K UHD)
+    "MAX_FPS": 240.0,  # frames a second at most: the fastest cameras people upload (slow-motion phones)
+    "MAX_FRAMES": 432_000,  # a video's frames at most: MAX_DURATION_S's 2 hours at 60 fps
+    "STORAGE_MAX_GB": 50.0,  # STORAGE_DIR's disk use at most; an upload over it answers 507
     "CORS_ORIGINS": "",
     "ALLOWED_HOSTS": "",
     "TRUSTED_PROXIES": 0,
@@ -117,6 +121,10 @@ class Settings:
     max_upload_mb: int
     max_duration_s: float
     max_channels: int
+    max_pixels: int
+    max_fps: float
+    max_frames: int
+    storage_max_gb: float
     cors_origins: str
     allowed_hosts: str
     trusted_proxies: int
@@ -276,6 +284,9 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         raise ValueError("VERIFY must be 'off' or 'psnr'")
     if values["VERIFY_REPLICAS"] < 1:
         raise ValueError("VERIFY_REPLICAS must be at least 1")
+    for name in ("MAX_PIXELS", "MAX_FPS", "MAX_FRAMES", "STORAGE_MAX_GB"):
+        if values[name] <= 0:
+            raise ValueError(f"{name} must be positive")
     if values["CACHE_MB"] < 0 or values["WATTS_PER_CORE"] < 0:
         raise ValueError("CACHE_MB and WATTS_PER_CORE must not be negative")
     for name in ("MODEL_REPO", "BROKER_TLS_CA"):

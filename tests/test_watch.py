@@ -100,7 +100,7 @@ def test_a_dropped_video_is_transcoded_into_done(farm):
     assert (farm.done / "holiday clip.mp4").read_bytes() == out.read_bytes()
     wait_for(lambda: not farm.entries(), 10, "the ledger to empty")
     assert farm.left_in_watch() == set()
-    assert "Watch - took 'holiday clip.mp4' into originals/holiday clip (2).mp4" in farm.cluster.log("server")
+    assert "Watch - took 'holiday clip.mp4' into 'originals/holiday clip (2).mp4'" in farm.cluster.log("server")
 
 
 def test_a_file_still_being_copied_is_taken_once_complete(farm):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.media.probe import INPUT_GUARD, RefusedMedia, UnreadableMedia, last_line
+from src.media import guard
+from src.media.probe import RefusedMedia, UnreadableMedia, last_line
 
 BLOCK_FRAMES = 1 << 20
 SAMPLE_BYTES = 4  # float32
@@ -24,8 +25,12 @@ def decode(source: Path, target: Path, samplerate: int, channels: int, max_durat
     by bytes, so no upload can make the server write more than that.
     """
     cap_frames = int(max_duration_s * samplerate)
+    try:
+        source_input = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
+    except guard.OutsideFolder as exc:
+        raise UnreadableMedia(f"the audio cannot be decoded ({exc})") from None
     proc = subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-xerror", *INPUT_GUARD, "-i", str(source), "-map", "0:a:0",
+        ["ffmpeg", "-nostdin", "-v", "error", "-xerror", *source_input, "-map", "0:a:0",
          "-t", f"{max_duration_s + 1:.3f}", "-fs", str((cap_frames + samplerate) * channels * SAMPLE_BYTES),
          "-ac", str(channels), "-ar", str(samplerate), "-f", "f32le", "-acodec", "pcm_f32le", "-y", str(target)],
         capture_output=True, text=True, timeout=3600,

@@ -22,7 +22,7 @@ from src import config
 from src.config import Settings
 from src.kinds import registry
 from src.messaging.broker import Broker
-from src.server import views
+from src.server import quota, views
 from src.server.cache import ResultCache
 from src.server.collector import Collector
 from src.server.dashboard import Dashboard
@@ -39,6 +39,7 @@ from src.server.store import Store
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or config.load()
     files = Storage(settings.storage_dir)
+    quota.refuse_links(settings.storage_dir, skip=[settings.watch_dir])  # users drop links there; never followed
     store = Store(files.database)
     broker = Broker(settings, client_name=f"server-{socket.gethostname()}-{os.getpid()}")
     events, metrics = EventHub(settings.sse_max_clients), Metrics()

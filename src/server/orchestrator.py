@@ -104,8 +104,7 @@ class Orchestrator:
         size = upload_path.stat().st_size
         if size == 0:
             raise probe.UnreadableMedia("the upload is empty")
-        found = probe.probe(upload_path)
-        probe.check_limits(found, self.p.settings.max_duration_s, self.p.settings.max_channels)
+        found = probe.probe(upload_path, probe.Limits.of(self.p.settings))  # header and packets held to limits
         tags = {key: value for key, value in (("title", found.title), ("artist", found.artist)) if value}
         # the content hash keys the results cache: the same file uploaded again is the same input
         media = self.store.create_media(found.title or display_name(filename), size, found.duration,

@@ -33,14 +33,24 @@ then the note written, then the input moved. A task that failed, was cancelled (
 /tasks/{id}) or deleted (POST /reset) is not made again: its input goes to failed/ with the
 task's error, so nothing loops; drop the file again to retry. Names are kept as
 dropped but only ever as one path component, with " (2)", " (3)"... added when taken.
+
+Files are never followed. A dropped file is opened with O_NOFOLLOW and must still be the
+regular file whose size, mtime and inode were seen stable; it is then hard-linked (or
+copied) into originals/ *from that descriptor*, never by its path, so a file swapped for a
+symlink between the checks and the move is refused, not stored (a link to /etc/shadow
+was once served as an "original"). originals/, done/ and failed/ are opened with
+O_NOFOLLOW|O_DIRECTORY and written through those descriptors: when one is a symlink,
+nothing is written and the watcher says why. A file over MAX_UPLOAD_MB, or one the
+storage quota (STORAGE_MAX_GB) has no room for, goes to failed/ like any refused upload.
+Names in the log are quoted (repr), so a newline in a file name cannot forge a log line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -50,6 +60,7 @@ from typing import Any
 
 from src.kinds.base import BadParams, Media, NotApplicable
 from src.media import probe
+from src.server import quota
 from src.server.orchestrator import NotFound, Orchestrator
 from src.server.pipeline import Pipeline
 from src.server.store import Task
@@ -63,6 +74,17 @@ ERROR_SUFFIX = ".error.txt"
 MAX_TROUBLES = 5  # unexpected errors in a row on one file before it is given up (failed/)
 NAME_BYTES = 200  # a name's bytes at most, leaving room for " (n)" and ".error.txt"
 LEDGER = "watch-ledger.json"
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs us
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MB = 1024 * 1024
+
+
+class Refused(Exception):
+    """A dropped file that cannot be taken safely: a symlink, not a regular file, or changed meanwhile."""
+
+
+class UnsafeFolder(OSError):
+    """originals/, done/ or failed/ is not a plain folder (a symlink): nothing is written through it."""
 
 
 def task_spec(raw: str, pipeline: Pipeline) -> tuple[str, dict[str, Any]]:
@@ -160,23 +182,92 @@ def write_atomically(target: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def link_or_copy(source: Path, target: Path, link: bool = True) -> None:
-    """`source` at `target` (a free name the caller reserved): a hard link, or a copy by a temporary name
-    where links cannot be made (another file system) or are not wanted."""
+def open_file(path: Path | str, expected: tuple[int, int, int] | None = None, dir_fd: int | None = None) -> int:
+    """A descriptor of the regular file at `path`, never through a symlink; Refused when it is a link,
+    not a regular file, or not the (size, mtime, inode) `expected`. FileNotFoundError when gone."""
+    try:
+        fd = os.open(path, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise Refused("it is a symbolic link") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise Refused("it is not a regular file")
+    if expected is not None and (info.st_size, info.st_mtime_ns, info.st_ino) != expected:
+        os.close(fd)
+        raise Refused("it changed between the checks and the move")
+    return fd
+
+
+def open_folder(path: Path | str, dir_fd: int | None = None) -> int:
+    """A descriptor of the folder at `path`; UnsafeFolder when it is a symlink or not a folder."""
+    try:
+        return os.open(path, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            raise UnsafeFolder(exc.errno, f"{path} is not a plain folder (a symlink?): nothing is written "
+                                          "through it") from None
+        raise
+
+
+def exists_in(folder_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def place(fd: int, folder_fd: int, name: str, link: bool = True) -> None:
+    """The open file `fd` at `name` (a free name the caller reserved) in the folder `folder_fd`: a
+    hard link made from the descriptor, or a copy read from it by a temporary name where links
+    cannot be made (another file system) or are not wanted. Never by a path that could be swapped."""
     if link:
         try:
-            os.link(source, target)
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd, follow_symlinks=True)
             return
         except FileExistsError:
             raise
         except OSError:
             pass
-    temporary = target.with_name(f".watch-{uuid.uuid4().hex}.tmp")
+    temporary = f".watch-{uuid.uuid4().hex}.tmp"
+    out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                  dir_fd=folder_fd)
     try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            while chunk := os.read(fd, 1 << 20):
+                os.write(out, chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.replace(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            os.unlink(temporary, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+
+
+def write_note(folder_fd: int, name: str, text: str) -> None:
+    """`text` at `name` in the folder `folder_fd`, by a temporary name and a rename, synced."""
+    temporary = f".watch-{uuid.uuid4().hex}.tmp"
+    out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                  dir_fd=folder_fd)
+    try:
+        try:
+            os.write(out, text.encode("utf-8", "replace"))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.replace(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    finally:
+        try:
+            os.unlink(temporary, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
 
 
 class Watcher:
@@ -193,6 +284,7 @@ class Watcher:
         self.ledger = Ledger(pipeline.files.root / LEDGER)  # an unreadable one fails at startup too
         self._seen: dict[str, tuple[tuple[int, int, int], int]] = {}  # name → (size, mtime, inode), polls
         self._troubles: dict[str, int] = {}
+        self._warned: set[str] = set()  # links and unsafe folders already reported (once each)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="watch", daemon=True)
 
@@ -215,13 +307,23 @@ class Watcher:
         while not self._stopped.is_set():
             try:
                 self.poll()
+            except UnsafeFolder as exc:
+                self._warn_once(str(exc), "Watch - %s; the watcher waits until it is a folder again")
             except Exception:
                 log.exception("Watch - polling %s failed; trying again", self.folder)
             self._stopped.wait(self.interval)
 
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, key, *args)
+
     def _folders(self) -> None:
+        """Make the folders if missing; UnsafeFolder when originals/, done/ or failed/ is a symlink."""
         for folder in (self.folder, self.originals, self.done, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.originals, self.done, self.failed):
+            os.close(open_folder(folder))
 
     def poll(self) -> None:
         """One round: move every unfinished entry on, then take the files that stopped growing."""
@@ -238,7 +340,7 @@ class Watcher:
     # -- taking files ----------------------------------------------------------------
 
     def _stable(self) -> list[str]:
-        waiting = {e["source"] for e in self.ledger.entries if not (self.originals / e["original"]).exists()}
+        waiting = {e["source"] for e in self.ledger.entries if not os.path.lexists(self.originals / e["original"])}
         seen, ready = {}, []
         with os.scandir(self.folder) as found:
             for item in found:
@@ -249,8 +351,11 @@ class Watcher:
                     info = item.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                if stat.S_ISLNK(info.st_mode):
+                    self._warn_once(name, "Watch - %r is a symbolic link: never followed, not taken")
+                    continue
                 if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-                    continue  # folders (done/ ...), links, devices; empty: a copy not begun
+                    continue  # folders (done/ ...), devices; empty: a copy not begun
                 signature = (info.st_size, info.st_mtime_ns, info.st_ino)
                 before, polls = self._seen.get(name, (None, 0))
                 polls = polls + 1 if before == signature else 1
@@ -261,19 +366,41 @@ class Watcher:
         return sorted(ready)
 
     def _take(self, name: str) -> None:
-        self._seen.pop(name, None)
-        original = free_name(self.originals, name, self.ledger.claimed("original"))
-        entry = {"source": name, "original": original, "uploading": None, "media_id": None, "task_id": None,
-                 "targets": None, "error": None, "failed_as": None}
-        self.ledger.entries.append(entry)
-        self.ledger.save()
-        try:
-            os.rename(self.folder / name, self.originals / original)
+        signature = self._seen.pop(name, (None, 0))[0]
+        try:  # the file seen stable, opened without following a link: what is placed is what was checked
+            fd = open_file(self.folder / name, signature)
         except FileNotFoundError:
-            self._forget(entry, "it was removed before it was taken")
             return
-        log.info("Watch - took %r into originals/%s", name, original)
+        except Refused as exc:
+            log.warning("Watch - %r not taken: %s", name, exc)
+            return
+        try:
+            original = free_name(self.originals, name, self.ledger.claimed("original"))
+            entry = {"source": name, "original": original, "uploading": None, "media_id": None, "task_id": None,
+                     "targets": None, "error": None, "failed_as": None}
+            self.ledger.entries.append(entry)
+            self.ledger.save()
+            self._place_original(entry, fd)
+        finally:
+            os.close(fd)
+        log.info("Watch - took %r into %r", name, f"originals/{original}")
         self._step(entry)
+
+    def _place_original(self, entry: dict[str, Any], fd: int) -> None:
+        """The open dropped file into originals/ (linked from its descriptor), then its dropped name
+        removed, if that name is still this file (a name swapped meanwhile is another file: left)."""
+        originals = open_folder(self.originals)
+        try:
+            place(fd, originals, entry["original"])
+        finally:
+            os.close(originals)
+        placed, dropped = os.fstat(fd), self.folder / entry["source"]
+        try:
+            now = os.lstat(dropped)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) == (placed.st_dev, placed.st_ino):
+            dropped.unlink(missing_ok=True)
 
     # -- moving an entry on ------------------------------------------------------------
 
@@ -299,13 +426,20 @@ class Watcher:
             return
         original = self.originals / entry["original"]
         if entry["media_id"] is None:
-            if not original.exists():  # stopped between recording the entry and moving the file
-                source = self.folder / entry["source"]
-                if not source.is_file():
+            if not os.path.lexists(original):  # stopped between recording the entry and moving the file
+                try:
+                    fd = open_file(self.folder / entry["source"])
+                except FileNotFoundError:
                     self._forget(entry, "the file is gone")
                     return
-                os.rename(source, original)
-                log.info("Watch - took %r into originals/%s", entry["source"], entry["original"])
+                except Refused as exc:
+                    self._forget(entry, f"not taken: {exc}")
+                    return
+                try:
+                    self._place_original(entry, fd)
+                finally:
+                    os.close(fd)
+                log.info("Watch - took %r into %r", entry["source"], f"originals/{entry['original']}")
             if not self._upload(entry, original):
                 return
         if entry["task_id"] is None and not self._create_task(entry):
@@ -323,10 +457,35 @@ class Watcher:
     def _upload(self, entry: dict[str, Any], original: Path) -> bool:
         if entry["uploading"] is not None and self._adopt_media(entry, original):
             return True
-        entry["uploading"] = time.time()
-        self.ledger.save()
+        originals = open_folder(self.originals)
+        try:
+            fd = open_file(entry["original"], dir_fd=originals)
+        except Refused as exc:  # replaced by a link since it was taken: never followed
+            self._fail(entry, f"originals/{entry['original']!r} was replaced: {exc}")
+            return False
+        finally:
+            os.close(originals)
         incoming = self.p.files.incoming / f"watch-{uuid.uuid4().hex}.upload"
-        link_or_copy(original, incoming)
+        try:
+            size, settings = os.fstat(fd).st_size, self.p.settings
+            if size > settings.max_upload_mb * MB:
+                self._fail(entry, f"the file is {size / MB:.1f} MB; at most {settings.max_upload_mb} MB are taken "
+                                  "(MAX_UPLOAD_MB)")
+                return False
+            try:
+                quota.check(settings.storage_dir, settings.storage_max_gb, size)
+            except quota.StorageFull as exc:
+                self._fail(entry, str(exc))
+                return False
+            entry["uploading"] = time.time()
+            self.ledger.save()
+            folder = open_folder(incoming.parent)
+            try:
+                place(fd, folder, incoming.name)
+            finally:
+                os.close(folder)
+        finally:
+            os.close(fd)
         try:
             # the name as text the store can hold (a name that is not UTF-8 gets U+FFFD)
             shown = os.fsencode(entry["source"]).decode("utf-8", "replace")
@@ -345,7 +504,7 @@ class Watcher:
         """The medium an upload made before the server stopped, found by its file (a hard link of ours)."""
         for row in self.store.all_media():
             kept = self.p.files.original(row.id)
-            if row.created_at >= entry["uploading"] - 1 and kept.exists() and os.path.samefile(kept, original):
+            if row.created_at >= entry["uploading"] - 1 and _same_file(kept, original):
                 entry["media_id"] = row.id
                 self.ledger.save()
                 log.info("Watch - %r is Media[%d] (uploaded before the restart)", entry["source"], row.id)
@@ -385,13 +544,31 @@ class Watcher:
                 entry["targets"] = {name: f"{folder}/{safe_name(name + found.path.suffix)}"
                                     for name, found in outputs.items()}
             self.ledger.save()
-        for name, path in entry["targets"].items():
-            target = self.done / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not os.path.lexists(target):  # one that exists was placed before a restart
-                # a copy: done/ is the user's to edit, and a task's output may be the results cache's file
-                link_or_copy(outputs[name].path, target, link=False)
-        log.info("Watch - %r done: %s", entry["source"], ", ".join(f"done/{p}" for p in entry["targets"].values()))
+        done = open_folder(self.done)
+        try:
+            for name, path in entry["targets"].items():
+                folder, leaf = done, path
+                if "/" in path:  # several outputs: done/<stem>/<output>, the subfolder opened unfollowed too
+                    sub, leaf = path.split("/", 1)
+                    try:
+                        os.mkdir(sub, dir_fd=done)
+                    except FileExistsError:
+                        pass
+                    folder = open_folder(sub, dir_fd=done)
+                try:
+                    if not exists_in(folder, leaf):  # one that exists was placed before a restart
+                        # a copy: done/ is the user's to edit, and a task's output may be the results cache's file
+                        fd = open_file(outputs[name].path)
+                        try:
+                            place(fd, folder, leaf, link=False)
+                        finally:
+                            os.close(fd)
+                finally:
+                    if folder != done:
+                        os.close(folder)
+        finally:
+            os.close(done)
+        log.info("Watch - %r done: %s", entry["source"], [f"done/{p}" for p in entry["targets"].values()])
         self._forget(entry)
 
     # -- failing -----------------------------------------------------------------------
@@ -405,13 +582,19 @@ class Watcher:
 
     def _finish_failed(self, entry: dict[str, Any]) -> None:
         name = entry["failed_as"]
-        note = self.failed / (name + ERROR_SUFFIX)
-        if not note.exists():
-            write_atomically(note, f"{entry['source']}: {entry['error']}\n")
-        original = self.originals / entry["original"]
-        if original.exists():
-            os.replace(original, self.failed / name)
-        log.info("Watch - %r moved to failed/%s", entry["source"], name)
+        failed = open_folder(self.failed)
+        try:
+            if not exists_in(failed, name + ERROR_SUFFIX):
+                write_note(failed, name + ERROR_SUFFIX, f"{entry['source']}: {entry['error']}\n")
+            originals = open_folder(self.originals)
+            try:  # a rename between two unfollowed folders: a link in originals/ moves as a link
+                if exists_in(originals, entry["original"]):
+                    os.replace(entry["original"], name, src_dir_fd=originals, dst_dir_fd=failed)
+            finally:
+                os.close(originals)
+        finally:
+            os.close(failed)
+        log.info("Watch - %r moved to %r", entry["source"], f"failed/{name}")
         self._forget(entry)
 
     def _forget(self, entry: dict[str, Any], why: str = "") -> None:
@@ -419,3 +602,12 @@ class Watcher:
             log.info("Watch - %r forgotten: %s", entry["source"], why)
         self.ledger.entries.remove(entry)
         self.ledger.save()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths are one file (hard links), neither followed if it is a link."""
+    try:
+        first, second = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(first.st_mode) and (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)

@@ -91,4 +91,5 @@ def plan_jobs(frames: int, keyframes: list[int], chunk: int, window: int, key_by
                 f"frames {start}-{end} need a piece of {current['piece_bytes']} bytes, more than the {max_bytes} "
                 "bytes a job can carry; re-encode the source with more keyframes")
         pending[:0] = halves
+    transcode_plan.check_traffic(planned, total_bytes)
     return planned

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from src.kinds.transcode import tools
+from src.kinds.transcode.encode import CHUNK_FORMAT
+from src.media import guard
 
 
 def echo_problem(params: Any, job: dict[str, Any], task: dict[str, Any], codec: str) -> str | None:
@@ -53,14 +55,25 @@ def check_body(body: bytes, scratch: Path, frames: int, width: int, height: int,
         return reason if reason or also is None else also(Path(chunk.name))
 
 
-def check_chunk(path: Path, frames: int, width: int, height: int, codec: str, timeout: float = 300) -> str | None:
-    """Why the chunk at `path` is unacceptable, or None."""
+def check_chunk(path: Path, frames: int, width: int, height: int, codec: str, timeout: float = 300,
+                fmt: str = CHUNK_FORMAT) -> str | None:
+    """Why the chunk at `path` is unacceptable, or None.
+
+    The chunk is read only as `fmt` (forced: a playlist or a concat list is not even parsed),
+    from the file protocol, from its own folder, with no picture larger than the plan's.
+    """
+    role, pixels = guard.chunk(fmt), guard.pixels(width, height)
     try:
-        info = subprocess.run([*tools.FFPROBE, "-v", "error", "-of", "json", "-select_streams", "v:0",
-                               "-show_entries", "stream=codec_name,width,height", str(path)],
-                              capture_output=True, timeout=timeout, check=False)
-        decoded = subprocess.run([*tools.FFMPEG, "-v", "error", "-xerror", "-i", str(path), "-map", "0:v:0",
+        info = subprocess.run([*tools.FFPROBE, "-v", "error", "-threads", "1", "-of", "json", "-select_streams",
+                               "v:0", "-show_entries", "stream=codec_name,width,height",
+                               *guard.probe_input(path, role, path.parent, pixels)],
+                              capture_output=True, timeout=timeout, check=False,
+                              preexec_fn=guard.limited())
+        decoded = subprocess.run([*tools.FFMPEG, "-v", "error", "-xerror",
+                                  *guard.ffmpeg_input(path, role, path.parent, pixels), "-map", "0:v:0",
                                   "-f", "framecrc", "-"], capture_output=True, timeout=timeout, check=False)
+    except guard.OutsideFolder as exc:
+        return f"the chunk cannot be read: {exc}"
     except subprocess.TimeoutExpired:
         return f"the chunk did not decode within {timeout:.0f} s"
     if info.returncode != 0:
@@ -95,7 +108,12 @@ def psnr(chunk: Path, piece: Path, skip: int, frames: int, width: int, height: i
     graph = (f"[1:v]select='between(n\\,{skip}\\,{skip + frames - 1})',{retime},"
              f"scale={width}:{height}:flags=bicubic,format=yuv420p[source];"
              f"[0:v]{retime},format=yuv420p[chunk];[chunk][source]psnr")
-    done = tools.run([*tools.FFMPEG, "-v", "info", "-nostats", "-i", str(chunk), "-i", str(piece),
+    try:
+        inputs = [*guard.ffmpeg_input(chunk, guard.chunk(CHUNK_FORMAT), chunk.parent, guard.pixels(width, height)),
+                  *guard.ffmpeg_input(piece, guard.PIECE, piece.parent)]
+    except guard.OutsideFolder as exc:
+        raise tools.ToolError(f"measuring PSNR: {exc}") from None
+    done = tools.run([*tools.FFMPEG, "-v", "info", "-nostats", *inputs,
                       "-filter_complex", graph, "-f", "null", "-"], timeout=timeout, what="measuring PSNR")
     found = PSNR_AVERAGE.search(done.stderr)
     if found is None:

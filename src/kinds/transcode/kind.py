@@ -35,6 +35,12 @@ def server(settings: Settings) -> TranscodeKind:
     return TranscodeKind(settings)
 
 
+def max_height(source_height: int) -> int:
+    """The tallest output of a source: its own height (even). Upscaling adds no detail, and a
+    320x240 clip asked for 4320 rows took a worker's ffmpeg to 4.09 GB."""
+    return max(HEIGHT_RANGE[0], source_height + source_height % 2)
+
+
 def output_size(width: int, height: int, wanted: int | None) -> tuple[int, int]:
     """The encoded size: `wanted` rows (or the source's) and the width that keeps the aspect,
     both even as yuv420p needs (the same rounding as ffmpeg's `scale=-2:H`)."""
@@ -103,6 +109,10 @@ class TranscodeKind:
                 raise BadParams(f"height must be an integer, got {height!r}")
             if not HEIGHT_RANGE[0] <= height <= HEIGHT_RANGE[1] or height % 2:
                 raise BadParams(f"height must be even and in [{HEIGHT_RANGE[0]}, {HEIGHT_RANGE[1]}], got {height}")
+            source = (media.video or {}).get("height") or 0
+            if source and height > max_height(source):
+                raise BadParams(f"height {height} would upscale the {source}-row source; at most {max_height(source)} "
+                                "(the source's height: upscaling adds no detail, only cost)")
         preset = raw.get("preset", encode.DEFAULT_PRESET[codec])
         if preset not in encode.PRESETS:
             raise BadParams(f"preset must be one of {', '.join(encode.PRESETS)}, got {preset!r}")
@@ -150,6 +160,7 @@ class TranscodeKind:
         splitter = split.Splitter(task.media.path, facts, task.folder / split.PIECES)
         splitter.segment(jobs)
         jobs = [splitter.place(job) for job in jobs]
+        plan.check_traffic(jobs, facts.bytes)  # again with the pieces as cut (open GOPs widen them)
         width, height = output_size(facts.width, facts.height, task.params.get("height"))
         return {"frames": facts.frames, "fps": facts.fps, "source_codec": facts.codec,
                 "source_width": facts.width, "source_height": facts.height, "width": width, "height": height,

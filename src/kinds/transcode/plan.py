@@ -27,13 +27,33 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
+from src.media.probe import RefusedMedia
+
 # The backbone base64-encodes bodies; a piece well under 64 MB leaves room for that and
 # for the header. The planner halves jobs whose piece would be larger.
 MAX_PIECE_BYTES = 48 * 1024 * 1024
+# The jobs' pieces may add up to this many times the source's video bytes. A job starting
+# mid-GOP carries the GOP's head again, so sparse keyframes multiply what the broker carries
+# (a 600 s clip with one keyframe sent 18.6x its size). Ordinary sources stay near 1x
+# (a keyframe every 2-10 s against 30 s chunks: 1.0-1.4x, an open-GOP widening one GOP more).
+MAX_AMPLIFICATION = 4.0
 
 
 class PlanError(ValueError):
     """The source cannot be cut within the limits (e.g. one GOP larger than a body)."""
+
+
+class TooMuchTraffic(RefusedMedia):
+    """The jobs would send many times the source's size: its keyframes are too sparse."""
+
+
+def check_traffic(jobs: list[dict[str, Any]], total_bytes: int, limit: float = MAX_AMPLIFICATION) -> None:
+    """TooMuchTraffic when the jobs' pieces add up to more than `limit` times the source's bytes."""
+    sent = sum(int(job["piece_bytes"]) for job in jobs)
+    if total_bytes > 0 and sent > limit * total_bytes:
+        raise TooMuchTraffic(f"its jobs would send {sent / total_bytes:.1f}x the video's {total_bytes} bytes (at "
+                             f"most {limit:g}x): its keyframes are too far apart; re-encode it with a keyframe "
+                             "every few seconds")
 
 
 def chunk_frames(chunk_seconds: float, fps: float) -> int:
@@ -118,4 +138,5 @@ def plan_jobs(frames: int, keyframes: list[int], chunk: int, key_bytes: list[int
         middle = min(inner, key=lambda k: abs(k - (start + end) / 2))
         pending[:0] = [job(start, middle, frames, keyframes, key_bytes, total_bytes),
                        job(middle, end, frames, keyframes, key_bytes, total_bytes)]
+    check_traffic(planned, total_bytes)
     return planned

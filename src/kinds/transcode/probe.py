@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from src.kinds.transcode import tools
+from src.media import guard
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,17 @@ class Probe:
         return tools.fraction(self.fps)
 
 
-def _json(args: list[str], timeout: float, what: str) -> dict[str, Any]:
-    done = tools.run([*tools.FFPROBE, "-v", "error", "-of", "json", *args], timeout=timeout, what=what)
+def _json(args: list[str], path: Path, role: guard.Role, timeout: float, what: str) -> dict[str, Any]:
+    """ffprobe's JSON about `path`, read as `role` allows (src.media.guard); memory capped where
+    nothing is decoded but the header (a full decode keeps the decoder's threads and memory)."""
+    try:
+        source = guard.probe_input(path, role, path.parent)
+    except guard.OutsideFolder as exc:
+        raise tools.ToolError(f"{what}: {exc}") from None
+    decodes = "-count_frames" in args
+    header = [] if decodes else ["-threads", "1"]
+    done = tools.run([*tools.FFPROBE, "-v", "error", *header, "-of", "json", *args, *source],
+                     timeout=timeout, what=what, memory=0 if decodes else guard.PROBE_MEMORY_BYTES)
     try:
         return json.loads(done.stdout or b"{}")
     except ValueError:
@@ -78,12 +88,12 @@ def frame_rate(stream: dict[str, Any]) -> str:
 def probe(path: Path, timeout: float = 600) -> Probe:
     """Probe the first video stream of `path` (ToolError when there is none or it is unreadable)."""
     info = _json(["-show_entries", "stream=index,codec_type,codec_name,width,height,pix_fmt,r_frame_rate,"
-                  "avg_frame_rate,start_time", str(path)], timeout=60, what="ffprobe streams")
+                  "avg_frame_rate,start_time"], path, guard.UPLOAD, timeout=60, what="ffprobe streams")
     streams = info.get("streams") or []
     video = next((s for s in streams if s.get("codec_type") == "video"), None)
     if video is None:
         raise tools.ToolError(f"{path.name} has no video stream")
-    packets = _json(["-select_streams", "v:0", "-show_entries", "packet=pts,dts,flags,size", str(path)],
+    packets = _json(["-select_streams", "v:0", "-show_entries", "packet=pts,dts,flags,size"], path, guard.UPLOAD,
                     timeout=timeout, what="ffprobe packets").get("packets") or []
     if not packets:
         raise tools.ToolError(f"{path.name}: the video stream has no packets")
@@ -141,8 +151,8 @@ def probe(path: Path, timeout: float = 600) -> Probe:
 
 def count_frames(path: Path, timeout: float = 600) -> int:
     """Frames the first video stream decodes to (a full decode: for checking pieces)."""
-    info = _json(["-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames", str(path)],
-                 timeout=timeout, what="ffprobe count frames")
+    info = _json(["-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames"], path,
+                 guard.PIECE, timeout=timeout, what="ffprobe count frames")
     streams = info.get("streams") or [{}]
     try:
         return int(streams[0].get("nb_read_frames"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from src.kinds.transcode import plan, probe, tools
+from src.media import guard
 
 SEGMENT = "seg{:06d}.nut"
 PIECES = "pieces"  # the task folder's subfolder for source pieces
@@ -76,7 +77,11 @@ class Splitter:
         # With no cut, segment_frames must still be given (else segment_time's 2 s applies):
         # a packet number past the end means one segment.
         points = ",".join(str(p) for p in packets) or str(frames + 1)
-        tools.run([*tools.FFMPEG, "-v", "error", "-i", str(self.source), "-map", "0:v:0", "-c", "copy",
+        try:
+            source = guard.ffmpeg_input(self.source, guard.UPLOAD, self.source.parent)
+        except guard.OutsideFolder as exc:
+            raise SplitError(f"the source cannot be read: {exc}") from None
+        tools.run([*tools.FFMPEG, "-v", "error", *source, "-map", "0:v:0", "-c", "copy",
                    "-f", "segment", "-segment_format", "nut", "-segment_frames", points,
                    "-reset_timestamps", "1", str(self.folder / "seg%06d.nut")],
                   timeout=self.timeout, what="splitting the source")
@@ -91,11 +96,11 @@ class Splitter:
         joined = self.folder / f"piece{first:06d}-{last:06d}.nut"
         if not joined.exists():
             listing = self.folder / f"piece{first:06d}-{last:06d}.txt"
-            listing.write_text("".join(f"file '{SEGMENT.format(i)}'\n" for i in range(first, last)))
+            segments = [(self.folder / SEGMENT.format(i), None) for i in range(first, last)]
             partial = joined.with_suffix(".part")
-            tools.run([*tools.FFMPEG, "-v", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
+            tools.run([*tools.FFMPEG, "-v", "error", *guard.concat_input(segments, listing, self.folder),
                        "-map", "0:v:0", "-c", "copy", "-f", "nut", "-y", str(partial)],
-                      timeout=self.timeout, what="joining source segments")
+                      timeout=self.timeout, what="joining source segments", quiet=True)
             partial.replace(joined)
         return joined
 

@@ -19,6 +19,7 @@ from src.kinds.base import JobView, TaskView
 from src.kinds.transcode import tools
 from src.kinds.transcode.encode import CHUNK_FORMAT
 from src.kinds.transcode.split import PIECES
+from src.media import guard
 
 MIMETYPES = {"mp4": "video/mp4", "mkv": "video/x-matroska", "webm": "video/webm"}
 FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm"}
@@ -26,24 +27,27 @@ AUDIO_BITRATE = "128k"
 
 
 def stitch(chunks: list[tuple[Path, int]], fps: str, source: Path, audio: bool, container: str, codec: str,
-           output: Path, audio_lead: float = 0.0, timeout: float = 3600) -> None:
+           output: Path, audio_lead: float = 0.0, timeout: float = 3600, folder: Path | None = None) -> None:
     """Write `output` from the chunks (path, frames) in order, plus the source's first audio stream.
 
-    Written to a temporary name and renamed, so a half-written file is never an output.
+    Written to a temporary name and renamed, so a half-written file is never an output. The
+    chunks must lie in `folder` (the task's; default: the output's folder) and are read as
+    NUT only (src.media.guard): a stored "chunk" that is a playlist or a list is refused.
     """
+    folder = folder or output.parent
     if container not in FORMATS:
         raise ValueError(f"unknown container {container!r}")
     rate = Fraction(fps)
     output.parent.mkdir(parents=True, exist_ok=True)
     listing = output.with_name(output.name + ".concat.txt")
-    lines = ["ffconcat version 1.0"]
-    for path, frames in chunks:
-        lines.append(f"file '{path.resolve()}'")
-        lines.append(f"duration {tools.seconds(Fraction(frames) / rate)}")
-    listing.write_text("\n".join(lines) + "\n")
-    args = [*tools.FFMPEG, "-v", "error", "-f", "concat", "-safe", "0", "-i", str(listing)]
-    if audio:
-        args += ["-i", str(source)]
+    try:
+        args = [*tools.FFMPEG, "-v", "error", *guard.concat_input(
+            [(path, tools.seconds(Fraction(frames) / rate)) for path, frames in chunks], listing, folder)]
+        if audio:
+            args += guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
+    except guard.OutsideFolder as exc:
+        listing.unlink(missing_ok=True)
+        raise ValueError(f"stitching the chunks: {exc}") from None
     args += ["-map", "0:v:0", "-c:v", "copy"]
     if audio:
         args += ["-map", "1:a:0", "-c:a", "libopus" if container == "webm" else "aac", "-b:a", AUDIO_BITRATE]
@@ -59,7 +63,7 @@ def stitch(chunks: list[tuple[Path, int]], fps: str, source: Path, audio: bool, 
     # Keep the source's title and tags where it is an input (with audio); never the chunks'.
     args += ["-map_metadata", "1" if audio else "-1", "-f", FORMATS[container], "-y", str(partial)]
     try:
-        tools.run(args, timeout=timeout, what="stitching the chunks")
+        tools.run(args, timeout=timeout, what="stitching the chunks", quiet=True)
         partial.replace(output)
     finally:
         listing.unlink(missing_ok=True)
@@ -83,7 +87,7 @@ def join_jobs(task: TaskView, jobs: list[JobView], codec: str, container: str, o
     if missing:
         raise ValueError(f"chunks missing: {', '.join(missing)}")
     stitch(chunks, task.facts["fps"], task.media.path, task.facts["audio"], container, codec, output,
-           audio_lead=task.facts.get("audio_lead", 0.0))
+           audio_lead=task.facts.get("audio_lead", 0.0), folder=task.folder)
     shutil.rmtree(task.folder / PIECES, ignore_errors=True)
     return ordered
 
@@ -91,8 +95,9 @@ def join_jobs(task: TaskView, jobs: list[JobView], codec: str, container: str, o
 def stats(path: Path) -> dict:
     """What the page shows of an output: size, bitrate, frames, duration, codec, width, height."""
     found = json.loads(tools.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
-         "stream=codec_name,width,height,nb_read_packets:format=duration,size,bit_rate", "-of", "json", str(path)],
+        [*tools.FFPROBE, "-v", "error", "-select_streams", "v:0", "-count_packets", "-show_entries",
+         "stream=codec_name,width,height,nb_read_packets:format=duration,size,bit_rate", "-of", "json",
+         *guard.probe_input(path, guard.OUTPUT, path.parent)],
         timeout=120, what="ffprobe of the output").stdout)
     stream, container = found["streams"][0], found["format"]
     return {"size": int(container["size"]), "bitrate": int(container.get("bit_rate") or 0),

@@ -15,6 +15,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from src.kinds.base import Cancelled
+from src.media import guard
 
 FFMPEG = ["ffmpeg", "-nostdin", "-hide_banner"]
 FFPROBE = ["ffprobe", "-hide_banner"]
@@ -32,15 +33,21 @@ def missing() -> str | None:
     return None
 
 
-def run(args: list[str], timeout: float, what: str) -> subprocess.CompletedProcess[bytes]:
-    """Run a command to completion; ToolError with stderr's tail on failure or timeout."""
+def run(args: list[str], timeout: float, what: str, memory: int = 0,
+        quiet: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run a command to completion; ToolError with stderr's tail on failure or timeout.
+
+    `memory`: the child's address space in bytes at most (0: no cap). `quiet`: anything on
+    stderr is a failure too (ffmpeg's concat demuxer ends early, exit 0, on a file it refuses).
+    """
     try:
-        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False,
+                              preexec_fn=guard.limited(memory) if memory else None)
     except subprocess.TimeoutExpired:
         raise ToolError(f"{what}: gave no answer within {timeout:.0f} s") from None
     except OSError as error:
         raise ToolError(f"{what}: cannot start {args[0]}: {error}") from None
-    if done.returncode != 0:
+    if done.returncode != 0 or (quiet and done.stderr.strip()):
         raise ToolError(f"{what}: exit {done.returncode}: {tail(done.stderr)}")
     return done
 

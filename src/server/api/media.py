@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, send_file
 
+from src.media.guard import OutsideFolder, confined
 from src.server.api.errors import ApiError
 from src.server.api.uploads import receive_media
 from src.server.services import services
@@ -42,8 +43,12 @@ def original(media_id: int):
     upload is never served as HTML or script from our origin.
     """
     media = _media_or_404(media_id)
+    try:  # a regular file the server wrote, never a link to elsewhere (src.media.guard)
+        path = confined(services().files.original(media_id), services().files.media)
+    except OutsideFolder:
+        raise ApiError(404, f"media {media_id} has no original to send") from None
     video, audio = media.probe.get("video"), media.probe.get("audio")
     mimetype = "video/mp4" if video else "audio/mpeg" if audio and audio.get("codec") == "mp3" else \
         "application/octet-stream"
-    return send_file(services().files.original(media_id), mimetype=mimetype, conditional=True, max_age=0,
+    return send_file(path, mimetype=mimetype, conditional=True, max_age=0,
                      download_name=f"media-{media_id}", as_attachment=mimetype == "application/octet-stream")
