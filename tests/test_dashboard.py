@@ -25,6 +25,7 @@ from src.server.presence import HISTORY_POINTS, WorkerRegistry
 from src.server.queues import QueueMonitor
 from tests import helpers as http
 from tests.conftest import ARTIFACTS, Cluster
+from tests.test_browser import serious_accessibility_violations
 
 SHOTS = ARTIFACTS / "dashboard"
 
@@ -158,3 +159,39 @@ def test_the_dashboard_shows_workers_queues_and_throughput_live(least_privilege,
 def test_the_page_is_served(client, path):
     answer = client.get(path)
     assert answer.status_code == 200 and b"/web/js/dashboard.js" in answer.data
+
+
+@pytest.mark.browser
+def test_reset_is_the_dashboards_behind_a_typed_confirmation_and_the_token(cluster, settings, page, tmp_path,
+                                                                           make_song):
+    """The musician's page loads with no console error and no Reset; the dashboard's Reset names what it
+    deletes, waits for that phrase typed, and is refused by a server with OPERATOR_TOKEN until it is given."""
+    cluster.settings = settings.with_overrides(operator_token="s3cret")
+    cluster.start_server()
+    http.upload(cluster.base, make_song(2.0, "wav"))
+    console: list[str] = []
+    page.on("console", lambda m: m.type == "error" and console.append(f"{m.text} at {m.location}"))
+    page.goto(cluster.base)  # a cold load: no 404 (favicon) or any other error on the console
+    page.wait_for_selector("#connection.ok")
+    expect(page.locator("#library li")).to_have_count(1)
+    assert page.locator("#reset").count() == 0
+    expect(page.locator("#farm-text")).to_have_text("No worker is online: processing waits until one starts.")
+
+    page.goto(cluster.base + "/dashboard")
+    expect(page.locator("#reset-phrase")).to_have_text("delete 1 song and 1 task")
+    expect(page.locator("#reset")).to_be_disabled()
+    assert console == [], "cold loads of both pages put nothing on the console"
+    page.fill("#reset-confirm", "delete everything")
+    expect(page.locator("#reset")).to_be_disabled()
+    page.fill("#reset-confirm", "delete 1 song and 1 task")
+    page.click("#reset")
+    expect(page.locator("#reset-status")).to_contain_text("Reset refused: this operator action needs")
+    assert len(http.get_json(cluster.base + "/music")) == 1, "refused: nothing deleted"
+    page.fill("#reset-token", "s3cret")
+    page.click("#reset")
+    expect(page.locator("#reset-status")).to_have_text("Done: everything was deleted.")
+    assert http.get_json(cluster.base + "/music") == []
+    expect(page.locator("#reset-phrase")).to_have_text("delete 0 songs and 0 tasks")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "reset.png"), full_page=True)
+    assert serious_accessibility_violations(page) == []

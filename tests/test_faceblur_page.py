@@ -119,7 +119,7 @@ def test_blur_faces_in_the_page(live_server, page, cluster, clip):
 
     page.goto(f"{base}/#video")
     page.wait_for_selector("#connection.ok")
-    expect(page.locator("#workers tr")).to_have_count(2, timeout=60_000)   # both consume before the task
+    expect(page.locator("#farm-health")).to_have_attribute("data-online", "2", timeout=60_000)  # both consume first
     page.set_input_files("#video-file-input", str(clip))
     expect(page.locator("#video-panel")).to_be_visible(timeout=60_000)
     media = get_json(f"{base}/media/{int(page.url.split('#media=')[1])}")

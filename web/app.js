@@ -7,7 +7,7 @@
 //   js/library.js  the song list and the upload queue
 //   js/song.js     the open song: instrument choice, stages and progress
 //   js/player.js   the practice player (stems, original, tempo, key, loop, download mix)
-//   js/operator.js workers panel and job timeline
+//   js/operator.js the farm's health in one line (the details are the dashboard's) and the job timeline
 //   js/connection.js  the live event stream, the offline banner, re-fetch on reconnect
 //   js/shortcuts.js   the player's keyboard shortcuts
 //   js/video.js       the video section: upload, run a task, follow it, cancel, reopen
@@ -224,10 +224,6 @@ async function main() {
   $("#tempo").addEventListener("input", (e) => player?.setTempo(Number(e.target.value)));
   $("#key").addEventListener("input", (e) => player?.setKey(Number(e.target.value)));
   $("#download-mix").addEventListener("click", () => player?.downloadMix());
-  $("#reset").addEventListener("click", async () => {
-    if (!confirm("Stop all work and delete every song and result?")) return;
-    try { await api("POST", "/reset"); } catch (error) { alert(`Reset failed: ${error.message}`); }
-  });
   window.addEventListener("hashchange", () => {
     selectView(viewOfHash());
     if (!songsShown()) { video.openFromHash(); return; }

@@ -1,8 +1,14 @@
 // The operations dashboard. The server pushes its whole state every few seconds on
 // /dashboard/events (src/server/dashboard.py); each push redraws the page, so a missed one
-// costs nothing. Sparklines are inline SVG built with the DOM (the CSP forbids inline styles).
+// costs nothing, and the workers are redrawn every half second in between, aged by the
+// page's clock with the musician's page's own rule (js/liveness.js): online, stale past one
+// heart-beat interval, offline past two. Sparklines are inline SVG built with the DOM (the
+// CSP forbids inline styles). Reset is here, not on the musician's page, behind a typed
+// confirmation that names what it deletes (and the operator token when the server has one).
 import { $, el, svgEl } from "./dom.js";
+import { api } from "./api.js";
 import { connect } from "./connection.js";
+import { ageOf, liveness } from "./liveness.js";
 
 
 // A line (or bars) of `values` in a 100 x 28 box, scaled to `max`; `label` says it in words.
@@ -51,17 +57,24 @@ function kindCard(name, k, depths) {
   );
 }
 
+// A stale or offline worker's job is not shown as its own: it is being (or will be) redone
+// by another, which shows it; the stale card says it will be.
 function workerCard(w) {
   const cpu = w.history.map((p) => p[1]), memory = w.history.map((p) => p[2]);
   const jobs = Object.entries(w.jobs_by_kind).map(([kind, n]) => `${kind} ${n}`).join(", ") || "none yet";
-  const status = w.online
+  const live = liveness(w, receivedAt), age = ageOf(w, receivedAt);
+  const status = live === "online"
     ? el("span", { class: `state ${w.state}` }, w.state === "busy" ? `busy: job ${w.job_id}` : w.state)
-    : el("span", { class: "state failed" }, `offline since ${time(w.offline_since)}`);
-  return el("li", { class: `card${w.online ? "" : " offline"}`, "data-worker": w.worker, "data-online": String(w.online) },
+    : live === "stale"
+      ? el("span", { class: "state stale" }, `not answering for ${Math.round(age)} s` +
+           (w.job_id != null ? `; job ${w.job_id} goes to another worker` : ""))
+      : el("span", { class: "state failed" }, `offline since ${time(w.offline_since ?? Date.now() / 1000 - age)}`);
+  return el("li", { class: `card${live === "online" ? "" : ` ${live}`}`, "data-worker": w.worker,
+                    "data-online": String(live === "online"), "data-liveness": live },
     el("h3", {}, w.worker, status),
     el("div", { class: "where" }, `${w.host} · ${w.address || "?"} via broker ${w.broker || "?"} · ` +
       `${w.kinds.join(", ")} · ${w.cores} cores · heard ` +
-      `${Math.round(w.last_heartbeat_age)} s ago`),
+      `${Math.round(age)} s ago`),
     el("div", { class: "figures" },
       el("span", { class: "label" }, "CPU"),
       sparkline(cpu, 100, `CPU of worker ${w.worker}, percent of one core, oldest first: ${cpu.join(", ")}`),
@@ -98,15 +111,63 @@ function render(state) {
   error.textContent = queues.error ? `RabbitMQ's management API cannot be read: ${queues.error}` : "";
   $("#queues tbody").replaceChildren(...queues.queues.map(queueRow));
 
-  const online = state.workers.filter((w) => w.online).length;
-  $("#workers-count").textContent = `${online} online, ${state.workers.length - online} offline`;
-  $("#no-workers").hidden = state.workers.length > 0;
-  $("#workers").replaceChildren(...state.workers.map(workerCard));
+  workers = state.workers;
+  receivedAt = Date.now();
+  renderWorkers();
+}
+
+let workers = [], receivedAt = 0;
+function renderWorkers() {
+  const live = workers.map((w) => liveness(w, receivedAt));
+  const online = live.filter((l) => l === "online").length, stale = live.filter((l) => l === "stale").length;
+  $("#workers-count").textContent = `${online} online, ${stale ? `${stale} stale, ` : ""}` +
+    `${workers.length - online - stale} offline`;
+  $("#no-workers").hidden = workers.length > 0;
+  $("#workers").replaceChildren(...workers.map(workerCard));
 }
 
 async function refresh() {
   const response = await fetch("/dashboard/state");
   if (response.ok) render(await response.json());
+  resetPhrase();
 }
 
+// ---------------------------------------------------------------- reset
+// The phrase to type names what goes: "delete 6 songs and 11 tasks" (counted just now).
+async function resetPhrase() {
+  try {
+    const [songs, tasks, media] = await Promise.all(["/music", "/tasks", "/media"].map((path) => api("GET", path)));
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    const phrase = `delete ${plural(songs.length, "song")} and ${plural(tasks.length, "task")}`;
+    $("#reset-phrase").textContent = phrase;
+    $("#reset-what").textContent = `${plural(songs.length, "song")}, ${plural(tasks.length, "task")} ` +
+      `(songs included) and ${plural(media.length, "uploaded medium")}`.replace("mediums", "media");
+    checkTyped();
+  } catch (_) { /* offline: the banner says so */ }
+}
+
+function checkTyped() {
+  $("#reset").disabled = $("#reset-confirm").value.trim() !== $("#reset-phrase").textContent;
+}
+
+$("#reset-confirm").addEventListener("input", checkTyped);
+$("#reset-confirm").addEventListener("focus", resetPhrase);
+$("#reset-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const token = $("#reset-token").value.trim();
+  const status = $("#reset-status");
+  status.textContent = "resetting…";
+  try {
+    const answer = await fetch("/reset", { method: "POST", headers: token ? { Authorization: `Bearer ${token}` } : {} });
+    if (!answer.ok) throw new Error((await answer.json().catch(() => ({}))).error ?? answer.statusText);
+    status.textContent = "Done: everything was deleted.";
+    $("#reset-confirm").value = "";
+    resetPhrase();
+  } catch (error) {
+    status.textContent = `Reset refused: ${error.message}`;
+  }
+});
+
 connect({ dashboard: render }, refresh, "/dashboard/events");
+setInterval(() => { if (!document.body.classList.contains("offline")) renderWorkers(); }, 500);
+refresh();

@@ -1,19 +1,17 @@
-// The operator's view, kept apart from the musician's flow: the live worker panel (with the
-// job kinds each worker runs) and the job timeline of the open song or video task. A worker whose heart-beat is older than its interval is shown
-// stale at once (the server drops it only after two intervals), and its running attempt is
-// drawn as stalled; job numbers are the same "#id" in both places.
+// The farm as the musician's page shows it: one line of health (how many workers are
+// online, stale or gone; the details are the dashboard's, at /dashboard), and the job
+// timeline of the open song or video task. Liveness is js/liveness.js's, the dashboard's
+// own rule: a worker silent past one heart-beat interval is stale at once (its running
+// attempt drawn as stalled), past two it is offline (the server drops it). Job numbers are
+// the same "#id" everywhere.
 import { $, el, clock } from "./dom.js";
+import { liveness } from "./liveness.js";
 
 let workers = [];          // the latest snapshot, and when it arrived
 let receivedAt = 0;
-const SLACK_SECONDS = 0.5;   // a live worker's presence is at most one interval old, plus its delivery
 
 export function staleWorkers() {
-  return new Set(workers.filter((w) => age(w) > w.heartbeat_seconds + SLACK_SECONDS).map((w) => w.worker));
-}
-
-function age(worker) {
-  return worker.last_heartbeat_age + (Date.now() - receivedAt) / 1000;
+  return new Set(workers.filter((w) => liveness(w, receivedAt) !== "online").map((w) => w.worker));
 }
 
 export function setWorkers(list) {
@@ -23,28 +21,16 @@ export function setWorkers(list) {
 }
 
 export function renderWorkers() {
-  const stale = staleWorkers();
-  $("#worker-count").textContent = workers.length;
-  $("#workers-empty").hidden = workers.length > 0;
-  $("#workers").replaceChildren(...workers.map((w) => {
-    const state = stale.has(w.worker) ? "stale" : w.state;
-    return el("tr", { class: state, "data-pid": w.pid, "data-worker": w.worker },
-      el("td", {}, w.worker), el("td", {}, w.host), el("td", {}, w.address), el("td", {}, w.pid),
-      el("td", {}, w.device),
-      el("td", {}, el("span", { class: `state ${state}`,
-                                title: state === "stale" ? "no heart-beat: crashed or hung; dropped soon" : null },
-                      state === "stale" ? "stale" : w.state)),
-      el("td", {}, jobOf(w)), el("td", {}, w.kinds?.length ? w.kinds.join(", ") : "–"), el("td", {}, w.jobs_done),
-      el("td", {}, w.mean_job_seconds == null ? "–" : `${w.mean_job_seconds.toFixed(1)}s`),
-      el("td", {}, `${age(w).toFixed(1)}s ago`));
-  }));
-}
-
-// "#12 (task 3)": the job, and the task (or song, from a server of before tasks) it is part of.
-function jobOf(worker) {
-  if (worker.job_id == null) return "–";
-  if (worker.task_id != null) return `#${worker.job_id} (task ${worker.task_id})`;
-  return worker.music_id != null ? `#${worker.job_id} (song ${worker.music_id})` : `#${worker.job_id}`;
+  const counts = { online: 0, stale: 0, offline: 0 };
+  for (const w of workers) counts[liveness(w, receivedAt)] += 1;
+  const line = $("#farm-health");
+  for (const [key, n] of Object.entries(counts)) line.dataset[key] = n;
+  const parts = [`${counts.online} worker${counts.online === 1 ? "" : "s"} online`];
+  if (counts.stale) parts.push(`${counts.stale} not answering`);
+  if (counts.offline) parts.push(`${counts.offline} gone`);
+  $("#farm-text").textContent = counts.online === 0 && !counts.stale
+    ? "No worker is online: processing waits until one starts." : parts.join(" · ");
+  line.className = `farm-health ${counts.online === 0 ? "bad" : counts.stale || counts.offline ? "warn" : "ok"}`;
 }
 
 // What the timeline shows the jobs of: "song" or "video task", after the page's section.
