@@ -4,7 +4,8 @@ Defaults live in `DEFAULTS`; a YAML file (`CONFIG_FILE`, default `config.yaml` w
 exists) overrides them; environment variables override both. The broker logins are the one
 exception to "defaults are constants": where `make broker` provisioned least-privilege
 logins for this QUEUE_PREFIX, it wrote them to BROKER_LOGINS_FILE, and those replace the
-guest/guest defaults of the four login settings (set any of them explicitly to override). `load()` is called once
+guest/guest defaults of the four login settings (set any of them explicitly to override), and
+the virtual host it made for the deployment (`/{QUEUE_PREFIX}`) replaces BROKER_VHOST's "/". `load()` is called once
 by each entry point (server, worker, supervisor, tools) and the resulting `Settings`
 object is passed down, so no module below reads the environment itself.
 """
@@ -33,6 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "BROKER_WORKER_USER": "",  # empty: the same login as the server
     "BROKER_WORKER_PASSWORD": "",
     "BROKER_LOGINS_FILE": "broker-logins.yaml",
+    # RabbitMQ virtual host; empty: the one `make broker` made for this QUEUE_PREFIX with its
+    # logins (`/{QUEUE_PREFIX}`, named in BROKER_LOGINS_FILE), else "/"
+    "BROKER_VHOST": "",
     "BROKER_HEARTBEAT_MS": 15000,
     "BROKER_TLS": False,
     "BROKER_TLS_CA": "",
@@ -95,6 +99,7 @@ class Settings:
     broker_worker_user: str
     broker_worker_password: str
     broker_logins_file: str
+    broker_vhost: str
     broker_heartbeat_ms: int
     broker_tls: bool
     broker_tls_ca: str
@@ -243,6 +248,14 @@ def provisioned_logins(path: Path, prefix: str) -> dict[str, str]:
     return {name: str(entry[name]) for name in LOGIN_SETTINGS if name in entry}
 
 
+def provisioned_vhost(path: Path, prefix: str) -> str:
+    """The virtual host `make broker` made for `prefix` with its logins, or "/" (an older entry)."""
+    entries = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    entry = entries.get(prefix) if isinstance(entries, dict) else None
+    vhost = entry.get("BROKER_VHOST") if isinstance(entry, dict) else None
+    return vhost if isinstance(vhost, str) and vhost else "/"
+
+
 def load(environ: dict[str, str] | None = None) -> Settings:
     """Defaults, overridden by the YAML file, overridden by the environment."""
     environ = dict(os.environ if environ is None else environ)
@@ -264,8 +277,13 @@ def load(environ: dict[str, str] | None = None) -> Settings:
             values[name] = _coerce(name, environ[name])
             explicit.add(name)
 
+    provisioned = {}
     if not explicit & set(LOGIN_SETTINGS):
-        values.update(provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]))
+        provisioned = provisioned_logins(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"])
+        values.update(provisioned)
+    if not values["BROKER_VHOST"]:
+        values["BROKER_VHOST"] = provisioned_vhost(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]) \
+            if provisioned else "/"
 
     if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
         raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")

@@ -12,15 +12,19 @@ the expensive part on two cores, so two deployments are shared module-wide (the 
   restarts the server with the VERIFY settings it needs and adds a worker that returns, for its
   first job only, a chunk that decodes cleanly with the right codec, size and frames but shows
   flat grey (`--simulate tamper`). Encoder threads are pinned, so the right output is the
-  reference byte for byte.
+  reference byte for byte. Each honest worker and the tamperer have a broker login of their own
+  (replicas vote once per login); a test that needs the tamperer to take given copies freezes
+  the honest workers until the broker has closed their connections (`honest_frozen`).
 
 The cache's least-recently-used eviction is tested directly on `ResultCache` with real files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import time
 import uuid
 from collections import defaultdict
@@ -30,15 +34,17 @@ from pathlib import Path
 from subprocess import Popen
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import harness
 from src import config
 from src.config import Settings
-from src.server.cache import ResultCache, digest, job_key
+from src.server.cache import ResultCache, Verification, digest, job_key
 from tests import video
 from tests.conftest import Cluster, delete_queues
 from tests.helpers import get, get_json, metric, request, wait_for
+from tests.test_identity import worker_logins
 from tests.test_transcode import finished, transcode, upload
 
 CHUNK_SECONDS = 0.5
@@ -322,7 +328,7 @@ def test_the_cache_evicts_least_recently_used_entries_and_stays_within_its_limit
                    if p.is_file() and not p.name.startswith("index.sqlite3"))
 
     for name in ("a", "b", "c"):
-        cache.keep_job(digests[name], "v1", {"chunk": name}, bodies[name])
+        cache.keep_job(digests[name], "v1", {"chunk": name}, bodies[name], Verification())
         time.sleep(0.01)  # distinct use times
     assert stored() == 3 * size <= limit << 20
     assert cache.job(digests["a"], {"v1"})[1] == bodies["a"]  # a is now the most recently used: b is the oldest
@@ -332,18 +338,19 @@ def test_the_cache_evicts_least_recently_used_entries_and_stays_within_its_limit
     folder.mkdir()
     merged = folder / "video.mp4"
     merged.write_bytes(os.urandom(250 * 1024))  # 1150 KB in all: one entry must go
-    cache.keep_task("task-key", folder, [merged], {"stats": {"frames": 1}})
+    cache.keep_task("task-key", folder, [merged], {"stats": {"frames": 1}}, Verification())
     assert cache.job(digests["b"], {"v1"}) is None, "the least recently used entry went first"
     assert not (tmp_path / "cache" / job_key(digests["b"], "v1")[:2] / job_key(digests["b"], "v1")).exists()
     assert cache.job(digests["a"], {"v1"}) is not None and cache.job(digests["c"], {"v1"}) is not None
     assert stored() == 3 * size - size + 250 * 1024 <= limit << 20
     restored = tmp_path / "restored"
-    assert cache.task(["task-key"], restored) == {"stats": {"frames": 1}}
+    assert cache.task(["task-key"], restored) == {"stats": {"frames": 1, "verify": {
+        "source": "cache", "passed": {"verify": "off", "psnr": None, "replicas": 1}}}}
     assert (restored / "video.mp4").read_bytes() == merged.read_bytes()
 
     # a version the result was not made with is a miss; an entry larger than the cache is not kept
     assert cache.job(digests["a"], {"v2"}) is None
-    cache.keep_job(digest("transcode", {}, b"big"), "v1", {}, os.urandom((limit << 20) + 1))
+    cache.keep_job(digest("transcode", {}, b"big"), "v1", {}, os.urandom((limit << 20) + 1), Verification())
     assert cache.job(digest("transcode", {}, b"big"), {"v1"}) is None
     assert stored() <= limit << 20
 
@@ -362,6 +369,11 @@ class Guarded:
     settings: Settings  # the server's settings before any test's overrides
     media: dict
     reference: bytes  # the fault-free output
+    logins: list[tuple[str, str]]  # the two honest workers', then the tamperer's
+
+    @property
+    def tampering_login(self) -> str:
+        return self.logins[2][0]
 
     @property
     def base(self) -> str:
@@ -379,13 +391,37 @@ class Guarded:
             worker_name(self.base, honest)
 
     def tamperer(self) -> tuple[Popen, str]:
-        """A worker that returns a flat grey chunk for its first job; on the panel when this returns."""
-        proc = self.cluster.start_worker("--simulate", "tamper", WORKER_KINDS="transcode/h264")
+        """A worker that returns a flat grey chunk for its first job; on the panel when this returns.
+        Every tamperer started shares one broker login (as many workers on one host would)."""
+        user, password = self.logins[2]
+        proc = self.cluster.start_worker("--simulate", "tamper", WORKER_KINDS="transcode/h264",
+                                         BROKER_WORKER_USER=user, BROKER_WORKER_PASSWORD=password)
         return proc, worker_name(self.base, proc)
+
+    @contextlib.contextmanager
+    def honest_frozen(self):
+        """The honest workers frozen (SIGSTOP) in the block, once the broker closed their connections
+        (no job waits in a frozen worker's socket): what is published meanwhile goes to the others."""
+        honest = self.cluster.workers[:2]
+        for proc in honest:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            jobs = f"{self.cluster.settings.queue_prefix}.jobs.transcode.h264"
+            wait_for(lambda: consumers(jobs) == 0, 60, "the broker to drop the frozen workers")
+            yield
+        finally:
+            for proc in honest:
+                proc.send_signal(signal.SIGCONT)
 
     def transcode(self) -> tuple[int, bytes]:
         task_id = transcode(self.base, self.media["media_id"], H264)
         return task_id, finished(self.base, task_id)
+
+
+def consumers(queue: str) -> int:
+    """Consumers of a queue, from the management API (as the conftest reads it)."""
+    answer = requests.get(f"http://localhost:15672/api/queues/%2F/{queue}", auth=("guest", "guest"), timeout=30)
+    return answer.json()["consumers"] if answer.status_code == 200 else -1
 
 
 @pytest.fixture(scope="module")
@@ -393,18 +429,20 @@ def guarded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("guarded")
     settings = farm_settings(folder)
     cluster = Cluster(settings, folder)
-    try:
-        cluster.start_server()
-        for _ in range(2):
-            worker_name(cluster.base, cluster.start_worker(WORKER_KINDS="transcode/h264"))
-        media = upload(cluster.base, clip(folder, 2.0))
-        reference_id = transcode(cluster.base, media["media_id"], H264)
-        reference = finished(cluster.base, reference_id)
-        assert task_of(cluster.base, reference_id)["jobs_total"] >= 3  # so that each of 3 workers gets one
-        yield Guarded(cluster, settings, media, reference)
-    finally:
-        cluster.stop()
-        delete_queues(settings.queue_prefix)
+    with worker_logins(settings, 3) as logins:
+        try:
+            cluster.start_server()
+            for user, password in logins[:2]:
+                worker_name(cluster.base, cluster.start_worker(WORKER_KINDS="transcode/h264", BROKER_WORKER_USER=user,
+                                                               BROKER_WORKER_PASSWORD=password))
+            media = upload(cluster.base, clip(folder, 2.0))
+            reference_id = transcode(cluster.base, media["media_id"], H264)
+            reference = finished(cluster.base, reference_id)
+            assert task_of(cluster.base, reference_id)["jobs_total"] >= 3  # so that each of 3 workers gets one
+            yield Guarded(cluster, settings, media, reference, logins)
+        finally:
+            cluster.stop()
+            delete_queues(settings.queue_prefix)
 
 
 def test_without_verification_a_tampered_chunk_is_accepted_and_spoils_the_output(guarded, tmp_path):
@@ -471,7 +509,7 @@ def test_with_two_replicas_a_tampered_chunk_is_outvoted_and_the_output_is_the_fa
     assert replicated.output == guarded.reference
     verify = replicated.task["stats"]["verify"]
     assert verify["replicas"] == 2
-    assert [o["worker"] for o in verify["outvoted"]] == [replicated.tamperer], verify
+    assert [o["login"] for o in verify["outvoted"]] == [guarded.tampering_login], verify
     ran: dict[int, set[str]] = defaultdict(set)
     for attempt in replicated.timeline:
         if attempt["outcome"] in ("done", "voted"):
@@ -483,3 +521,74 @@ def test_with_two_replicas_a_tampered_chunk_is_outvoted_and_the_output_is_the_fa
 
 def test_an_outvoted_result_is_counted_in_the_metrics(replicated):
     assert replicated.outvoted_metric >= 1
+
+
+# -- votes by broker login, and the cache under a stricter verification --------------------------------
+
+
+def test_one_login_announcing_two_worker_names_gets_one_vote_and_cannot_win(guarded):
+    """VERIFY_REPLICAS=3. Two tampering workers of one login take the first two copies of the first
+    job (the honest ones are frozen): by name they were 2 of 3 and won with grey frames; by login
+    they are one vote, and the job waits for the honest logins."""
+    guarded.serve(verify="off", verify_replicas=3)
+    with guarded.honest_frozen():
+        tamperers = [guarded.tamperer(), guarded.tamperer()]
+        try:
+            task_id = transcode(guarded.base, guarded.media["media_id"], H264)
+            names = {name for _, name in tamperers}
+
+            def both_answered() -> bool:
+                answered = {a["worker"] for a in get_json(f"{guarded.base}/tasks/{task_id}/timeline")
+                            if a["outcome"] in ("done", "voted")}
+                return names <= answered
+
+            wait_for(both_answered, 120, "both tamperers' first copies in")
+        except BaseException:
+            for proc, _ in tamperers:
+                stop(proc)
+            raise
+    try:
+        output = finished(guarded.base, task_id)
+        task = task_of(guarded.base, task_id)
+    finally:
+        for proc, _ in tamperers:
+            stop(proc)
+    assert output == guarded.reference, "the tampering login's two names outvoted the honest workers"
+    verify = task["stats"]["verify"]
+    assert verify["replicas"] == 3 and verify["source"] == "workers"
+    assert {o["login"] for o in verify["outvoted"]} == {guarded.tampering_login}, verify
+    assert "a second copy from the same login counts once" in guarded.cluster.log("server")
+
+
+def test_a_result_cached_without_verification_is_never_served_under_a_stricter_one(guarded):
+    """A task tampered with while VERIFY was off is cached, whole and per job; after a restart with
+    VERIFY=psnr, then with VERIFY_REPLICAS=2, neither is served; under VERIFY off again the
+    strictest run's entry is, and its stats say where it came from and what it passed."""
+    media = upload(guarded.base, clip(guarded.cluster.log_dir, 2.0))  # nothing of it cached yet
+    guarded.serve(verify="off", verify_replicas=1, cache_mb=64)
+    with guarded.honest_frozen():
+        proc, _ = guarded.tamperer()
+        try:
+            spoiled_id = transcode(guarded.base, media["media_id"], H264)
+            spoiled = finished(guarded.base, spoiled_id)
+        finally:
+            stop(proc)
+    assert task_of(guarded.base, spoiled_id)["stats"]["verify"]["passed"]["verify"] == "off"
+
+    def run(**settings) -> tuple[bytes, dict]:
+        guarded.serve(cache_mb=64, **settings)  # a restart: the cache is read back from STORAGE_DIR
+        task_id = transcode(guarded.base, media["media_id"], H264)
+        return finished(guarded.base, task_id), task_of(guarded.base, task_id)["stats"]
+
+    checked, stats = run(verify="psnr", verify_replicas=1)
+    assert stats["cache"] == {"task": False, "jobs": 0, "of": stats["cache"]["of"]}, stats["cache"]
+    assert stats["verify"]["source"] == "workers" and stats["verify"]["passed"]["verify"] == "psnr"
+    assert checked != spoiled, "the task accepted unverified was served under VERIFY=psnr"
+
+    voted, stats = run(verify="off", verify_replicas=2)
+    assert stats["cache"]["task"] is False and stats["cache"]["jobs"] == 0, stats["cache"]
+    assert stats["verify"]["passed"]["replicas"] == 2 and voted == checked
+
+    again, stats = run(verify="off", verify_replicas=1)  # the weakest setting: the strongest entry serves it
+    assert stats["cache"]["task"] is True and again == voted
+    assert stats["verify"]["source"] == "cache" and stats["verify"]["passed"]["replicas"] == 2, stats["verify"]

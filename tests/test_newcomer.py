@@ -83,5 +83,6 @@ def test_make_run_in_a_fresh_clone_serves_the_page_and_every_download(fresh_clon
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
         delete_queues(prefix)
-        # what `make broker` provisioned for this prefix (see broker-logins.yaml in the clone)
-        accounts.remove(accounts.Ctl(), prefix, [f"{prefix}-server", f"{prefix}-worker"])
+        # what `make broker` provisioned for this prefix (see broker-logins.yaml in the clone): its
+        # logins and its virtual host, the queues in it included
+        accounts.remove(accounts.Ctl(), prefix, [f"{prefix}-server", f"{prefix}-worker"], vhost=f"/{prefix}")

@@ -62,7 +62,8 @@ def attempt(settings, action) -> _Frames:
 
 
 def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_privilege):
-    s, d = least_privilege, Destinations(least_privilege.queue_prefix)
+    s = least_privilege
+    d = Destinations(s.queue_prefix, s.worker_login[0])
     job, jobs, worker_jobs = {"type": "job", "receipt": "r"}, d.jobs("separate"), d.worker_jobs("separate")
     refused = {
         "job via /queue/": lambda c: c.send(jobs, b"forged job", headers={**d.declaration(jobs), **job}),
@@ -73,7 +74,15 @@ def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_pr
                                                   headers={"type": "control", "receipt": "r"}),
         "results queue read": lambda c: c.subscribe(f"/amq/queue/{s.queue_prefix}.results", id="1",
                                                     headers={"receipt": "r"}),
-        "presence read": lambda c: c.subscribe(d.presence, id="1", headers={"receipt": "r"}),
+        "presence read": lambda c: c.subscribe(d.presence_binding, id="1", headers={"receipt": "r"}),
+        "presence read into its own queue": lambda c: c.subscribe(
+            d.presence_binding, id="1", headers={"receipt": "r", "x-queue-name": d.subscription_queue()}),
+        "a result as another login": lambda c: c.send(f"/topic/{s.queue_prefix}.results.{s.server_login[0]}", b"",
+                                                      headers={"type": "nothing", "receipt": "r"}),
+        "presence as another login": lambda c: c.send(f"/topic/{s.queue_prefix}.presence.guest", b"{}",
+                                                      headers={"receipt": "r"}),
+        "a subscription queue not of its own name": lambda c: c.subscribe(d.control, id="1",
+                                                                           headers={"receipt": "r"}),
         "dead queue write": lambda c: c.send(d.dead, b"x", headers={**d.declaration(d.dead), "receipt": "r"}),
     }
     for what, action in refused.items():
@@ -83,7 +92,8 @@ def test_a_worker_login_cannot_publish_jobs_or_control_nor_read_results(least_pr
         "result": lambda c: c.send(d.results_route, b"", headers={"type": "nothing", "receipt": "r"}),
         "presence": lambda c: c.send(d.presence, b"{}", headers={"receipt": "r"}),
         "jobs read": lambda c: c.subscribe(worker_jobs, id="1", headers={"receipt": "r", "prefetch-count": "1"}),
-        "control read": lambda c: c.subscribe(d.control, id="1", headers={"receipt": "r"}),
+        "control read": lambda c: c.subscribe(d.control, id="1",
+                                              headers={"receipt": "r", "x-queue-name": d.subscription_queue()}),
     }
     for what, action in allowed.items():
         frames = attempt(s, action)

@@ -176,7 +176,7 @@ provision() {  # $1: how to run rabbitmqctl against node 1
     echo "broker-cluster: no .venv yet (make install); logins not provisioned"; return 0
   fi
   # its declaring connection goes to the cluster, not to BROKER_HOST
-  BROKER_HOSTS="$hosts" .venv/bin/python -m src.messaging.accounts --ctl "$1"
+  BROKER_HOSTS="$hosts" .venv/bin/python -m src.messaging.accounts --ctl "$1" --worker-login "${WORKER_LOGIN:-}"
   # quorum queues replicate over the nodes that are cluster members when they are declared
   local prefix="${QUEUE_PREFIX:-karaoke}" expected="${#NODES[@]}" bad=0
   while IFS=$'\t' read -r name type members; do

@@ -22,7 +22,8 @@ provision() {
     echo "broker: rabbitmqctl cannot reach it; provision logins where it runs (python -m src.messaging.accounts)"
     return 0
   fi
-  .venv/bin/python -m src.messaging.accounts --ctl "$ctl"
+  # WORKER_LOGIN=<host>: also a worker login of that host's own (replicas vote once per login)
+  .venv/bin/python -m src.messaging.accounts --ctl "$ctl" --worker-login "${WORKER_LOGIN:-}"
 }
 
 if docker compose -f docker-compose.rabbitmq.yml ps -q rabbitmq 2>/dev/null | grep -q .; then

@@ -55,6 +55,9 @@ Role = Literal["server", "worker"]
 # none of them is read as a queue argument, a user-id or a receipt request on the way back.
 PARKED_HEADERS, PARKED_HEADER_CHARS = 64, 1000
 TRANSPORT_HEADERS = {"destination", "message-id", "subscription", "ack", "content-length", "receipt", "redelivered"}
+# A parked body is kept for a person to look at, not to replay: the first MiB of it, so that a
+# flood of refused results cannot fill the dead queue's byte cap (DEAD_QUEUE_BYTES) with a few.
+PARKED_BODY_BYTES = 1024 * 1024
 
 
 class BrokerUnavailable(RuntimeError):
@@ -113,7 +116,7 @@ class Broker:
         self.settings = settings
         self.role = role
         self.user, self.password = settings.server_login if role == "server" else settings.worker_login
-        self.destinations = Destinations(settings.queue_prefix)
+        self.destinations = Destinations(settings.queue_prefix, self.user)
         self.client_name = client_name
         self._subscriptions: list[_Subscription] = []
         self._receipts: dict[str, threading.Event] = {}
@@ -157,7 +160,7 @@ class Broker:
             auto_decode=False,
             reconnect_attempts_max=1,
             timeout=CONNECT_TIMEOUT,  # bounds the TCP connect and the TLS handshake only
-            vhost="/",  # RabbitMQ reads STOMP 1.2's host header as the virtual host
+            vhost=s.broker_vhost,  # RabbitMQ reads STOMP 1.2's host header as the virtual host
         )
         if s.broker_tls:
             # stomp.py wraps a socket in TLS only for the hosts named here: every node, or a
@@ -320,6 +323,10 @@ class Broker:
         else raise ConnectionError: a broker that refuses a subscription closes the connection,
         and connect() must see that, not the first job handled after it."""
         headers = dict(self.destinations.declaration(sub.destination))
+        if sub.destination.startswith("/topic/") and "x-queue-name" not in headers:
+            # a queue of this login's own name, not the plugin's stomp-subscription-*: each login
+            # may read only its own (src/messaging/accounts.py); a new one per subscribing
+            headers["x-queue-name"] = self.destinations.subscription_queue()
         if sub.prefetch is not None:
             # Always sent, 0 (unbounded) included: the STOMP plugin keeps one channel per
             # connection, and a subscription without the header inherits the last one's.
@@ -346,7 +353,7 @@ class Broker:
         that a closing subscription hands back as one more delivery.
         """
         jobs = [self.destinations.jobs(kind, route) for kind, route in queues]
-        for destination in (self.destinations.dead, *jobs, self.destinations.results_route):
+        for destination in (self.destinations.dead, *jobs, self.destinations.results_binding):
             self.declare(destination)
 
     def declare(self, destination: str) -> None:
@@ -390,11 +397,15 @@ class Broker:
         `acknowledge=False` for messages of an auto-ack subscription (topics), which have no ACK.
         """
         headers = {"x-refused-reason": " ".join(reason.split())[:500], "x-refused-from": source}
+        body = delivery.body
+        if len(body) > PARKED_BODY_BYTES:
+            headers["x-refused-body-bytes"] = str(len(body))  # what it was; the first MiB is kept
+            body = body[:PARKED_BODY_BYTES]
         kept = [(k, v) for k, v in delivery.headers.items() if k not in TRANSPORT_HEADERS][:PARKED_HEADERS]
         for name, value in kept:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:100]
             headers[f"original-{safe}"] = str(value)[:PARKED_HEADER_CHARS]
-        self.send(self.destinations.dead, delivery.body, headers, confirm=acknowledge)
+        self.send(self.destinations.dead, body, headers, confirm=acknowledge)
         if acknowledge:
             self.ack(delivery)
 

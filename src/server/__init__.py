@@ -23,7 +23,7 @@ from src.config import Settings
 from src.kinds import registry
 from src.messaging.broker import Broker
 from src.server import quota, views
-from src.server.cache import ResultCache
+from src.server.cache import ResultCache, Verification
 from src.server.collector import Collector
 from src.server.dashboard import Dashboard
 from src.server.events import EventHub
@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = Store(files.database)
     broker = Broker(settings, client_name=f"server-{socket.gethostname()}-{os.getpid()}")
     events, metrics = EventHub(settings.sse_max_clients), Metrics()
-    pipeline = Pipeline(settings, store, files, broker, metrics, ResultCache(files.cache, settings.cache_mb))
+    results_cache = ResultCache(files.cache, settings.cache_mb, Verification.of(settings))
+    pipeline = Pipeline(settings, store, files, broker, metrics, results_cache)
     pipeline.changed = lambda task_id: views.announce(events, pipeline, task_id)
     collector = Collector(pipeline, on_workers=lambda workers: events.publish("workers", {"workers": workers}))
     pipeline.workers_alive = collector.workers.count  # job deadlines share the work out

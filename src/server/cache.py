@@ -16,6 +16,12 @@ into task folders where the filesystem allows it (the cache and the tasks share
 STORAGE_DIR), so a hit copies nothing; outputs are always replaced by rename, never
 written in place, so a task can never change a cached file. The cache holds at most
 CACHE_MB; the least recently used entries go first. CACHE_MB=0 turns it off.
+
+Every entry remembers the verification its result passed (`Verification`: VERIFY's PSNR
+floor, VERIFY_REPLICAS' vote), and the cache serves only entries whose verification covers
+the one this server runs with: a result accepted while VERIFY was off, or by one replica, is
+never reused under VERIFY=psnr or VERIFY_REPLICAS=2, restarts included. A task served whole
+says so in its stats (`verify.source` "cache", `verify.passed`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,42 @@ CREATE TABLE IF NOT EXISTS entry (
 );
 CREATE INDEX IF NOT EXISTS entry_used ON entry(used_at);
 """
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a result passed before it was accepted: a PSNR floor against its source (VERIFY=psnr
+    with VERIFY_MIN_PSNR; None when VERIFY was off) and the replicas that agreed on it."""
+
+    psnr: float | None = None
+    replicas: int = 1
+
+    @classmethod
+    def of(cls, settings: Any) -> Verification:
+        """What this server's settings make every result pass."""
+        return cls(settings.verify_min_psnr if settings.verify == "psnr" else None, settings.verify_replicas)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Verification:
+        """From `as_dict`; anything else (an entry from before verifications were kept) is the weakest."""
+        if not isinstance(data, dict):
+            return cls()
+        psnr, replicas = data.get("psnr"), data.get("replicas")
+        return cls(float(psnr) if isinstance(psnr, int | float) and not isinstance(psnr, bool) else None,
+                   replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 0 else 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verify": "off" if self.psnr is None else "psnr", "psnr": self.psnr, "replicas": self.replicas}
+
+    def covers(self, required: Verification) -> bool:
+        """At least as strict as `required` on every count."""
+        psnr_ok = required.psnr is None or (self.psnr is not None and self.psnr >= required.psnr)
+        return psnr_ok and self.replicas >= required.replicas
+
+    def weakest(self, other: Verification) -> Verification:
+        """What both passed (a task whose jobs were accepted under different settings)."""
+        psnr = None if self.psnr is None or other.psnr is None else min(self.psnr, other.psnr)
+        return Verification(psnr, min(self.replicas, other.replicas))
 
 
 def _canonical(value: Any) -> bytes:
@@ -85,9 +128,10 @@ def _link(source: Path, target: Path) -> None:
 
 
 class ResultCache:
-    def __init__(self, root: Path, limit_mb: int):
+    def __init__(self, root: Path, limit_mb: int, required: Verification = Verification()):
         self.root = root
         self.limit = limit_mb * 1024 * 1024
+        self.required = required  # what an entry must have passed to be served
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         if self.limit > 0:
@@ -109,18 +153,24 @@ class ResultCache:
         return self.root / key[:2] / key
 
     def _hit(self, key: str, level: str) -> dict | None:
-        """The entry's meta, marked as just used; None when absent (or its files are gone)."""
+        """The entry's meta, marked as just used; None when absent, when its files are gone, or when
+        it passed a weaker verification than `required` (it stays: a weaker server may use it)."""
         if self._db is None:
             return None
         with self._lock:
             row = self._db.execute("SELECT meta FROM entry WHERE key = ? AND level = ?", (key, level)).fetchone()
             if row is None:
                 return None
+            meta = json.loads(row[0])
+            if not Verification.from_dict(meta.get("verified")).covers(self.required):
+                log.info("Cache - %s passed %s, weaker than the %s required now: not served", key[:12],
+                         meta.get("verified") or "no verification", self.required.as_dict())
+                return None
             if not self._path(key).exists():
                 self._db.execute("DELETE FROM entry WHERE key = ?", (key,))
                 return None
             self._db.execute("UPDATE entry SET used_at = ? WHERE key = ?", (time.time(), key))
-        return json.loads(row[0])
+        return meta
 
     def _added(self, key: str, level: str, size: int, meta: dict) -> None:
         with self._lock:
@@ -164,7 +214,9 @@ class ResultCache:
                     continue
         return None
 
-    def keep_job(self, job_digest: str, version: str, params: dict[str, Any], body: bytes) -> None:
+    def keep_job(self, job_digest: str, version: str, params: dict[str, Any], body: bytes,
+                 verified: Verification) -> None:
+        """Keep a job's result, with the verification it passed."""
         if self._db is None or len(body) > self.limit:
             return
         key = job_key(job_digest, version)
@@ -172,12 +224,13 @@ class ResultCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic(path) as partial:
             partial.write_bytes(body)
-        self._added(key, "job", len(body), {"params": params})
+        self._added(key, "job", len(body), {"params": params, "verified": verified.as_dict()})
 
     # -- whole tasks ----------------------------------------------------------------------
 
     def task(self, keys: list[str], folder: Path) -> dict[str, Any] | None:
-        """Restore the first cached task among `keys` into `folder`: its merged files; its facts."""
+        """Restore the first cached task among `keys` into `folder`: its merged files; its facts, whose
+        `stats.verify` says the task came from the cache and which verification it passed there."""
         for key in keys:
             meta = self._hit(key, "task")
             if meta is None:
@@ -187,11 +240,17 @@ class ResultCache:
                     _link(self._path(key) / relative, folder / relative)
             except FileNotFoundError:
                 continue
-            return meta["facts"]
+            facts = meta["facts"]
+            stats = facts.get("stats", {})
+            verify = {**stats.get("verify", {}), "source": "cache",
+                      "passed": Verification.from_dict(meta.get("verified")).as_dict()}
+            return {**facts, "stats": {**stats, "verify": verify}}
         return None
 
-    def keep_task(self, key: str, folder: Path, files: list[Path], facts: dict[str, Any]) -> None:
-        """Keep a merged task: `files` (inside `folder`) and the facts that describe them."""
+    def keep_task(self, key: str, folder: Path, files: list[Path], facts: dict[str, Any],
+                  verified: Verification) -> None:
+        """Keep a merged task: `files` (inside `folder`), the facts that describe them and the
+        verification all its jobs passed (the weakest of them)."""
         if self._db is None:
             return
         relative = [str(path.relative_to(folder)) for path in files]
@@ -204,4 +263,4 @@ class ResultCache:
             _link(path, staging / name)
         shutil.rmtree(self._path(key), ignore_errors=True)
         staging.replace(self._path(key))
-        self._added(key, "task", size, {"files": relative, "facts": facts})
+        self._added(key, "task", size, {"files": relative, "facts": facts, "verified": verified.as_dict()})

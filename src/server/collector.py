@@ -17,6 +17,13 @@ results on a merge thread so other tasks' results keep flowing. A result whose h
 itself fails (a full disk) is requeued, and parked once the results queue's delivery
 count says it was tried MAX_ATTEMPTS times. A failure report counts one failed attempt;
 the store, not the worker, decides whether the job is published again or its task fails.
+
+Every result and presence message names the broker login that sent it by its routing key
+(`{p}.results.{login}`, which only that login may publish: src/messaging/destinations.py);
+one that came any other way is refused. With VERIFY_REPLICAS a login votes once per job,
+whatever worker names it announces, so replicas defend against as many hosts as hold
+logins of their own. Each accepted result also lowers the task's `verified` fact to what
+it passed (`cache.Verification`), which the results cache keeps with the task.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ from src.messaging.schema import (
     MalformedMessage,
     PresenceMessage,
     ResultMessage,
+    clean_text,
     decode,
     reply_mismatch,
 )
 from src.server import cache
+from src.server.cache import Verification
 from src.server.pipeline import Pipeline
 from src.server.presence import WorkerRegistry
 from src.server.store import Spent
@@ -70,8 +79,8 @@ class Collector:
         # two in hand: one being stored, one arriving; a result frame can be tens of MB
         # through the results route: this subscription declares the results queue and binds
         # it to the routing key workers may publish to (destinations.py)
-        self.broker.subscribe(d.results_route, self._inbox.put, prefetch=2)
-        self.broker.subscribe(d.presence, self._on_presence, ack="auto")
+        self.broker.subscribe(d.results_binding, self._inbox.put, prefetch=2)
+        self.broker.subscribe(d.presence_binding, self._on_presence, ack="auto")
         threading.Thread(target=self._results_loop, name="results", daemon=True).start()
         threading.Thread(target=self._watch_workers, name="workers", daemon=True).start()
         for task in self.store.tasks():  # a restart may have stopped between last result and merge
@@ -115,7 +124,7 @@ class Collector:
             log.exception("Could not park a message")
 
     def _refuse(self, delivery: Delivery, reason: str) -> None:
-        log.warning("Refused a message on the results queue (%s); parked on the dead queue", reason)
+        log.warning("Refused a message on the results queue (%s); parked on the dead queue", clean_text(reason))
         self.metrics.refused_messages.inc()
         self.metrics.parked_messages.labels("results").inc()
         self.broker.park(delivery, reason, self.broker.destinations.results)
@@ -129,6 +138,10 @@ class Collector:
         return Expected(task.kind, task.id, task.token, job.attempt_tokens)
 
     def _handle(self, delivery: Delivery) -> None:
+        login = self.broker.destinations.sender(delivery.headers, "results")
+        if login is None:
+            return self._refuse(delivery, "not sent on a worker login's own results route: no broker login vouches "
+                                          "for it")
         try:
             message = decode(delivery.headers, delivery.body)
         except MalformedMessage as exc:
@@ -137,6 +150,8 @@ class Collector:
             return self._refuse(delivery, f"a {type(message).__name__} does not belong on the results queue")
         expected = self._expected(message)
         problem = expected if isinstance(expected, str) else reply_mismatch(message, expected)
+        if problem is None and self.workers.login_of(message.worker) not in (None, login):
+            problem = f"Worker[{message.worker}] belongs to another broker login than the sender's"
         if problem is not None:
             return self._refuse(delivery, problem)
         job = self.store.job(message.job_id)
@@ -155,7 +170,7 @@ class Collector:
             refused = kind.check(view, job_view, message.params, message.payload)
             if refused is not None:
                 log.warning("JobDoneMsg[%d] - from Worker[%s] refused by the %s check: %s", job.id, message.worker,
-                            task.kind, refused)
+                            task.kind, clean_text(refused))
                 self.metrics.results_refused.inc()
                 return self._failed(delivery, task, job, message.worker, message.attempt_token,
                                     f"result refused: {refused}")
@@ -163,7 +178,7 @@ class Collector:
             log.warning("JobFailedMsg[%d] - on Worker[%s]: %s", job.id, message.worker, message.error)
             return self._failed(delivery, task, job, message.worker, message.attempt_token, message.error)
 
-        if self.settings.verify_replicas > 1 and not self._majority(task, job, message):
+        if self.settings.verify_replicas > 1 and not self._majority(task, job, message, login):
             return self.broker.ack(delivery)  # this copy is counted; the job waits for more votes
 
         kind.keep(view, job_view, message.params, message.payload)
@@ -174,8 +189,10 @@ class Collector:
         if not applied:
             self.metrics.duplicate_results.inc()
             return
+        passed = Verification.of(self.settings)
+        self._passed(task.id, passed)
         if job.digest:
-            self.p.cache.keep_job(job.digest, message.version, message.params, message.payload)
+            self.p.cache.keep_job(job.digest, message.version, message.params, message.payload, passed)
         self.metrics.jobs_done.inc()
         self.metrics.jobs_accepted.labels(task.kind).inc()
         self.metrics.job_seconds.observe(message.compute_ms / 1000)
@@ -202,24 +219,34 @@ class Collector:
         if done == total and task.state == "running":
             self._merger.submit(self._merge, task.id)
 
-    def _majority(self, task, job, message: ResultMessage) -> bool:
+    def _passed(self, task_id: int, passed: Verification) -> None:
+        """A result of the task was accepted under `passed`: the task's `verified` fact becomes the
+        weakest verification any of its results passed (settings may change across a restart)."""
+        task = self.store.task(task_id)
+        before = task.facts.get("verified") if task is not None else None
+        now = passed if before is None else Verification.from_dict(before).weakest(passed)
+        if task is not None and now.as_dict() != before:
+            self.store.update_facts(task_id, {"verified": now.as_dict()})
+
+    def _majority(self, task, job, message: ResultMessage, login: str) -> bool:
         """VERIFY_REPLICAS: count this copy's checksum; True once a majority of the replicas agree
         on it. A copy that decides nothing is settled, and once every copy is in without a
-        majority, one more is published (a worker votes once per job)."""
+        majority, one more is published. A broker login votes once per job, whatever worker
+        names it announces: one host that runs (or pretends to run) many workers is one vote."""
         replicas = self.settings.verify_replicas
         # the body alone: a result's params may hold figures of the run (faceblur's milliseconds
         # per frame) that differ between honest workers; the kind's check already held them to the plan
         checksum = hashlib.sha256(message.payload).hexdigest()
-        repeated = self.store.voted(job.id, message.worker)
-        tally = self.store.vote(job.id, message.worker, checksum)
+        repeated = self.store.voted(job.id, login)
+        tally = self.store.vote(job.id, login, checksum)
         if not repeated and tally[checksum] >= replicas // 2 + 1:
             outvoted = sum(count for other, count in tally.items() if other != checksum)
             self.metrics.results_outvoted.inc(outvoted)
             log.info("JobDoneMsg[%d] - %d of %d replicas agree%s", job.id, tally[checksum], replicas,
                      f"; {outvoted} outvoted" if outvoted else "")
             return True
-        log.info("JobDoneMsg[%d] - from Worker[%s]: %s (votes %s)", job.id, message.worker,
-                 "a second copy from the same worker counts once" if repeated else "no majority yet",
+        log.info("JobDoneMsg[%d] - from Worker[%s] (login %s): %s (votes %s)", job.id, message.worker, login,
+                 "a second copy from the same login counts once" if repeated else "no majority yet",
                  sorted(tally.values(), reverse=True))
         # a copy from a worker that already voted costs the job none of its attempts: it only
         # took longer for another worker to be free
@@ -227,7 +254,7 @@ class Collector:
                                         replicas + self.settings.max_attempts, counts=not repeated)
         if verdict == "failed" and self.store.mark_failed(
                 task.id, f"job {job.id} (chunk {job.chunk}): no {replicas // 2 + 1} of {replicas} replicas agree "
-                f"after {job.publications} copies"):
+                f"after {job.publications} copies (a broker login votes once: replicas need as many worker logins)"):
             self.metrics.task_ended(self.store, task.id)
             self.p.changed(task.id)
         elif verdict == "retry":
@@ -289,9 +316,18 @@ class Collector:
         if stats.get("frames"):
             energy["joules_per_frame"] = round(spent["joules"] / stats["frames"], 6)
         costs = {"energy": energy, "cache": {"task": False, "jobs": spent["cached"], "of": spent["jobs"]},
-                 "broker_bytes": {"jobs": spent["job_bytes"], "results": spent["result_bytes"]}}
-        if self.settings.verify_replicas > 1:
-            costs["verify"] = {"replicas": self.settings.verify_replicas, "outvoted": self.store.outvoted(task_id)}
+                 "broker_bytes": {"jobs": spent["job_bytes"], "results": spent["result_bytes"]},
+                 # the software, device class and precision every job ran with (None: not one)
+                 "software": spent["version"]}
+        # what the results passed, truthfully: the weakest of its jobs' (a job served from the cache
+        # passed at least what this server requires, or the cache would not have served it)
+        task = self.store.task(task_id)
+        passed = task.facts.get("verified") if task is not None else None
+        costs["verify"] = {"replicas": self.settings.verify_replicas, "source": "workers",
+                           "passed": passed or Verification.of(self.settings).as_dict(),
+                           # the vote is per broker login (the store's `worker` column holds it)
+                           "outvoted": [{"job_id": o["job_id"], "login": o["worker"]}
+                                        for o in self.store.outvoted(task_id)]}
         return costs
 
     def _keep_task(self, task, kind, view) -> None:
@@ -303,7 +339,9 @@ class Collector:
         try:
             key = cache.task_key(task.kind, media.probe["sha256"], task.params, version)
             facts = {k: v for k, v in task.facts.items() if k not in ("waiting",)}
-            self.p.cache.keep_task(key, view.folder, kind.merged_files(view), facts)
+            passed = task.facts.get("verified")
+            verified = Verification.from_dict(passed) if passed else Verification.of(self.settings)
+            self.p.cache.keep_task(key, view.folder, kind.merged_files(view), facts, verified)
         except OSError:
             log.exception("Task[%d] - could not keep it in the results cache", task.id)
 
@@ -312,10 +350,14 @@ class Collector:
     def _on_presence(self, delivery: Delivery) -> None:
         """Presence runs on the broker's receiver thread: it must never raise nor block."""
         try:
+            login = self.broker.destinations.sender(delivery.headers, "presence")
+            if login is None:
+                raise MalformedMessage("not sent on a worker login's own presence route: no broker login vouches "
+                                       "for it")
             message = decode(delivery.headers, delivery.body)
             if not isinstance(message, PresenceMessage):
                 raise MalformedMessage(f"a {type(message).__name__} does not belong on the presence topic")
-            problem = self.workers.update(message)
+            problem = self.workers.update(message, login)
         except MalformedMessage as exc:
             problem = str(exc)
         except Exception as exc:  # a bug must not stop the receiver thread
@@ -327,9 +369,10 @@ class Collector:
         self.metrics.refused_messages.inc()
         self.presence_refused += 1
         if self.presence_refused <= 20 or self.presence_refused % 1000 == 0:  # logged, not flooded
-            log.warning("Refused presence message #%d (%s); parked on the dead queue", self.presence_refused, problem)
+            log.warning("Refused presence message #%d (%s); parked on the dead queue", self.presence_refused,
+                        clean_text(problem))
         try:
-            self.broker.park(delivery, problem, self.broker.destinations.presence, acknowledge=False)
+            self.broker.park(delivery, problem, self.broker.destinations.presence_binding, acknowledge=False)
         except Exception:
             log.debug("could not park a presence message", exc_info=True)
 

@@ -9,13 +9,19 @@ still shows it, offline, for OFFLINE_SECONDS (a worker that comes back, a frozen
 resumed, is live again). One that says it is leaving is simply removed.
 
 Presence is data from the network, not code: the schema has already checked every field
-(types, ranges, finite numbers) before a message gets here, and the registry is bounded:
-at most MAX_WORKERS entries, and per worker a token bucket of PRESENCE_BURST messages
-refilled at PRESENCE_RATE per second (a worker sends one per heart-beat and two per
-job). What exceeds either is dropped and counted. A worker is bound to the random
-`session` of its first message; only the server's login may read the presence topic, so
-another worker cannot learn it, and a message naming the worker with another session (a
-forged "leaving" or "busy") is refused.
+(types, ranges, finite numbers) before a message gets here, and the registry is bounded
+per broker login first (the login the broker vouches for, from the routing key a message
+came with: src/messaging/destinations.py), names second. A login's first worker always
+gets a slot (up to MAX_LOGINS logins); its further workers only while the registry holds
+fewer than MAX_WORKERS and the login fewer than MAX_NAMES_PER_LOGIN. So one login that
+floods forged names fills at most its own share and cannot keep another login's workers
+out; what is dropped for room is counted, and `full()` names the logins turned away lately
+(/health says so). Per worker, a token bucket of PRESENCE_BURST messages refilled at
+PRESENCE_RATE per second (a worker sends one per heart-beat and two per job). A worker name
+is bound to the login and the random `session` of its first message; only the server's
+login may read the presence topic and its own subscription queue, so no worker can learn
+another's session, and a message naming the worker from another login or session (a forged
+"leaving" or "busy") is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from dataclasses import dataclass, field
 from src.messaging.schema import PresenceMessage
 
 MAX_WORKERS = 256
+MAX_NAMES_PER_LOGIN = 128  # workers of one login (one host's, or all hosts' sharing the default login)
+MAX_LOGINS = 256
 PRESENCE_RATE = 5.0  # messages per second, sustained
 PRESENCE_BURST = 20.0
 OFFLINE_SECONDS = 600.0  # how long an offline worker stays on the dashboard
@@ -37,6 +45,7 @@ HISTORY_POINTS = 60  # per worker (sent_at, CPU %, memory bytes): the dashboard'
 
 @dataclass
 class _Entry:
+    login: str
     presence: PresenceMessage
     seen: float
     tokens: float
@@ -54,19 +63,49 @@ class WorkerRegistry:
         self._on_job_started = on_job_started
         self._on_worker_gone = on_worker_gone
         self._on_dropped = on_dropped
+        self._turned_away: dict[str, float] = {}  # login -> when a worker of it last found no room
 
-    def update(self, presence: PresenceMessage) -> str | None:
-        """Apply a valid presence message; the reason if it is refused (None when applied or dropped)."""
+    def _room(self, login: str, now: float) -> bool:
+        """Whether a new worker of `login` gets a slot (lock held); remembers the login if not."""
+        names = sum(1 for e in self._workers.values() if e.login == login)
+        if names == 0:
+            logins = len({e.login for e in self._workers.values()})
+            room = logins < MAX_LOGINS
+        else:
+            room = names < MAX_NAMES_PER_LOGIN and len(self._workers) < MAX_WORKERS
+        if not room:
+            self._turned_away[login] = now
+        return room
+
+    def full(self) -> list[str]:
+        """The logins whose new workers found no room in the last two heart-beat intervals."""
+        since = time.time() - 2 * self.expiry_seconds
+        with self._lock:
+            for login in [name for name, at in self._turned_away.items() if at < since]:
+                del self._turned_away[login]
+            return sorted(self._turned_away)
+
+    def login_of(self, worker: str) -> str | None:
+        """The login a live worker's name is bound to."""
+        with self._lock:
+            entry = self._workers.get(worker)
+            return entry.login if entry is not None else None
+
+    def update(self, presence: PresenceMessage, login: str = "") -> str | None:
+        """Apply a valid presence message that `login` sent; the reason if it is refused (None when
+        applied or dropped). The collector always names the login; "" is one login like any other."""
         now = time.time()
         with self._lock:
             offline = self._offline.get(presence.worker)
-            if offline is not None and offline[0].presence.session == presence.session:  # a frozen process resumed
-                del self._offline[presence.worker]
+            if offline is not None and (offline[0].login, offline[0].presence.session) == (login, presence.session):
+                del self._offline[presence.worker]  # a frozen process resumed
                 self._workers[presence.worker] = offline[0]
             entry = self._workers.get(presence.worker)
+            if entry is not None and entry.login != login:
+                return f"presence for Worker[{presence.worker}] from another broker login than the worker's"
             if entry is not None and entry.presence.session != presence.session:
                 return f"presence for Worker[{presence.worker}] from another session than the worker's"
-            if entry is None and (presence.state == "leaving" or len(self._workers) >= MAX_WORKERS):
+            if entry is None and (presence.state == "leaving" or not self._room(login, now)):
                 if presence.state != "leaving":
                     self._on_dropped()
                 return None
@@ -81,7 +120,7 @@ class WorkerRegistry:
                 del self._workers[presence.worker]
             else:
                 if entry is None:
-                    entry = self._workers[presence.worker] = _Entry(presence, now, PRESENCE_BURST, now)
+                    entry = self._workers[presence.worker] = _Entry(login, presence, now, PRESENCE_BURST, now)
                 entry.presence, entry.seen, entry.tokens = presence, now, entry.tokens - 1
                 entry.history.append((presence.sent_at, presence.cpu_percent, presence.memory_bytes))
         new_job = presence.job_id is not None and (previous is None or previous.job_id != presence.job_id)

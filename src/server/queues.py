@@ -8,7 +8,9 @@ broker never delays a request), keeps the deployment's queues (its QUEUE_PREFIX)
 answers the last snapshot. It logs in with the server's broker login, which `make broker`
 tags `management` (the API of the virtual hosts it may use, nothing more); the login never
 leaves the server: the dashboard gets the figures, not the credentials. With several
-URLs (a cluster's nodes) it tries them in order and stays on the first that answers.
+URLs (a cluster's nodes) it tries them in order and stays on the first that answers. A URL
+may carry its own login (`http://user:password@host:15672`); it is taken out of the URL before
+use, so what the dashboard shows (the source, an error) never holds a password.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
@@ -33,15 +35,27 @@ COLUMNS = ",".join((
 ))
 
 
+def without_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """The URL with any user and password taken out, and that login (None when it had none)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), (parts.username or "", parts.password or "")
+
+
 def _rate(stats: dict, name: str) -> float:
     return round(float((stats.get(f"{name}_details") or {}).get("rate", 0.0)), 3)
 
 
 class QueueMonitor:
     def __init__(self, settings: Settings):
-        self.urls = settings.management_urls
-        self.login = settings.server_login
+        # [(shown url, login)]: a URL's own login, else the server's broker login
+        self.urls = [(shown, own or settings.server_login)
+                     for shown, own in map(without_credentials, settings.management_urls)]
         self.prefix = settings.queue_prefix
+        self.vhost = settings.broker_vhost  # the deployment's own: its login sees no other (make broker)
         self._session = requests.Session()
         self._snapshot: dict = {"source": None, "error": "not read yet", "updated_at": None, "queues": []}
         self._lock = threading.Lock()
@@ -68,9 +82,10 @@ class QueueMonitor:
     def poll(self) -> dict:
         """Read the queues once (from the first URL that answers) and keep the result."""
         errors = []
-        for url in list(self.urls):
+        for entry in list(self.urls):
+            url, login = entry
             try:
-                response = self._session.get(f"{url}/api/queues/{quote('/', safe='')}", auth=self.login,
+                response = self._session.get(f"{url}/api/queues/{quote(self.vhost, safe='')}", auth=login,
                                              params={"columns": COLUMNS}, timeout=TIMEOUT_SECONDS)
                 if response.status_code == 401:
                     raise RuntimeError("the broker refused the server's login (401): it needs the 'management' "
@@ -80,9 +95,9 @@ class QueueMonitor:
             except (requests.RequestException, RuntimeError, ValueError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue
-            if url != self.urls[0]:  # stay on the node that answers
-                self.urls.remove(url)
-                self.urls.insert(0, url)
+            if entry != self.urls[0]:  # stay on the node that answers
+                self.urls.remove(entry)
+                self.urls.insert(0, entry)
             snapshot = {"source": url, "error": None, "updated_at": time.time(),
                         "queues": sorted(queues, key=lambda q: q["name"])}
             break

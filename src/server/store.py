@@ -22,6 +22,7 @@ its deadline is published again too.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from src.kinds.base import Planned
+
+# An absolute file path of two or more components (not a URL's "//host/..."): a task's or a job's
+# error is shown through the API, and a server path there tells a client how this host is laid
+# out and whether a file it named exists. The server's log keeps the whole text.
+ABSOLUTE_PATH = re.compile(r"(?<![\w./~-])(?:/[^\s'\"/,;()\[\]]+){2,}")
+
+
+def without_paths(error: str) -> str:
+    """`error` with each absolute path cut to its last component ("…/name")."""
+    return ABSOLUTE_PATH.sub(lambda match: "…/" + match.group(0).rsplit("/", 1)[1], error)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS media (
@@ -343,7 +354,8 @@ class Store:
         with self._tx() as db:
             return db.execute(
                 "UPDATE task SET state = 'failed', error = ?, finished_at = ? WHERE id = ? "
-                "AND state NOT IN ('done', 'failed', 'cancelled')", (error, time.time(), task_id)).rowcount == 1
+                "AND state NOT IN ('done', 'failed', 'cancelled')",
+                (without_paths(error), time.time(), task_id)).rowcount == 1
 
     def mark_cancelled(self, task_id: int) -> bool:
         with self._tx() as db:
@@ -469,7 +481,7 @@ class Store:
         'wait': another copy of the job is still outstanding (a deadline re-publication).
         """
         return self._close(job_id, worker, token, "failed", max_attempts, "error = ?, failures = failures + 1",
-                           (error,))
+                           (without_paths(error),))
 
     def _close(self, job_id: int, worker: str, token: str, outcome: str, max_publications: int, change: str,
                args: tuple) -> str:

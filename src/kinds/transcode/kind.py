@@ -25,7 +25,7 @@ CONTAINERS = ("mp4", "mkv", "webm")
 DEFAULT_CONTAINER = {"h264": "mp4", "hevc": "mp4", "vp9": "webm", "av1": "webm"}
 WEBM_CODECS = ("vp9", "av1")
 HEIGHT_RANGE = (16, 4320)
-BITRATE = re.compile(r"^([1-9][0-9]*)(k|M)?$")
+BITRATE = re.compile(r"([1-9][0-9]*)(k|M)?")  # fullmatch: "$" would also match before a final newline
 BITRATE_RANGE = (16_000, 200_000_000)  # bits/s
 THREADS = 1  # encoder threads per job: pinned so every worker's bytes are the same
 MAX_RESULT_BYTES = 64 * 1024 * 1024  # bodies travel base64-encoded: refuse a chunk too big to send
@@ -128,7 +128,7 @@ class TranscodeKind:
     def _bitrate(value: Any) -> str:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        match = BITRATE.match(value) if isinstance(value, str) else None
+        match = BITRATE.fullmatch(value) if isinstance(value, str) else None
         if not match:
             raise BadParams(f"bitrate must look like '2500k' or '4M', got {value!r}")
         bits = int(match.group(1)) * {None: 1, "k": 1000, "M": 1_000_000}[match.group(2)]

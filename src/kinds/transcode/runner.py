@@ -19,8 +19,8 @@ from src.kinds.transcode import encode, tools
 
 MAX_BODY = 64 * 1024 * 1024  # a piece the planner keeps under 48 MB, plus headroom
 MAX_FRAMES = 1_000_000
-BITRATE = re.compile(r"^[1-9][0-9]{0,8}[kM]?$")
-FPS = re.compile(r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
+BITRATE = re.compile(r"[1-9][0-9]{0,8}[kM]?")  # fullmatch: "$" also matches before a final newline
+FPS = re.compile(r"[1-9][0-9]{0,8}/[1-9][0-9]{0,8}")
 ECHOED = ("codec", "frames", "start", "end", "width", "height")
 
 
@@ -44,7 +44,7 @@ def piece_problem(params: dict[str, Any], body: bytes, max_frames: int = MAX_FRA
     """Why a video job's frames, rate, size or source piece are unusable: the checks every kind
     whose jobs are runs of frames of a piece shares."""
     fps = params.get("fps")
-    if not (isinstance(fps, str) and FPS.match(fps) and Fraction(fps) <= 1000):
+    if not (isinstance(fps, str) and FPS.fullmatch(fps) and Fraction(fps) <= 1000):
         return f"fps must be a fraction like '30000/1001', at most 1000, got {fps!r}"
     for name, low, high in (("threads", 1, 64), ("width", min_side, 8192), ("height", min_side, 4320),
                             ("skip", 0, MAX_FRAMES), ("frames", 1, max_frames),
@@ -85,7 +85,7 @@ class Runner:
             return "exactly one of crf and bitrate must be set"
         if crf is not None and (reason := integer_problem(params, "crf", *encode.CRF_RANGE[codec])):
             return reason
-        if bitrate is not None and not (isinstance(bitrate, str) and BITRATE.match(bitrate)):
+        if bitrate is not None and not (isinstance(bitrate, str) and BITRATE.fullmatch(bitrate)):
             return f"bitrate must look like '2500k', got {bitrate!r}"
         if params.get("preset") not in encode.PRESETS:
             return f"preset must be one of {', '.join(encode.PRESETS)}"

@@ -6,6 +6,7 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from src.server.api.security import operator_only
+from src.server.presence import MAX_NAMES_PER_LOGIN
 from src.server.services import services
 
 bp = Blueprint("operator", __name__)
@@ -41,9 +42,13 @@ def health():
         reasons.append("no worker is alive: the jobs queue has no consumer")
     elif alive < configured:
         reasons.append(f"{alive} of {configured} configured workers alive")
+    turned_away = s.collector.workers.full()
+    if turned_away:
+        reasons.append(f"the worker registry is full: new workers of broker login(s) {', '.join(turned_away[:10])} "
+                       f"found no room (each login holds at most {MAX_NAMES_PER_LOGIN})")
     body = {"status": "degraded" if reasons else "ok", "reasons": reasons, "broker": broker_ok,
             "workers": alive, "workers_configured": configured, "model": s.settings.model,
-            "broker_node": s.broker.node}
+            "broker_node": s.broker.node, "registry_full": turned_away}
     return jsonify(body), 200 if broker_ok else 503
 
 

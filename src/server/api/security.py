@@ -33,7 +33,7 @@ from src.config import Settings
 from src.server.api.errors import ApiError
 
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
-LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$")
+LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?$")
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -71,7 +71,7 @@ def _origin_allowed(origin: str, allowed: list[str | re.Pattern]) -> bool:
     own = f"{request.scheme}://{request.host}"
     if origin == own:
         return True
-    return any(o.match(origin) if isinstance(o, re.Pattern) else o == origin for o in allowed)
+    return any(o.fullmatch(origin) if isinstance(o, re.Pattern) else o == origin for o in allowed)
 
 
 def install(app: Flask, settings: Settings) -> None:

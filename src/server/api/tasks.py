@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request, send_file
 
 from src.kinds.base import BadParams, NotApplicable
+from src.messaging.schema import MAX_ID
 from src.server.api.errors import ApiError
 from src.server.api.jsonbody import read_json
 from src.server.orchestrator import NotFound
@@ -33,6 +34,8 @@ def _body() -> dict:
     media_id = body.get("media_id")
     if not isinstance(media_id, int) or isinstance(media_id, bool) or media_id < 1:
         raise ApiError(400, "media_id must be a positive integer")
+    if media_id > MAX_ID:  # SQLite's INTEGER cannot hold it (an OverflowError there), so no medium has it
+        raise ApiError(404, f"no media with id {media_id}")
     if not isinstance(body.get("params", {}), dict):
         raise ApiError(400, "params must be a JSON object")
     return body
