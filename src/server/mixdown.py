@@ -56,6 +56,24 @@ class Song:
 
 ORIGINAL = "original"
 PEAK_POINTS = 800
+# Key-shifted renderings kept per song (each about the song's size), the least recently used
+# evicted: without a cap, 6 sources x 3 formats x 24 keys could be cached for every song.
+MAX_KEY_RENDERINGS = 12
+
+
+def _used(song: Song, target: Path) -> None:
+    """Mark a key-shifted rendering used now; evict the least recently used beyond MAX_KEY_RENDERINGS."""
+    target.touch()
+    shifted = [p for folder in (song.folder, song.folder / "stems") for p in folder.glob("[!.]*.st[+-]*")]
+    for old in sorted(shifted, key=_last_used, reverse=True)[MAX_KEY_RENDERINGS:]:
+        old.unlink(missing_ok=True)
+
+
+def _last_used(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # evicted by another request meanwhile
+        return 0
 
 
 def _forget_renderings(song: Song) -> None:
@@ -111,6 +129,8 @@ def rendering(song: Song, source: str | None, fmt: str, semitones: int = 0) -> P
         with atomic(target) as temporary:
             audio.render(_raw(song, source), temporary, song.samplerate, song.channels, fmt,
                          audio.Tags(song.name, song.band, held), semitones=semitones)
+    if semitones:
+        _used(song, target)
     return target
 
 

@@ -57,12 +57,21 @@ def _tracks(task: Task) -> dict[int, str]:
     return dict(tracks(services().store, task))
 
 
+def _decoded_bytes(media) -> int:
+    """What the song's decoding writes at once (float32 at the model's rate and channels): it counts
+    against STORAGE_MAX_GB before it is made (a 1.3 MB FLAC of silence decodes to 2.4 GB)."""
+    s = services()
+    spec = s.pipeline.kind(SEPARATE).spec
+    seconds = min(media.duration or 0.0, s.settings.max_duration_s)
+    return int(seconds * spec.samplerate + 1) * spec.channels * 4
+
+
 @bp.post("/music")
 def upload():
     """A song: the upload as a medium, and a `separate` task of it that waits for its selection
     (decoding starts now, so processing starts as soon as it is asked for)."""
     s = services()
-    media = receive_media()
+    media = receive_media(decoded_bytes=_decoded_bytes)
     try:
         task = s.orchestrator.create_task(SEPARATE, media.id, {}, run=False)
     except NotApplicable as exc:
@@ -164,10 +173,30 @@ def _send(path: Path, music: mixdown.Song, label: str, fmt: str, temporary: bool
                      as_attachment=request.args.get("download") == "1", max_age=0)
 
 
+def _same_origin_only(what: str) -> None:
+    """403 unless the request comes from this server's own pages (or a client that is no browser).
+
+    A rendering costs CPU and disk: a page on another site could otherwise have every song
+    rendered in every key by an `<audio src>` it never plays. Browsers say where a request
+    comes from (`Sec-Fetch-Site`; `Origin` on fetches): anything but our own origin, a
+    CORS_ORIGINS page, or a request the user typed ("none") is refused. Scripts and
+    command-line clients send neither header and are not affected.
+    """
+    origin = request.headers.get("Origin")
+    own = f"{request.scheme}://{request.host}"
+    allowed = {own, *(o.strip() for o in services().settings.cors_origins.split(",") if o.strip())}
+    if origin is not None and origin not in allowed:
+        raise ApiError(403, f"{what} is rendered only for this server's own pages, not for {origin[:100]!r}")
+    if origin is None and request.headers.get("Sec-Fetch-Site") not in (None, "same-origin", "none"):
+        raise ApiError(403, f"{what} is rendered only for this server's own pages, not for another site's")
+
+
 def _download(music_id: int, source: str | None, label: str):
+    semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
+    if semitones:
+        _same_origin_only("a key-shifted download")
     music = _finished(music_id)
     fmt = _format()
-    semitones = _number("semitones", 0, *SEMITONE_RANGE, kind=int)
     path = mixdown.rendering(music, source, fmt, semitones)
     return _send(path, music, label + (f" {semitones:+d} st" if semitones else ""), fmt)
 
@@ -194,6 +223,7 @@ def original(music_id: int):
 def stream(music_id: int, name: str):
     """A stem (by name) or the original as a WAV made on the fly, with Range: what the page plays
     (the page shifts the key itself, in real time)."""
+    _same_origin_only("a stem's stream")
     music = _finished(music_id)
     if name not in set(_tracks(_music_or_404(music_id)).values()) | {mixdown.ORIGINAL}:
         raise ApiError(404, f"music {music_id} has no stem named {name[:40]!r}")
@@ -213,6 +243,7 @@ def listening_mix(music_id: int):
     The file is named by its instruments ("drums+bass+other") and tagged with them; the
     song's saved selection, mix and times are not touched.
     """
+    _same_origin_only("a mix")
     music = _finished(music_id)
     fmt = _format()
     names = _tracks(_music_or_404(music_id))
