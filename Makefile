@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run install broker broker-cluster server workers test lint bench capture clean
+.PHONY: run install broker broker-cluster server workers test lint bench capture clean images stack
 
 run: install broker                ## everything: install, broker, workers and server
 	@tools/run.sh
@@ -25,6 +25,12 @@ broker:                            ## RabbitMQ with STOMP on BROKER_PORT
 
 broker-cluster:                    ## three clustered RabbitMQ nodes (STOMP 61621-61623); prints BROKER_HOSTS
 	@tools/broker-cluster.sh
+
+images:                            ## container images of the server and the workers, without a registry
+	@tools/images.sh
+
+stack:                             ## the compose stack from those images; `docker compose down` stops it
+	@tools/stack.sh
 
 server: install                    ## HTTP API and web page, foreground
 	$(PY) -m src.server

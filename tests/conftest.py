@@ -37,6 +37,12 @@ from tests.helpers import services_of, wait_for
 # Every answer the tests get from a server is checked against the OpenAPI document (see that module).
 pytest_plugins = ("tests.openapi_check",)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `-m "not containers"` leaves out the test that builds images and starts the compose stack
+    config.addinivalue_line("markers", "containers: builds the container images and runs the compose stack")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -9,9 +9,9 @@
 #                                       own logins and queues need none; it takes ~15 s)
 #   tools/broker-cluster.sh stop [N..]  stop the nodes (all three, or nodes N of 1 2 3)
 #
-# Docker compose (docker-compose.rabbitmq-cluster.yml) where a Docker engine answers and
-# BROKER_CLUSTER_LOCAL is not 1; otherwise local rabbitmq-server nodes, as root (the Debian
-# wrappers run them as the rabbitmq user):
+# Docker compose (docker-compose.rabbitmq-cluster.yml) where a Docker engine, a compose command and
+# the rabbitmq:3.13-management image are here and BROKER_CLUSTER_LOCAL is not 1; otherwise local
+# rabbitmq-server nodes, as root (the Debian wrappers run them as the rabbitmq user):
 #
 #   node            STOMP   management  AMQP  Erlang distribution
 #   rabbit-1@<host> 61621   15621       5621  25621
@@ -33,7 +33,13 @@ cd "$(dirname "$0")/.."
 
 short="$(hostname -s)"
 base="${BROKER_CLUSTER_DIR:-/var/lib/rabbitmq-cluster}"
-compose="docker compose -f docker-compose.rabbitmq-cluster.yml"
+# `docker compose`, else the v1 `docker-compose` (Debian's docker.io has no compose plugin)
+if docker compose version >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then
+  compose="docker compose -f docker-compose.rabbitmq-cluster.yml"
+else
+  compose="docker-compose -f docker-compose.rabbitmq-cluster.yml"
+fi
+compose_image=rabbitmq:3.13-management
 NODES=(1 2 3)
 
 node_name() { echo "rabbit-$1@$short"; }
@@ -51,8 +57,19 @@ wait_for_stomp() {
   echo "broker-cluster: STOMP port $(stomp_port "$1") of node $1 did not open" >&2; return 1
 }
 
-use_docker() {
-  [ "${BROKER_CLUSTER_LOCAL:-0}" != 1 ] && command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1
+use_docker() {  # compose only where an engine, a compose command and the image are here; says why not
+  [ "${BROKER_CLUSTER_LOCAL:-0}" != 1 ] || return 1
+  local reason=""
+  if ! command -v docker >/dev/null 2>&1; then reason="docker is not installed"
+  elif ! docker info >/dev/null 2>&1; then reason="no Docker engine answers (docker info failed)"
+  elif ! ${compose%% -f*} version >/dev/null 2>&1; then reason="neither \`docker compose\` nor \`docker-compose\` is installed"
+  elif ! docker image inspect "$compose_image" >/dev/null 2>&1 \
+       && ! timeout 300 docker pull -q "$compose_image" >/dev/null 2>&1; then
+    reason="the image $compose_image is not here and cannot be pulled"
+  fi
+  [ -z "$reason" ] && return 0
+  echo "broker-cluster: not with docker compose: $reason; local rabbitmq-server nodes instead"
+  return 1
 }
 docker_running() { $compose ps -q rabbit-1 2>/dev/null | grep -q .; }
 
