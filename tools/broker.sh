@@ -3,8 +3,8 @@
 # API on 15672 gives the dashboard queue depths and rates). Starts nothing if STOMP already answers.
 # Docker compose where a Docker engine, a compose command and the rabbitmq image are here,
 # otherwise a local rabbitmq-server (installed from Debian's packages when missing), saying why.
-# Then, in every case, provisions the deployment's least-privilege logins, policies and queues (src/messaging/accounts.py) where rabbitmqctl
-# reaches the broker.
+# Then, in every case, provisions the deployment's least-privilege logins, policies and queues
+# (src/messaging/accounts.py) where rabbitmqctl reaches the broker.
 set -euo pipefail
 if [ -n "${BROKER_HOSTS:-}" ]; then
   # a single node on BROKER_PORT would be provisioned, then the declaring connection to the
