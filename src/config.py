@@ -59,7 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "WORKER_THREADS": 0,
     "WORKER_PREFETCH": 1,
     "WORKER_SLOWDOWN": 1.0,
-    "DEVICE": "auto",
+    "DEVICE": "auto",  # auto | cpu | cuda | cuda:N,cuda:M (see workers_layout)
+    # separation: model segments fed to demucs at once; auto: from free device memory (1 on a CPU)
+    "SEGMENT_BATCH": "auto",
+    "PRECISION": "fp32",  # separation on a GPU: fp32 (TF32 off) | tf32 | bf16 (autocast)
+    "WORKERS_PER_GPU": 1,
     "MAX_UPLOAD_MB": 200,
     "MAX_DURATION_S": 7200.0,
     "MAX_CHANNELS": 8,
@@ -123,6 +127,9 @@ class Settings:
     worker_prefetch: int
     worker_slowdown: float
     device: str
+    segment_batch: str
+    precision: str
+    workers_per_gpu: int
     max_upload_mb: int
     max_duration_s: float
     max_channels: int
@@ -201,6 +208,18 @@ class Settings:
                 value = int(value)
             env[field.name.upper()] = str(value)
         return env
+
+
+def cpu_layout(cores: int) -> tuple[int, int]:
+    """(workers, threads each) for separation workers on a CPU host of `cores` cores.
+
+    Measured (docs/BENCHMARKS.md, "GPU workers and layout"): on 2 cores two 1-thread workers
+    beat one 2-thread worker; on 16 cores 4 workers x 4 threads took 0.63x the time of one
+    16-thread process, 8 x 2 0.69x and 16 x 1 0.95x. So: threads grow with the host, a
+    quarter of its cores, from 1 up to 4, and workers fill the cores.
+    """
+    threads = min(4, max(1, cores // 4))
+    return max(1, cores // threads), threads
 
 
 def is_loopback(host: str) -> bool:
@@ -285,8 +304,17 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         values["BROKER_VHOST"] = provisioned_vhost(Path(values["BROKER_LOGINS_FILE"]), values["QUEUE_PREFIX"]) \
             if provisioned else "/"
 
-    if values["DEVICE"] not in {"auto", "cpu", "cuda"}:
-        raise ValueError("DEVICE must be 'auto', 'cpu' or 'cuda'")
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]{1,3}(,cuda:[0-9]{1,3})*", values["DEVICE"]):
+        raise ValueError("DEVICE must be 'auto', 'cpu', 'cuda' or a list like 'cuda:0,cuda:1'")
+    if not re.fullmatch(r"auto|[1-9][0-9]{0,3}", values["SEGMENT_BATCH"]):
+        raise ValueError("SEGMENT_BATCH must be 'auto' or a number of segments from 1 to 9999")
+    if values["PRECISION"] not in {"fp32", "tf32", "bf16"}:
+        raise ValueError("PRECISION must be 'fp32', 'tf32' or 'bf16'")
+    if values["WORKERS_PER_GPU"] < 1:
+        raise ValueError("WORKERS_PER_GPU must be at least 1")
+    if "WORKERS_HEALTHY" not in explicit:
+        # the contract's 2 on a 2-core host; more cores, more workers of more threads (cpu_layout)
+        values["WORKERS_HEALTHY"] = cpu_layout(os.cpu_count() or 1)[0]
     if values["WORKER_SIMULATE"] not in {"crash", "hang", "corrupt", "tamper"}:
         raise ValueError("WORKER_SIMULATE must be 'crash', 'hang', 'corrupt' or 'tamper'")
     if values["SSE_MAX_CLIENTS"] >= values["SERVER_THREADS"]:

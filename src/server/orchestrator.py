@@ -258,13 +258,17 @@ class Orchestrator:
             if task is None or task.state != "running":
                 continue
             kind = self.p.kind(task.kind)
+            route, ready = self.p.pin_route(task)
+            if not ready:  # its route is chosen once a worker serves one (separation: GPU or CPU)
+                self._watch_capability(task, route, 0)
+                continue
+            task = self.store.task(task.id) or task  # with the route it now keeps
             params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
             if job.digest is None:
                 job = replace(job, digest=cache.digest(task.kind, params, payload))
                 self.store.set_digest(job.id, job.digest)
             if self._from_cache(task, job):
                 continue
-            route = kind.route(task.params)
             # VERIFY_REPLICAS: the first publication sends one copy per replica; a re-publication one
             copies = self.p.settings.verify_replicas if job.publications == 0 else 1
             for _ in range(copies):
@@ -350,7 +354,7 @@ class Orchestrator:
             task = tasks.setdefault(job.task_id, self.store.task(job.task_id))
             if task is None or task.state != "running":
                 continue
-            route = self.p.kind(task.kind).route(task.params)
+            route = self.p.route(task)
             workers = len(self.p.offering(task.kind, route))
             if task.id not in lacking:
                 lacking[task.id] = self._watch_capability(task, route, workers)

@@ -66,21 +66,32 @@ class Pipeline:
             return task.facts["route"] or None
         return next((r for r in wanted if self.offering(task.kind, r or None)), wanted[-1]) or None
 
-    def pin_route(self, task: Task) -> str | None:
-        """The task's route, kept on it at its first publication, so all its jobs run on one route."""
+    def pin_route(self, task: Task) -> tuple[str | None, bool]:
+        """(the task's route, whether its jobs may be published now). A kind with preferences has its
+        route chosen once a live worker serves one of them, and kept on the task, so that all its
+        jobs (and the cached results it reuses) come from one route: before that it waits."""
         route = self.route(task)
-        if isinstance(self.kind(task.kind).route(task.params), tuple) and "route" not in task.facts:
-            self.store.update_facts(task.id, {"route": route or ""})
-        return route
+        if not isinstance(self.kind(task.kind).route(task.params), tuple) or "route" in task.facts:
+            return route, True
+        if not self.offering(task.kind, route):
+            return route, False
+        self.store.update_facts(task.id, {"route": route or ""})
+        return route, True
 
     def versions(self, task: Task) -> set[str]:
         """The software versions a job of this task would run with: each live worker's for its
         route (any of the kind's preferred routes before one is kept), and this host's own (for the
-        results cache)."""
+        results cache; for a kind with preferences, only on its last route, the CPU one, which is
+        what this host's version names)."""
         kind = self.kind(task.kind)
         wanted = kind.route(task.params)
-        routes = [self.route(task)] if not isinstance(wanted, tuple) or "route" in task.facts else wanted
-        return {v for r in routes for v in self.offering(task.kind, r or None).values()} | {kind.version(task.params)}
+        if not isinstance(wanted, tuple):
+            routes, own = [wanted], True
+        else:
+            routes = [self.route(task)] if "route" in task.facts else list(wanted)
+            own = (wanted[-1] or None) in [r or None for r in routes]
+        found = {v for r in routes for v in self.offering(task.kind, r or None).values()}
+        return found | {kind.version(task.params)} if own else found
 
     def view(self, task: Task) -> TaskView:
         media = self.store.media(task.media_id)
