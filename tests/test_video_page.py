@@ -141,6 +141,19 @@ def walk_through(page, browser, base: str, clip: Path, stop_workers) -> None:
     assert fact(page, "#video-facts", "frames") == str(media["video"]["frames"])
     assert fact(page, "#video-facts", "duration") == f"{media['duration']:.2f} s"
     wait_until(page, "document.querySelector('#original-video').readyState >= 1", 30, "the original to load")
+    # the form in people's words: presets first, each with a size estimate; the raw fields under Advanced
+    expect(page.locator("input[name='preset'][value='web']")).to_be_checked()
+    expect(page.locator("#size-estimate")).to_contain_text("Estimated size: about")
+    expect(page.locator("#param-codec")).to_be_hidden()
+    page.get_by_text("Small (AV1 360p)").click()
+    expect(page.locator("#size-estimate")).not_to_contain_text("larger than the original")
+    shot(page, "01b-video-form-presets")
+    page.click("#task-advanced summary")
+    assert page.input_value("#param-codec") == "av1" and page.input_value("#param-height") == ""  # 240p: kept
+    assert page.locator("input[name='rate-mode'][value='bitrate']").is_checked()
+    page.get_by_text("Web (H.264 720p)").click()
+    assert page.input_value("#param-codec") == "h264"
+    assert page.locator("input[name='rate-mode'][value='crf']").is_checked()
     kind = next(k for k in get_json(f"{base}/kinds") if k["name"] == "transcode")
     codecs = next(p for p in kind["params"] if p["name"] == "codec")["choices"]
     assert page.locator("#param-codec option").evaluate_all("os => os.map(o => o.value)") == codecs
@@ -179,10 +192,10 @@ def walk_through(page, browser, base: str, clip: Path, stop_workers) -> None:
     # 5. no worker alive: a new task waits; Cancel stops it
     stop_workers()
     page.select_option("#param-codec", "h264")
-    page.select_option("#param-height", "360")
+    page.select_option("#param-height", "240")  # the source's: the kind refuses to upscale
     waiting = start_task(page)
     expect(page.locator("#cancel-task")).to_be_visible()
-    assert get_json(f"{base}/tasks/{waiting}")["params"]["height"] == 360
+    assert get_json(f"{base}/tasks/{waiting}")["params"]["height"] == 240
     shot(page, "04-waiting")
     page.click("#cancel-task")
     expect(page.locator("#video-state")).to_have_text("cancelled", timeout=30_000)

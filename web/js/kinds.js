@@ -124,6 +124,7 @@ export class ParamsForm {
     const fields = { crf: this.field(params.crf, values.crf), bitrate: this.field(params.bitrate, values.bitrate) };
     const radios = {};
     const choose = (mode) => {
+      this.rateMode = mode;
       for (const name of RATE) {
         radios[name].checked = name === mode;
         fields[name].hidden = name !== mode;
@@ -137,7 +138,24 @@ export class ParamsForm {
       el("div", { class: "choices" }, radio("crf", "Constant quality (CRF)"), radio("bitrate", "Target bitrate")),
       fields.crf, fields.bitrate);
     choose(values.bitrate != null && values.bitrate !== "" ? "bitrate" : "crf");
+    this.chooseRate = choose;
     return group;
+  }
+
+  // Put raw values in the controls (a preset's); `rate` chooses CRF or bitrate.
+  fill(values) {
+    for (const [name, value] of Object.entries(values)) {
+      const input = this.control(name);
+      if (input) input.value = value;
+    }
+    if (values.rate && this.chooseRate) this.chooseRate(values.rate);
+  }
+
+  // The controls' raw values, as `fill` takes them.
+  raw() {
+    const values = Object.fromEntries([...this.controls].map(([name, { input }]) => [name, input.value]));
+    if (this.rateMode) values.rate = this.rateMode;
+    return values;
   }
 
   // The parameters to send: what differs from the defaults, in the types the kind declares.

@@ -5,8 +5,9 @@
 // songs side, what is shown comes from the server only: HTTP answers and `task` events fill
 // `media` and `tasks`, user actions just call the server.
 import { api } from "./api.js";
-import { $, $$, showMessage } from "./dom.js";
+import { $, $$, bytes, el, showMessage } from "./dom.js";
 import { ParamsForm, kindLabel, videoKinds, valueLabel } from "./kinds.js";
+import { PRESETS, estimateBytes, presetValues } from "./presets.js";
 import { clearTimeline, drawTimeline, timelineFor, timelineRunning } from "./operator.js";
 import { uploadFile } from "./upload.js";
 import { renderShares } from "./videoframes.js";
@@ -269,6 +270,7 @@ function buildForm(kindName, values, force = false) {
   $("#run-task").textContent = kindLabel(kind.name);
   form = new ParamsForm($("#task-params"), kind, { values: values ?? lastParams[kind.name] ?? {},
                                                    sourceHeight: media.get(openMediaId)?.video?.height });
+  setUpPresets(kind, values ?? lastParams[kind.name]);
   const codec = form.control("codec");
   if (codec) {
     const note = () => { $("#codec-note").textContent = codec.value && !canPlay(codec.value)
@@ -278,6 +280,46 @@ function buildForm(kindName, values, force = false) {
   } else {
     $("#codec-note").textContent = "";
   }
+}
+
+// The transcode kind in people's words (js/presets.js): a choice of presets that fill the
+// raw fields, which wait under "Advanced"; a task reopened with its own settings opens as
+// "Custom". Other kinds show their fields as they are.
+function setUpPresets(kind, values) {
+  const presets = $("#task-presets"), advanced = $("#task-advanced"), estimate = $("#size-estimate");
+  const transcode = kind.name === "transcode" && form.control("codec");
+  presets.hidden = !transcode;
+  estimate.hidden = !transcode;
+  advanced.classList.toggle("plain", !transcode);
+  advanced.open = !transcode;
+  if (!transcode) return;
+  const item = media.get(openMediaId);
+  const choose = (id) => {
+    for (const radio of presets.querySelectorAll("input")) radio.checked = radio.value === id;
+    const preset = presetValues(id, item);
+    if (preset) form.fill(preset);
+    else advanced.open = true;
+    showEstimate();
+  };
+  const showEstimate = () => {
+    const bytesOut = estimateBytes(form.raw(), item);
+    if (bytesOut === null) { estimate.textContent = ""; return; }
+    const share = Math.round(100 * bytesOut / item.size);
+    estimate.textContent = `Estimated size: about ${bytes(bytesOut)}, ${share} % of the original (${bytes(item.size)})` +
+      (share >= 100 ? ": larger than the original; lower the quality or the height, or choose Small." : ".");
+    estimate.className = share >= 100 ? "small warn-text" : "small muted";
+  };
+  $("#preset-choices").replaceChildren(...PRESETS.map((p) => el("label", { class: "preset" },
+    el("input", { type: "radio", name: "preset", value: p.id, onchange: () => choose(p.id) }),
+    el("span", {}, el("strong", {}, p.label), el("span", { class: "muted small" }, p.hint)))));
+  $("#task-params").oninput = () => {   // a raw field changed by hand: Custom
+    if (!presets.querySelector("input[value='custom']").checked) choose("custom");
+    showEstimate();
+  };
+  $("#task-params").onchange = $("#task-params").oninput;
+  if (values && Object.keys(values).length) choose("custom");
+  else choose("web");
+  advanced.open = Boolean(values && Object.keys(values).length);
 }
 
 async function submit() {
@@ -330,10 +372,17 @@ function setUpUpload() {
   zone.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); });
 }
 
+const SONG_EXTENSIONS = /\.(mp3|wav|flac|ogg|oga|opus|m4a|aac|aiff?|wma)$/i;
+const isSong = (file) => file.type.startsWith("audio/") || (!file.type.startsWith("video/") && SONG_EXTENSIONS.test(file.name));
+
 async function upload(file) {
   const message = $("#video-message"), row = $("#video-upload"), label = $("#video-upload-label");
   const bar = $("#video-upload-progress");
   if (uploading) { showMessage(message, "One upload at a time: wait for the one under way."); return; }
+  if (isSong(file)) {   // refused before it is stored: a song belongs to the Songs tab
+    showMessage(message, `${file.name} is a song, not a video: drop it on the Songs tab to separate its instruments.`);
+    return;
+  }
   uploading = true;
   showMessage(message, "");
   bar.value = 0;

@@ -27,17 +27,27 @@ export function renderShares(task, media, shares, now = Date.now() / 1000) {
   block.hidden = !task || !media?.video;
   if (block.hidden) return;
   const rate = frameRate(media.video.fps);
+  // A job is in progress once: on the worker that started it last. A worker that died in it
+  // keeps a running attempt until the server calls it lost (two heart-beats), while another
+  // worker already redoes the job; counting both made "300 in progress" of a 150-frame clip.
+  const latest = new Map();
+  for (const w of shares?.workers ?? []) {
+    if (!w.running || w.alive === false) continue;
+    const other = latest.get(w.running.job_id);
+    if (!other || w.running.started_at > other.running.started_at) latest.set(w.running.job_id, w);
+  }
   const rows = (shares?.workers ?? []).map((w) => {
     const done = framesOf(w.seconds_done, rate);
-    const running = w.running ? framesOf(w.running.seconds, rate) : 0;
-    return { w, done, running, msPerFrame: done > 0 ? w.compute_ms / done : NaN };
+    const counted = w.running && latest.get(w.running.job_id) === w;
+    const running = counted ? framesOf(w.running.seconds, rate) : 0;
+    return { w, done, running, lost: Boolean(w.running) && !counted, msPerFrame: done > 0 ? w.compute_ms / done : NaN };
   });
   const done = rows.reduce((sum, r) => sum + r.done, 0);
   const running = rows.reduce((sum, r) => sum + r.running, 0);
   const pending = shares ? framesOf(shares.pending.seconds, rate) : NaN;
   const computeMs = rows.reduce((sum, r) => sum + r.w.compute_ms, 0);
 
-  $("#task-workers").replaceChildren(...rows.map(({ w, done: frames, running: busy, msPerFrame }) =>
+  $("#task-workers").replaceChildren(...rows.map(({ w, done: frames, running: busy, lost, msPerFrame }) =>
     el("tr", { "data-worker": w.worker, class: w.alive ? null : "gone" },
       el("td", { "data-col": "worker", class: "name" }, w.worker),
       // the server knows a worker's address only while it is alive
@@ -45,7 +55,7 @@ export function renderShares(task, media, shares, now = Date.now() / 1000) {
       el("td", { "data-col": "done", "data-frames": frames }, count(frames)),
       // "#14": the job's number, as the operator panel and the timeline write it
       el("td", { "data-col": "running", "data-frames": busy, title: w.running ? `job #${w.running.job_id}` : null },
-        w.running ? `${count(busy)} (#${w.running.job_id})` : "–"),
+        lost ? `lost (#${w.running.job_id}, redone elsewhere)` : w.running ? `${count(busy)} (#${w.running.job_id})` : "–"),
       el("td", { "data-col": "ms-per-frame" }, perFrame(msPerFrame)))));
   // the sums only where there is something to sum
   $("#task-workers-total").replaceChildren(...(rows.length < 2 ? [] : [el("tr", {},
