@@ -226,3 +226,33 @@ def test_key_renderings_are_capped_per_song(tmp_path):
     kept = sorted(p.name for p in (folder / "stems").glob("*.st*"))
     assert len(kept) == mixdown.MAX_KEY_RENDERINGS
     assert kept == sorted(p.name for p in made[-mixdown.MAX_KEY_RENDERINGS:])  # the most recently used
+
+
+# -- the face detector's memory ---------------------------------------------------------------------
+
+DETECTOR_CHILD = """
+import json, resource
+import numpy as np
+from src.kinds.faceblur import detect
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // (1 << 20)
+found, detector = {}, detect.Detector()
+for width, height in ((640, 360), (1920, 1080), (3840, 2160), (3840, 2158)):
+    detector.detect(np.zeros((height, width, 3), np.uint8))
+    found[f"{width}x{height}"] = {"rss_mb": rss_mb(), "nets": sorted(detector._nets)}
+detector.trim()  # what the worker does after each job
+found["after the job"] = {"rss_mb": rss_mb(), "nets": sorted(detector._nets)}
+found["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps(found))
+"""
+
+
+def test_the_face_detector_keeps_one_2160p_net_at_most_and_gives_it_back_after_the_job():
+    done = subprocess.run([sys.executable, "-c", DETECTOR_CHILD], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for size in ("3840x2160", "3840x2158"):  # each 2160p size evicts the others: one net of 2.4 GB
+        assert len(found[size]["nets"]) == 1, found
+    # Unbounded, four 2160p sizes held 6-7 GB in one worker (one net per size, kept for good).
+    assert found["peak_mb"] < 3 * 1024, found
+    assert found["after the job"]["nets"] == [] and found["after the job"]["rss_mb"] < 400, found

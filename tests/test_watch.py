@@ -140,6 +140,33 @@ def test_what_is_not_media_goes_to_failed_with_the_reason(farm, tmp_path):
     assert not farm.entries()
 
 
+def test_a_symlinked_done_folder_is_never_written_through(farm, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    aside = farm.watch / ".done-aside"
+    os.rename(farm.done, aside)
+    wait_for(lambda: _link(elsewhere, farm.done), 10, "done/ replaced by a link (the watcher remakes missing folders)")
+    try:
+        farm.drop("linked.mp4")
+        wait_for(lambda: "done is not a plain folder" in farm.cluster.log("server"), 30,
+                 f"the watcher to refuse done/; server log: {farm.cluster.log('server')[-2000:]}")
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        os.unlink(farm.done)
+        os.rename(aside, farm.done)
+    assert_transcoded(farm.delivered(farm.done / "linked.mp4"))  # a plain folder again: delivered there
+    assert list(elsewhere.iterdir()) == []
+
+
+def _link(target: Path, link: Path) -> bool:
+    try:
+        os.symlink(target, link)
+        return True
+    except FileExistsError:  # the watcher made done/ again meanwhile: take it away again
+        shutil.rmtree(link, ignore_errors=True)
+        return False
+
+
 def test_the_watch_folder_across_a_server_restart(farm):
     """The server is killed with files at every step, then started again: each output arrives once.
 

@@ -164,7 +164,11 @@ class Runner:
         if reason:
             raise ValueError(reason)
         self._last = (_identity(params), body)
-        chunk, ms, faces = self.process(params, body, should_stop)
+        try:
+            chunk, ms, faces = self.process(params, body, should_stop)
+        finally:  # a large frame's net (2.4 GB at 2160p) does not outlive its job
+            for detector in self._detectors.values():
+                detector.trim()
         result = {name: params[name] for name in ECHOED if name != "codec"}
         result.update(codec=CODEC, encoder=ENCODER, ms=ms, faces=faces)
         return result, chunk
