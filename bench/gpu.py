@@ -12,11 +12,14 @@ Cases (times are medians of --repeats runs after one warm-up):
 - `jobs_unbatched`: the project's jobs one after another, one segment per model call;
 - `worker_<precision>`: one worker, SEGMENT_BATCH=auto, jobs pooled WORKER_PREFETCH at a time;
 - `batch`: seconds per segment for batch sizes 1..32 in fp32 and bf16;
-- `layout` (a CPU device only, --layout): the default workers x threads against one process of
-  every core, each worker a process with its own Runner taking jobs from a shared queue.
+- `layout` (the full profile): the CPU's default workers x threads (`config.cpu_layout`) against one
+  process of every core, each worker a process with its own Runner taking jobs from a shared queue.
 
-It runs on any torch device (`--device cpu` for a quick look: `--quick` uses a small model
-and short songs) and writes JSON (--out) and a Markdown table (stdout).
+It runs on any torch device and writes JSON (--out) and a Markdown table (stdout):
+
+    python -m bench.gpu --device cuda              # 6 songs x 180 s, htdemucs' architecture
+    python -m bench.gpu --profile smoke --device cpu   # a small model, one 6 s song
+    python -m bench.run --only gpu                 # section 10 of docs/BENCHMARKS.md, this host's device
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,12 @@ from src.kinds.separation.prepare import normalisation
 from tools.random_model import save_random_htdemucs
 
 SAMPLERATE, CHANNELS = 44100, 2
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def precisions(device: str) -> tuple[str, ...]:
+    """The precisions worth measuring: a CPU worker always computes in fp32."""
+    return ("fp32",) if device == "cpu" else ("fp32", "tf32", "bf16")
 
 
 def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -148,9 +157,9 @@ def batch_sweep(model: Any, item: Song, device: str, repeats: int) -> list[dict]
     chunk = TensorChunk(mix, 0, int(params["segment_frames"]))
     valid = _valid_length(member, chunk.length, params["segment"])
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions(device):
         configure_precision(precision)
-        for batch in (1, 2, 4, 8, 16, 32):
+        for batch in BATCHES if device != "cpu" else BATCHES[:4]:
             segments = [_Segment(0, 0, chunk, valid)] * batch
             seconds, _ = timed(lambda s=segments, p=precision: _forward(member, s, p, torch.device(device)), device,
                                repeats)
@@ -197,65 +206,85 @@ def layout(base: dict[str, str], kind: SeparationKind, songs: list[Song], worker
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--songs", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=180.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefetch", type=int, default=4, help="jobs a worker pools (WORKER_PREFETCH)")
-    parser.add_argument("--quick", action="store_true", help="a small model and 10 s songs (tests, a CPU look)")
-    parser.add_argument("--layout", action="store_true", help="also the CPU layout case (2 songs x 60 s)")
-    parser.add_argument("--out", type=Path, default=Path("docs/gpu.json"))
-    args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    seconds = 10.0 if args.quick else args.seconds
-    folder = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    name = "htdemucs_small" if args.quick else "htdemucs_random"
-    save_random_htdemucs(folder / "models", name, small=args.quick)
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    device: str
+    songs: int
+    seconds: float
+    repeats: int
+    prefetch: int  # jobs a worker pools (WORKER_PREFETCH)
+    small: bool  # the small test model instead of htdemucs' architecture
+    layout: bool  # also the CPU layout case (2 songs)
+
+
+def profile(name: str, device: str = "auto") -> Profile:
+    """`make bench`'s section 10 on this host's device: tiny in the smoke profile (the test suite)."""
+    if name == "smoke":
+        return Profile("smoke", device, songs=1, seconds=6, repeats=1, prefetch=4, small=True, layout=False)
+    if name == "quick":
+        return Profile("quick", device, songs=2, seconds=30, repeats=1, prefetch=4, small=False, layout=False)
+    return Profile("full", device, songs=6, seconds=180, repeats=3, prefetch=4, small=False, layout=True)
+
+
+def run(p: Profile, workdir: Path) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    folder = workdir / "gpu"
+    name = "htdemucs_small" if p.small else "htdemucs_random"
+    save_random_htdemucs(folder / "models", name, small=p.small)
     base = {"CONFIG_FILE": str(folder / "none.yaml"), "MODEL": name, "MODEL_REPO": str(folder / "models"),
             "STORAGE_DIR": str(folder / "storage"), "DEVICE": device, "CHUNK_SECONDS": "30",
             "WORKERS_HEALTHY": "1", "WORKER_THREADS": str(os.cpu_count() or 1)}
     kind = SeparationKind(worker_settings(base))
-    songs = [Song(kind, folder / f"song{n}", song(seconds, n), n) for n in range(args.songs)]
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                              "torch": torch.__version__, "model": name, "songs": args.songs, "seconds": seconds,
-                              "jobs_per_song": len(songs[0].jobs), "prefetch": args.prefetch,
+    songs = [Song(kind, folder / f"song{n}", song(p.seconds, n), n) for n in range(p.songs)]
+    report: dict[str, Any] = {"profile": asdict(p), "device": torch.cuda.get_device_name() if device != "cpu"
+                              else "cpu", "torch": torch.__version__, "model": name, "songs": p.songs,
+                              "seconds": p.seconds, "jobs_per_song": len(songs[0].jobs), "prefetch": p.prefetch,
                               "cores": os.cpu_count()}
     configure_precision("fp32")
     model = load_model(name, str(folder / "models"), device)
-    one, references = timed(lambda: [whole_file(model, songs[0], device)], device, args.repeats)
-    every, references = timed(lambda: [whole_file(model, item, device) for item in songs], device, args.repeats)
+    one, references = timed(lambda: [whole_file(model, songs[0], device)], device, p.repeats)
+    every, references = timed(lambda: [whole_file(model, item, device) for item in songs], device, p.repeats)
     report["whole"] = {"one_song_s": one, "all_songs_s": every}
     torch.backends.cudnn.allow_tf32 = True  # what a plain `demucs` command runs with on a GPU
     report["whole"]["all_songs_torch_default_s"] = timed(
-        lambda: [whole_file(model, item, device) for item in songs], device, args.repeats)[0]
+        lambda: [whole_file(model, item, device) for item in songs], device, p.repeats)[0]
 
     unbatched = registry.worker("separate", worker_settings(base, SEGMENT_BATCH="1", PRECISION="fp32"))
-    t, outs = timed(lambda: run_worker(kind, unbatched, songs[:1], 1), device, args.repeats)
+    t, outs = timed(lambda: run_worker(kind, unbatched, songs[:1], 1), device, p.repeats)
     report["jobs_unbatched"] = {"one_song_s": t, "sdr_db": sdr(references[0], outs[0])}
-    for precision in ("fp32", "tf32", "bf16"):
+    for precision in precisions(device):
         runner = registry.worker("separate", worker_settings(base, SEGMENT_BATCH="auto", PRECISION=precision))
-        t1, one_out = timed(lambda r=runner: run_worker(kind, r, songs[:1], args.prefetch), device, args.repeats)
-        t, outs = timed(lambda r=runner: run_worker(kind, r, songs, args.prefetch), device, args.repeats)
+        t1, one_out = timed(lambda r=runner: run_worker(kind, r, songs[:1], p.prefetch), device, p.repeats)
+        t, outs = timed(lambda r=runner: run_worker(kind, r, songs, p.prefetch), device, p.repeats)
         report[f"worker_{precision}"] = {
             "batch": runner._batcher.size if isinstance(runner._batcher, Batcher) else None,
             "one_song_s": t1, "all_songs_s": t, "one_song_sdr_db": sdr(references[0], one_out[0]),
             "sdr_db_min": min(sdr(r, o) for r, o in zip(references, outs, strict=True))}
     configure_precision("fp32")
-    report["batch"] = batch_sweep(model, songs[0], device, args.repeats)
-    if device.startswith("cuda"):
+    report["batch"] = batch_sweep(model, songs[0], device, p.repeats)
+    if device != "cpu":
         report["gpu_memory_total_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if args.layout:
+    if p.layout:
         cores = os.cpu_count() or 1
-        small = [Song(kind, folder / f"layout{n}", song(10.0 if args.quick else 60.0, 100 + n), 100 + n)
-                 for n in range(2)]
+        pair = [Song(kind, folder / f"layout{n}", song(p.seconds / 3, 100 + n), 100 + n) for n in range(2)]
         workers, threads = config.cpu_layout(cores)
         cpu_base = {**base, "DEVICE": "cpu"}
-        report["layout"] = {"cores": cores, "one_process_s": layout(cpu_base, kind, small, 1, cores),
+        report["layout"] = {"cores": cores, "song_seconds": p.seconds / 3,
+                            "one_process_s": layout(cpu_base, kind, pair, 1, cores),
                             "default": f"{workers}x{threads}",
-                            "default_s": layout(cpu_base, kind, small, workers, threads)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+                            "default_s": layout(cpu_base, kind, pair, workers, threads)}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="full", choices=("smoke", "quick", "full"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("gpu.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
+        report = run(profile(args.profile, args.device), Path(scratch))
     args.out.write_text(json.dumps(report, indent=1))
     print(table(report))
 
@@ -273,14 +302,18 @@ def table(r: dict[str, Any]) -> str:
              f"| the project's jobs, one segment per call | {unbatched['one_song_s']:.2f} s | | "
              f"{unbatched['one_song_s'] / wr['one_song_s']:.2f}x (one song) | {unbatched['sdr_db']:.1f} dB |"]
     for precision in ("fp32", "tf32", "bf16"):
+        if f"worker_{precision}" not in r:
+            continue
         w = r[f"worker_{precision}"]
         lines.append(f"| one worker, {precision}, batch {w['batch']} | {w['one_song_s']:.2f} s | "
                      f"{w['all_songs_s']:.2f} s | {w['all_songs_s'] / whole:.2f}x ({whole / w['all_songs_s']:.2f}x "
                      f"faster) | {w['sdr_db_min']:.1f} dB |")
-    lines += ["", "| batch | fp32 ms/segment | bf16 ms/segment |", "|---|---|---|"]
     by = {(row["precision"], row["batch"]): row["ms_per_segment"] for row in r["batch"]}
-    for batch in (1, 2, 4, 8, 16, 32):
-        lines.append(f"| {batch} | {by[('fp32', batch)]:.1f} | {by[('bf16', batch)]:.1f} |")
+    measured = sorted({row["precision"] for row in r["batch"]}, key=("fp32", "tf32", "bf16").index)
+    lines += ["", "| batch | " + " | ".join(f"{p} ms/segment" for p in measured) + " |",
+              "|---|" + "---|" * len(measured)]
+    for batch in sorted({row["batch"] for row in r["batch"]}):
+        lines.append(f"| {batch} | " + " | ".join(f"{by[(p, batch)]:.1f}" for p in measured) + " |")
     if "layout" in r:
         lay = r["layout"]
         lines += ["", f"CPU layout on {lay['cores']} cores, 2 songs: one process of {lay['cores']} threads "

@@ -196,6 +196,8 @@ def _video_sections(results: dict, docs: Path) -> list[str]:
         lines += _operations(results["operations"], docs)
     if "broker" in results:
         lines += _broker(results["broker"])
+    if "gpu" in results:
+        lines += _gpu(results["gpu"])
     return lines
 
 
@@ -681,6 +683,23 @@ def _broker(b: dict) -> list[str]:
                      f"**{r['megabytes_per_second']:.1f}** ({r['min']:.1f}–{r['max']:.1f}) | "
                      f"{r['broker_cpu_seconds_per_megabyte']:.4f} |")
     return lines + [""]
+
+
+# -- 10: separation on one device --------------------------------------------------------------
+
+
+def _gpu(g: dict) -> list[str]:
+    from bench.gpu import table
+
+    when = g["measured"]
+    return ["## 10. Separation on one device: batches, precision, layout", "",
+            f"Measured {when['at']} UTC on {when['on']}. Command: `{when['command']}` (profile "
+            f"`{g['profile']['name']}`); `python -m bench.gpu --device cuda` runs it on a GPU.", "",
+            "The separation kind's own `plan`, `payload`, `Runner` and merger in one process, no broker "
+            "(bench/gpu.py): whole-file demucs (`apply_model`, split, overlap 0.25, no shifts) against the "
+            "project's jobs one segment per model call, and against one worker with SEGMENT_BATCH=auto "
+            "pooling WORKER_PREFETCH jobs, in each PRECISION. SDR is against whole-file demucs in fp32 "
+            "with TF32 off. Medians after a warm-up.", "", table(g), ""]
 
 
 def _operations_plots(op: dict, docs: Path) -> None:

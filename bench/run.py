@@ -24,13 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import broker_capacity, faceblur, operations, sections, transcode
+from bench import broker_capacity, faceblur, gpu, operations, sections, transcode
 from bench.report import measured, write
 from tools.random_model import save_random_htdemucs
 
 ROOT = Path(__file__).resolve().parents[1]
 # sections 6-9, each `--only`-able, each with profiles of its own
-LATER_SECTIONS = {"transcode": transcode, "faceblur": faceblur, "operations": operations, "broker": broker_capacity}
+LATER_SECTIONS = {"transcode": transcode, "faceblur": faceblur, "operations": operations, "broker": broker_capacity,
+                  "gpu": gpu}
 
 
 def profile(name: str, models: Path) -> sections.Profile:

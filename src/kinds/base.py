@@ -108,6 +108,7 @@ class TaskView:
     facts: dict[str, Any]  # what prepare() returned (plus anything the kind updated)
     media: Media
     folder: Path  # the task's own folder: results, outputs, scratch
+    workers: int = 1  # live workers that would take its jobs, when it was viewed: plans give each some
 
     def result_path(self, job_id: int, suffix: str = "bin") -> Path:
         return self.folder / "results" / f"{int(job_id)}.{suffix}"

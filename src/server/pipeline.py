@@ -96,7 +96,8 @@ class Pipeline:
     def view(self, task: Task) -> TaskView:
         media = self.store.media(task.media_id)
         return TaskView(task.id, task.kind, task.params, task.facts,
-                        media_of(media, self.files.original(media.id)), self.files.task_dir(task.id))
+                        media_of(media, self.files.original(media.id)), self.files.task_dir(task.id),
+                        workers=max(1, len(self.offering(task.kind, self.route(task)))))
 
     @staticmethod
     def job_view(job: Job) -> JobView:

@@ -103,7 +103,7 @@ class SeparationKind:
         f = task.facts
         return [Planned(asdict(p), (p.slice_end - p.slice_start) * f["channels"] * pcm.SAMPLE_BYTES,
                         (p.slice_end - p.slice_start) / f["samplerate"])
-                for p in plan_jobs(self.spec, f["frames"], self.settings.chunk_seconds)]
+                for p in plan_jobs(self.spec, f["frames"], self.settings.chunk_seconds, task.workers)]
 
     def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]:
         f, p = task.facts, JobPlan(**job.facts)

@@ -46,11 +46,13 @@ def segments_per_job(spec: ModelSpec, chunk_seconds: float) -> int:
     return max(1, min(wanted, fits))
 
 
-def plan_jobs(spec: ModelSpec, total_frames: int, chunk_seconds: float) -> list[JobPlan]:
+def plan_jobs(spec: ModelSpec, total_frames: int, chunk_seconds: float, workers: int = 1) -> list[JobPlan]:
+    """The song's jobs: CHUNK_SECONDS each at most, and no more than a `workers`-th of the song, so
+    that every live worker gets work (16 workers: 16 jobs at least, where the song has 16 segments)."""
     if total_frames <= 0:
         raise ValueError("a song needs at least one frame of audio")
     offsets = grid(spec, total_frames)
-    per_job = segments_per_job(spec, chunk_seconds)
+    per_job = min(segments_per_job(spec, chunk_seconds), max(1, -(-len(offsets) // max(1, workers))))
     plans, first = [], 0
     while first < len(offsets):
         # Guided self-scheduling: full-size jobs first, then ever smaller ones (never more
