@@ -91,7 +91,9 @@ class QueueMonitor:
                     raise RuntimeError("the broker refused the server's login (401): it needs the 'management' "
                                        "tag, which `make broker` gives it")
                 response.raise_for_status()
-                queues = [self._queue(q) for q in response.json() if q.get("name", "").startswith(f"{self.prefix}.")]
+                # not the connections' own subscription queues ({p}.sub.{login}.*): transient, and named after logins
+                queues = [self._queue(q) for q in response.json() if q.get("name", "").startswith(f"{self.prefix}.")
+                          and not q["name"].startswith(f"{self.prefix}.sub.")]
             except (requests.RequestException, RuntimeError, ValueError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue
