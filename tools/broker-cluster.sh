@@ -195,7 +195,9 @@ provision() {  # $1: how to run rabbitmqctl against node 1
   # its declaring connection goes to the cluster, not to BROKER_HOST
   BROKER_HOSTS="$hosts" .venv/bin/python -m src.messaging.accounts --ctl "$1" --worker-login "${WORKER_LOGIN:-}"
   # quorum queues replicate over the nodes that are cluster members when they are declared
-  local prefix="${QUEUE_PREFIX:-karaoke}" expected="${#NODES[@]}" bad=0
+  local prefix="${QUEUE_PREFIX:-karaoke}" expected="${#NODES[@]}" bad=0 vhost
+  # the deployment's virtual host, as the processes will read it (make broker's /{prefix})
+  vhost="$(BROKER_HOSTS="$hosts" .venv/bin/python -c 'from src import config; print(config.load().broker_vhost)')"
   while IFS=$'\t' read -r name type members; do
     case "$name" in "$prefix".jobs.*|"$prefix".results) ;; *) continue ;; esac
     count="$(grep -o '@' <<<"$members" | wc -l)"
@@ -203,7 +205,7 @@ provision() {  # $1: how to run rabbitmqctl against node 1
       echo "broker-cluster: queue $name is a $type queue with $count member(s), not a quorum queue on $expected" >&2
       bad=1
     fi
-  done < <($1 -q list_queues name type members)
+  done < <($1 -q list_queues -p "$vhost" name type members)
   [ "$bad" = 0 ] && echo "broker-cluster: the jobs and results queues of $prefix are quorum queues on $expected nodes"
   return "$bad"
 }
