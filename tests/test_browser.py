@@ -114,6 +114,8 @@ def test_the_musicians_page(live_server, page, browser, cluster, make_song, clie
             ["bass", "drums", "other"]
     page.wait_for_selector("#song-state.done", timeout=60_000)
     page.wait_for_selector("#play:not([disabled])", timeout=60_000)
+    expect(page.locator("#play")).to_be_focused()  # watched while processing: the focus goes to the player
+    expect(page.locator("#announce")).to_have_text("Practice Song: done, the player is ready")  # polite live region
     page.locator("#timeline .job.done").first.wait_for()
     shot(page, "05-done-mixer-opens-with-the-choice")
 

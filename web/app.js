@@ -88,8 +88,14 @@ function onStatus(status) {
   if (status.state === "done" && (!player || player.songId !== status.music_id)) {
     if (player) player.close();
     player = new Player(songs.get(selectedId));
-    // watched while it was processing: the focus goes to the player once it can play
-    if (before && before !== "done") player.onReady = () => $("#play").focus();
+    // watched while it was processing: the focus goes to the player once it can play (unless
+    // it is somewhere else on purpose: in the list, on the Video tab)
+    if (before && before !== "done") {
+      player.onReady = () => {
+        const at = document.activeElement;
+        if (at === document.body || $("#song-panel").contains(at)) $("#play").focus();
+      };
+    }
   }
 }
 
