@@ -102,6 +102,9 @@ def presences(rng: random.Random, live_worker: str, job_id: int) -> list[bytes]:
         {**valid, "cpu_percent": -1.0},
         {**valid, "host_memory_percent": 101},
         {**valid, "memory_bytes": 1.5},
+        {**valid, "gpu_percent": 250},
+        {**valid, "gpu_memory_bytes": -1},
+        {**valid, "precision": "fp8"},
         {**valid, "jobs_by_kind": {"separate": -1}},
         {**valid, "jobs_by_kind": {f"kind{i}": 1 for i in range(1000)}},
     ]

@@ -89,7 +89,8 @@ def test_the_alert_unit_tests_catch_a_loosened_rule(tmp_path: Path):
 def test_the_alerts_and_the_dashboard_read_only_metrics_the_server_exposes():
     worker = {"worker": "a1b2c3d", "host": "node-1", "online": True, "state": "busy", "cpu_percent": 90.0,
               "memory_bytes": 2**28, "host_cpu_percent": 50.0, "host_memory_percent": 40.0, "load": 1.5,
-              "cores": 4, "last_heartbeat_age": 0.5, "jobs_by_kind": {"separate": 3, "no-such-kind": 7}}
+              "cores": 4, "last_heartbeat_age": 0.5, "jobs_by_kind": {"separate": 3, "no-such-kind": 7},
+              "gpu_memory_bytes": 0}
     gone = {**worker, "worker": "e4f5a6b", "online": False, "jobs_by_kind": {}}
     queues = {"error": None, "queues": [
         {"name": "p.jobs.separate", "role": "jobs", "kind": "separate", "route": None, "messages": 4, "ready": 3,

@@ -4,7 +4,8 @@ The process figure counts the worker and the encoders it runs (ffmpeg children, 
 by their RSS, finished ones by the CPU time `wait` hands back), because for a transcode
 the encoder does the work; a worker that reported only its own Python process would look
 idle while its machine is full. CPU percentages are of one core for the process (top's
-convention: 200 % is two busy cores) and of the whole host for the host.
+convention: 200 % is two busy cores) and of the whole host for the host. A GPU worker also
+reports its GPU: the memory its process holds there, the card's size, and its utilisation.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ class NodeFigures:
     host_cpu_percent: float
     host_memory_percent: float
     load: float
+    gpu_memory_bytes: int = 0  # what this process holds on its GPU (torch's caching allocator)
+    gpu_memory_total_bytes: int = 0  # the GPU's size; 0 without one
+    gpu_percent: float | None = None  # the GPU's utilisation, from NVML where the driver offers it
 
 
 class NodeProbe:
     """Samples figures since the previous sample (the first covers the time since it was made)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: str | None = None) -> None:
+        self._gpu = gpu  # the torch device of a GPU worker ("cuda:1"), None on a CPU
         self._process = psutil.Process()
         self._lock = threading.Lock()  # presence is sent from the job, control and heart-beat threads
         self._last_cpu, self._last_at = self._cpu_seconds(), time.monotonic()
@@ -71,4 +76,23 @@ class NodeProbe:
             host_cpu_percent=round(psutil.cpu_percent(None), 1),
             host_memory_percent=round(psutil.virtual_memory().percent, 1),
             load=round(os.getloadavg()[0], 2),
+            **self._gpu_figures(),
         )
+
+    def _gpu_figures(self) -> dict:
+        """From torch, which the worker already runs its model with; utilisation needs NVML (pynvml),
+        which torch asks for when it is installed: without it the figure is unknown, not zero."""
+        if self._gpu is None:
+            return {}
+        try:
+            import torch
+
+            figures = {"gpu_memory_bytes": int(torch.cuda.memory_reserved(self._gpu)),
+                       "gpu_memory_total_bytes": int(torch.cuda.get_device_properties(self._gpu).total_memory)}
+        except Exception:  # no driver, no such device: the worker says why elsewhere (its jobs fail)
+            return {}
+        try:
+            figures["gpu_percent"] = float(torch.cuda.utilization(self._gpu))
+        except Exception:
+            pass
+        return figures

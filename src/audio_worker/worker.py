@@ -114,7 +114,10 @@ class Worker:
         self.runners: dict[str, Runner] = {name: registry.worker(name, settings) for name in self.kinds}
         self.offers = offers(self.runners, chosen)
         self.energy = EnergyMeter(settings.powercap_root, settings.watts_per_core)
-        self.device = next((getattr(r, "device", "cpu") for r in self.runners.values() if hasattr(r, "device")), "cpu")
+        model_runner = next((r for r in self.runners.values() if hasattr(r, "device")), None)
+        device = getattr(model_runner, "device", "cpu")  # "cuda:1": the GPU this worker was given
+        self.device = device.split(":")[0]  # the class, as presence says it
+        self.precision = getattr(model_runner, "precision", "")
         self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._reset_up_to = 0  # tasks with ids up to this one were reset
@@ -124,7 +127,7 @@ class Worker:
         self._jobs_done = 0
         self._jobs_by_kind: dict[str, int] = {}
         self._job_seconds = 0.0
-        self.node = NodeProbe()
+        self.node = NodeProbe(gpu=device if self.device == "cuda" else None)
         self._stopping = threading.Event()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -395,7 +398,9 @@ class Worker:
             kinds=tuple(self.kinds), offers=self.offers, cores=os.cpu_count() or 1, load=node.load,
             cpu_percent=node.cpu_percent, memory_bytes=node.memory_bytes, host_cpu_percent=node.host_cpu_percent,
             host_memory_percent=node.host_memory_percent, jobs_by_kind=dict(self._jobs_by_kind),
-            heartbeat_ms=self.settings.broker_heartbeat_ms, broker=self.broker.node,
+            heartbeat_ms=self.settings.broker_heartbeat_ms, broker=self.broker.node, precision=self.precision,
+            gpu_memory_bytes=node.gpu_memory_bytes, gpu_memory_total_bytes=node.gpu_memory_total_bytes,
+            gpu_percent=node.gpu_percent,
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

@@ -251,6 +251,12 @@ class PresenceMessage:
     # each worker two of its own intervals, so a worker configured apart is not dropped between messages
     heartbeat_ms: int = 15000
     broker: str = ""  # host:port of the broker node it is connected to (a cluster's BROKER_HOSTS)
+    # a GPU worker's device (src/audio_worker/node.py): what its process holds there, the card's size,
+    # its utilisation (NVML, where the driver offers it; else None); 0 / None on a CPU
+    precision: str = ""  # PRECISION of its model's arithmetic ("" for a worker without a model)
+    gpu_memory_bytes: int = 0
+    gpu_memory_total_bytes: int = 0
+    gpu_percent: float | None = None
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -452,6 +458,13 @@ def _decode_presence(body: bytes) -> PresenceMessage:
         if not 0 <= _value(data, name, (int, float)) <= high:
             raise MalformedMessage(f"{name} is outside [0, {high:g}]")
     _in_range("memory_bytes", _value(data, "memory_bytes", (int,)), 0, 2**50)
+    for name in ("gpu_memory_bytes", "gpu_memory_total_bytes"):
+        _in_range(name, _value(data, name, (int,)), 0, 2**50)
+    gpu_percent = _value(data, "gpu_percent", (int, float), nullable=True)
+    if gpu_percent is not None and not 0 <= gpu_percent <= 100:
+        raise MalformedMessage(f"gpu_percent {gpu_percent} is outside [0, 100]")
+    if data["precision"] not in ("", "fp32", "tf32", "bf16"):
+        raise MalformedMessage(f"presence precision {_show(data['precision'])} is not fp32, tf32 or bf16")
     _in_range("heartbeat_ms", _value(data, "heartbeat_ms", (int,)), 100, 3_600_000)
     jobs_by_kind = _value(data, "jobs_by_kind", (dict,))
     if len(jobs_by_kind) > MAX_KINDS or not all(

@@ -73,6 +73,7 @@ class FarmCollector(Collector):
             "load1": ("1-minute load average of the worker's host", "load"),
             "cores": ("CPU cores of the worker's host", "cores"),
             "heartbeat_age_seconds": ("Seconds since the worker's last presence message", "last_heartbeat_age"),
+            "gpu_memory_bytes": ("GPU memory the worker process holds (0 on a CPU)", "gpu_memory_bytes"),
         }
         families = {name: GaugeMetricFamily(f"karaoke_worker_{name}", text, labels=WORKER_LABELS)
                     for name, (text, _) in gauges.items()}

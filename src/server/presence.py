@@ -182,7 +182,8 @@ class WorkerRegistry:
                 "offers": dict(p.offers), "cores": p.cores, "load": p.load,
                 "cpu_percent": p.cpu_percent, "memory_bytes": p.memory_bytes, "host_cpu_percent": p.host_cpu_percent,
                 "host_memory_percent": p.host_memory_percent, "jobs_by_kind": dict(p.jobs_by_kind),
-                "broker": p.broker,
+                "broker": p.broker, "precision": p.precision, "gpu_memory_bytes": p.gpu_memory_bytes,
+                "gpu_memory_total_bytes": p.gpu_memory_total_bytes, "gpu_percent": p.gpu_percent,
                 "last_heartbeat_age": round(now - seen, 2),
                 "heartbeat_seconds": self._expiry(p) / 2,  # the page marks a worker stale past this
                 "online": gone_at is None, "offline_since": gone_at,

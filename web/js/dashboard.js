@@ -86,6 +86,12 @@ function workerCard(w) {
       el("span", { class: "label" }, "host"),
       el("span", { class: "small" }, `CPU ${w.host_cpu_percent.toFixed(0)} %, memory ${w.host_memory_percent.toFixed(0)} %`),
       el("span", { class: "value" }, `load ${w.load.toFixed(2)}`),
+      ...(w.gpu_memory_total_bytes > 0 ? [
+        el("span", { class: "label" }, "GPU"),
+        el("span", { class: "small" }, `${megabytes(w.gpu_memory_bytes)} of ${megabytes(w.gpu_memory_total_bytes)}, ` +
+          `${w.precision}`),
+        el("span", { class: "value" }, w.gpu_percent == null ? "– %" : `${w.gpu_percent.toFixed(0)} %`),
+      ] : []),
     ),
     el("p", { class: "small muted" }, `jobs: ${jobs}`),
   );
