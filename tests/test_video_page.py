@@ -203,6 +203,18 @@ def walk_through(page, browser, base: str, clip: Path, stop_workers) -> None:
     expect(page.locator(f"#video-list li[data-task='{waiting}'] .state")).to_have_text("cancelled")
     assert get_json(f"{base}/tasks/{waiting}")["state"] == "cancelled"
 
+    # a job in progress counts once: a worker that died in job 7 (its attempt not yet called lost) and the
+    # one redoing it make 75 frames in progress of a 75-frame clip, not 150
+    page.evaluate("""import('/web/js/videoframes.js').then(m => m.renderShares({ state: 'running', stats: {} },
+        { video: { fps: 25, frames: 75 } }, { pending: { jobs: 0, seconds: 0 }, workers: [
+          { worker: 'dead', seconds_done: 0, compute_ms: 0, alive: true,
+            running: { job_id: 7, seconds: 3, started_at: 10 } },
+          { worker: 'redo', seconds_done: 0, compute_ms: 0, alive: true,
+            running: { job_id: 7, seconds: 3, started_at: 20 } },
+        ] }))""")
+    assert page.get_attribute("#task-workers-total [data-col='running']", "data-frames") == "75"
+    expect(page.locator("#task-workers tr[data-worker='dead'] [data-col='running']")).to_contain_text("lost")
+
     # 6. the Songs tab is as it was
     page.click("#tab-songs")
     expect(page.locator("#library-panel")).to_be_visible()
