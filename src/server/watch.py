@@ -440,6 +440,8 @@ class Watcher:
                 finally:
                     os.close(fd)
                 log.info("Watch - took %r into %r", entry["source"], f"originals/{entry['original']}")
+            elif _same_file(self.folder / entry["source"], original):  # stopped before its dropped name went
+                (self.folder / entry["source"]).unlink(missing_ok=True)
             if not self._upload(entry, original):
                 return
         if entry["task_id"] is None and not self._create_task(entry):
