@@ -27,7 +27,7 @@ from src.kinds.separation.merge import merge_results
 from src.kinds.separation.model import describe, load_model, software_version
 from src.kinds.separation.plan import grid, job_params, plan_jobs
 from src.server.cache import Verification, digest
-from tests.helpers import sdr, services_of, wait_for
+from tests.helpers import reference_stems, sdr, services_of, wait_for, wav_array
 from tools.random_model import save_random_htdemucs
 
 MODEL = "htdemucs_small"
@@ -232,3 +232,24 @@ def test_songs_are_cut_so_that_every_live_worker_gets_a_job(repo):
         plans = plan_jobs(spec, minute, 30, workers=workers)
         owned = [p.first_offset + i * spec.stride for p in plans for i in range(p.segments)]
         assert owned == grid(spec, minute), "every segment owned once, in order"
+
+
+def test_a_worker_that_holds_several_jobs_runs_them_together_and_the_song_is_exact(client, cluster, make_song):
+    """A real worker with WORKER_PREFETCH=4 and SEGMENT_BATCH=4 on the real broker: the jobs it holds
+    are started together (pooled), and the served stems equal whole-file demucs."""
+    song = make_song(12.0, "wav")
+    worker = cluster.start_worker(WORKER_PREFETCH="4", SEGMENT_BATCH="4")
+    wait_for(lambda: client.get("/workers").get_json(), 60, "the worker on the panel")
+    music = client.post("/music", data=song.read_bytes(), content_type="application/octet-stream").get_json()
+    client.post(f"/music/{music['music_id']}", json=[])
+    wait_for(lambda: client.get(f"/music/{music['music_id']}").get_json()["state"] == "done", 180, "the song done")
+
+    reference = reference_stems(song)
+    for instrument in client.get(f"/music/{music['music_id']}").get_json()["instruments"]:
+        stem, _ = wav_array(client.get(instrument["track"] + "?format=wav").data)
+        assert sdr(reference[instrument["name"]], stem) >= 60, instrument["name"]
+    log = cluster.log(f"worker{cluster.workers.index(worker)}")
+    assert "4 segment(s) per model call (SEGMENT_BATCH=4)" in log
+    lines = [line for line in log.splitlines() if " started Job[" in line or " finished Job[" in line]
+    together = any(" started Job[" in a and " started Job[" in b for a, b in zip(lines, lines[1:], strict=False))
+    assert together, "no two jobs were started before the first finished: nothing was pooled\n" + "\n".join(lines)
