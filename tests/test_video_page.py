@@ -153,16 +153,18 @@ def walk_through(page, browser, base: str, clip: Path, stop_workers) -> None:
     assert page.locator("input[name='rate-mode'][value='bitrate']").is_checked()
     page.get_by_text("Web (H.264 720p)").click()
     assert page.input_value("#param-codec") == "h264"
-    assert page.locator("input[name='rate-mode'][value='crf']").is_checked()
+    assert page.locator("input[name='rate-mode'][value='bitrate']").is_checked()  # from the source's bitrate
     kind = next(k for k in get_json(f"{base}/kinds") if k["name"] == "transcode")
     codecs = next(p for p in kind["params"] if p["name"] == "codec")["choices"]
     assert page.locator("#param-codec option").evaluate_all("os => os.map(o => o.value)") == codecs
-    for name in ("crf", "height", "preset", "container"):
+    for name in ("bitrate", "height", "preset", "container"):
         expect(page.locator(f"#param-{name}")).to_be_visible()
-    expect(page.locator("#param-bitrate")).to_be_hidden()  # CRF or bitrate, one at a time
-    page.check("input[name='rate-mode'][value='bitrate']")
-    expect(page.locator("#param-bitrate")).to_be_visible()
+    expect(page.locator("#param-crf")).to_be_hidden()  # CRF or bitrate, one at a time
     page.check("input[name='rate-mode'][value='crf']")
+    expect(page.locator("#param-crf")).to_be_visible()
+    expect(page.locator("#param-bitrate")).to_be_hidden()
+    expect(page.locator("input[name='preset'][value='custom']")).to_be_checked()  # a raw field changed: Custom
+    page.check("input[name='rate-mode'][value='bitrate']")
     assert page.locator("#param-height option").first.inner_text() == "source (240p)"
     assert page.locator("#param-height option[value='360']").count() == 1
     shot(page, "01-uploaded")

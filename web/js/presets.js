@@ -1,18 +1,19 @@
 // The transcode form in people's words: a few ready-made choices, each the raw settings
 // (codec, quality or bitrate, height) the "Advanced" part of the form shows and sends,
 // and an estimate of the result's size from the source's bitrate and the chosen quality.
-//   Web      H.264 at 720p (or the source's height when smaller), constant quality 23:
-//            plays everywhere.
-//   Small    AV1 at 360p (or the source's height when smaller) at a bitrate derived from the
-//            source's: at most half the source's video bitrate scaled to the smaller picture,
-//            and room left for the audio within 85 % of the source's bitrate, so the file is
-//            smaller than the source (CRF alone is not: a source that is already small grew to
-//            107 % at VP9's default CRF). Only a source under ~170 kb/s with sound cannot be
-//            made smaller (the audio alone is 128 kb/s): the estimate says so.
-//   Archive  HEVC at the source's height, constant quality 22: near the source's quality in
-//            less space than H.264 would take.
+//   Web      H.264 at 720p (or the source's height when smaller): plays everywhere.
+//   Small    AV1 at 360p (or the source's height when smaller): the smallest file.
+//   Both at a bitrate derived from the source's (at most 90 % / 50 % of its video bitrate
+//            scaled to the picture kept, and room for the audio within 85 % of its whole
+//            bitrate), so the file is smaller than the source: a constant quality is not (a
+//            360p source grew to 179 % at VP9's default CRF, 113 % at H.264's CRF 23). Only
+//            a source under ~150 kb/s with sound cannot be made smaller, as the kind's audio
+//            alone is 128 kb/s: the estimate then says "larger than the original".
+//   Archive  HEVC at the source's height, constant quality 24: keeps the quality (it may
+//            be larger than a strongly compressed source; the estimate says so).
 const AUDIO_BPS = 128_000;      // the kind's audio (src/kinds/transcode/stitch.py: AAC or Opus at 128k)
 const SMALL_MAX_BPS = 600_000;  // a 360p AV1 needs no more for most material
+const WEB_MAX_BPS = 2_500_000;  // nor a 720p H.264
 const MIN_BPS = 16_000;         // the kind's lowest bitrate
 
 // How many bits a codec spends for the same picture, relative to the source's (assumed
@@ -26,7 +27,7 @@ const CODEC = {
 export const PRESETS = [
   { id: "web", label: "Web (H.264 720p)", hint: "plays in every browser and phone" },
   { id: "small", label: "Small (AV1 360p)", hint: "the smallest file; newer browsers play it" },
-  { id: "archive", label: "Archive (HEVC)", hint: "keeps the quality and the size of the picture" },
+  { id: "archive", label: "Archive (HEVC)", hint: "keeps the quality and the picture's size" },
   { id: "custom", label: "Custom", hint: "your own settings, under Advanced" },
 ];
 
@@ -42,18 +43,21 @@ export function sourceFacts(media) {
 export function presetValues(id, media) {
   const src = sourceFacts(media);
   const atMost = (height) => (src.height && src.height <= height ? "" : String(height));
-  if (id === "web") return { codec: "h264", rate: "crf", crf: "23", bitrate: "", height: atMost(720) };
-  if (id === "archive") return { codec: "hevc", rate: "crf", crf: "22", bitrate: "", height: "" };
-  if (id === "small") {
-    const height = src.height ? Math.min(360, src.height) : 360;
-    const scale = src.height ? (height / src.height) ** 2 : 1;
-    // half the source's video bits for the picture kept, and room for the kind's audio within
-    // 85 % of the source's whole bitrate
-    const room = 0.85 * src.total - (media?.audio ? AUDIO_BPS : 0);
-    const bps = Math.max(MIN_BPS, Math.min(SMALL_MAX_BPS, 0.5 * src.video * scale, room));
-    return { codec: "av1", rate: "bitrate", crf: "", bitrate: `${Math.round(bps / 1000)}k`, height: atMost(360) };
-  }
+  if (id === "archive") return { codec: "hevc", rate: "crf", crf: "24", bitrate: "", height: "" };
+  if (id === "web") return capped("h264", 720, WEB_MAX_BPS, 0.9);
+  if (id === "small") return capped("av1", 360, SMALL_MAX_BPS, 0.5);
   return null;
+
+  // A bitrate for the picture kept: at most `share` of the source's video bits scaled to it,
+  // and room for the kind's audio within 85 % of the source's whole bitrate, so the result is
+  // smaller than the source; `max` scaled to the height is enough for most material.
+  function capped(codec, height, max, share) {
+    const kept = src.height ? Math.min(height, src.height) : height;
+    const scale = src.height ? (kept / src.height) ** 2 : 1;
+    const room = 0.85 * src.total - (media?.audio ? AUDIO_BPS : 0);
+    const bps = Math.max(MIN_BPS, Math.min(max * (kept / height) ** 2, share * src.video * scale, room));
+    return { codec, rate: "bitrate", crf: "", bitrate: `${Math.round(bps / 1000)}k`, height: atMost(height) };
+  }
 }
 
 // Bytes the result will take, roughly: the video at the chosen bitrate (or the source's,
