@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+import uuid
 
 import pytest
 import stomp
 
 from src.messaging.destinations import Destinations
+from src.messaging.schema import PresenceMessage
 from tests.conftest import Cluster
 from tests.helpers import get_json, metric, queue_depth, wait_for
 from tests.test_faults import assert_whole, start_song
@@ -47,6 +50,17 @@ def stomp_login(settings, user: str, password: str) -> tuple[stomp.Connection12,
     conn.set_listener("frames", frames)
     conn.connect(user, password, wait=True)
     return conn, frames
+
+
+def announce(conn: stomp.Connection12, settings) -> None:
+    """A rogue consumer says it is a CPU worker that takes separate jobs (its login may: its own
+    presence route), so that songs are routed and their jobs published while it is the only one."""
+    rogue = PresenceMessage(worker=f"rogue-{uuid.uuid4().hex[:6]}", host="rogue", address="a", pid=1, state="idle",
+                            job_id=None, task_id=None, jobs_done=0, mean_job_seconds=None, model=settings.model,
+                            sent_at=time.time(), session=uuid.uuid4().hex, kinds=("separate",),
+                            offers={"separate": "rogue"}, heartbeat_ms=60_000)
+    route = Destinations(settings.queue_prefix, settings.worker_login[0]).presence
+    conn.send(route, rogue.body(), headers=rogue.headers())
 
 
 def attempt(settings, action) -> _Frames:
@@ -110,6 +124,7 @@ def test_a_job_that_never_returns_is_published_again_after_its_deadline(least_pr
         cluster.start_server()
         # A rogue consumer with a worker's login: it takes one job, ACKs it and never answers.
         hole, frames = stomp_login(settings, *settings.worker_login)
+        announce(hole, settings)
         hole.subscribe(Destinations(settings.queue_prefix).worker_jobs("separate"), id="1", ack="client-individual",
                        headers={"prefetch-count": "1"})
         song = make_song(6.0, "wav")
@@ -146,6 +161,7 @@ def test_a_rogue_consumer_that_requeues_jobs_cannot_fail_a_song(least_privilege,
         cluster.start_server()
         rogue.conn, _ = stomp_login(settings, *settings.worker_login)
         rogue.conn.set_listener("rogue", rogue)
+        announce(rogue.conn, settings)
         rogue.conn.subscribe(Destinations(settings.queue_prefix).worker_jobs("separate"), id="1",
                              ack="client-individual",
                              headers={"prefetch-count": "1"})
@@ -197,6 +213,7 @@ def test_the_supervisor_restarts_a_killed_worker_and_health_says_degraded(truste
         supervisor.wait(20)
 
 
+@pytest.mark.unit
 def test_config_reads_the_logins_make_broker_provisioned(tmp_path):
     from src import config
 
