@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run install broker broker-cluster server workers test lint bench capture clean images stack
+.PHONY: run install broker broker-cluster server workers test check lint bench capture clean images stack
 
 run: install broker                ## everything: install, broker, workers and server
 	@tools/run.sh
@@ -40,6 +40,9 @@ workers: install                   ## WORKERS_HEALTHY + WORKERS_UNHEALTHY worker
 
 test: install broker lint          ## the whole test suite
 	$(PY) -m pytest -q
+
+check: install lint                ## the fast tier: lint and the unit tests (no broker, browser or container)
+	$(PY) -m pytest -q -m unit
 
 lint: install
 	$(PY) -m ruff check src tests bench tools

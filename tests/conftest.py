@@ -41,6 +41,8 @@ pytest_plugins = ("tests.openapi_check",)
 def pytest_configure(config: pytest.Config) -> None:
     # `-m "not containers"` leaves out the test that builds images and starts the compose stack
     config.addinivalue_line("markers", "containers: builds the container images and runs the compose stack")
+    # `make check` runs only these: no broker, no browser, no container, seconds each
+    config.addinivalue_line("markers", "unit: the fast tier (make check): needs no broker, browser or container")
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,16 +78,17 @@ def whole_file(repo: Path, wav: np.ndarray) -> np.ndarray:
     return np.stack([stems[name].numpy() for name in separator.model.sources])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batch", [1, 4])
 def test_batched_and_pooled_runner_equals_whole_file_demucs(repo, tmp_path, batch):
     torch.set_num_threads(2)
-    wav = a_song(14.0)
+    wav = a_song(8.0)
     reference = whole_file(repo, wav)
     runner = runner_for(repo, tmp_path, SEGMENT_BATCH=str(batch))
     calls = []
     runner.model(MODEL).register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
 
-    ours, jobs = separate(runner, wav, chunk_seconds=5)
+    ours, jobs = separate(runner, wav, chunk_seconds=3)
 
     segments = len(grid(describe(runner.model(MODEL), MODEL, None), wav.shape[1]))
     assert jobs >= 3 and sum(calls) == segments, "every grid segment once, whatever the batch"
@@ -99,9 +100,10 @@ def test_batched_and_pooled_runner_equals_whole_file_demucs(repo, tmp_path, batc
     assert runner._batcher.size == batch and runner._batcher.segments == segments
 
 
+@pytest.mark.unit
 def test_an_out_of_memory_batch_is_halved_and_retried_not_failed(repo, tmp_path, caplog):
     torch.set_num_threads(2)
-    wav = a_song(14.0)
+    wav = a_song(8.0)
     plain, _ = separate(runner_for(repo, tmp_path, SEGMENT_BATCH="1"), wav, chunk_seconds=30)
     runner = runner_for(repo, tmp_path, SEGMENT_BATCH="8")
     model = runner.model(MODEL)
@@ -121,6 +123,7 @@ def test_an_out_of_memory_batch_is_halved_and_retried_not_failed(repo, tmp_path,
     assert min(sdr(plain[k], ours[k]) for k in range(plain.shape[0])) >= 60
 
 
+@pytest.mark.unit
 def test_a_cpu_worker_offers_the_cpu_route_with_a_version_naming_device_and_precision(repo, tmp_path):
     runner = runner_for(repo, tmp_path, PRECISION="bf16")  # a CPU computes in fp32 whatever is asked
     assert runner.offers() == {"": software_version("cpu", "fp32")}
@@ -129,6 +132,7 @@ def test_a_cpu_worker_offers_the_cpu_route_with_a_version_naming_device_and_prec
     assert registry.routes("separate") == ("", "cuda")
 
 
+@pytest.mark.unit
 def test_the_layout_rule_and_the_gpu_list_follow_the_counts_they_claim(tmp_path):
     # measured: 2 cores -> 2 workers x 1 thread; 16 cores -> 4 x 4 (0.63x one 16-thread process)
     assert config.cpu_layout(1) == (1, 1)
@@ -203,13 +207,14 @@ def test_a_result_cached_under_another_device_class_is_not_reused(cached_setting
         services.close()
 
 
+@pytest.mark.unit
 def test_jobs_pooled_by_a_worker_equal_jobs_run_alone(repo, tmp_path):
     """run_many (a worker's held jobs, segments pooled) gives each job the bytes run() gives it alone."""
     torch.set_num_threads(2)
-    wav = a_song(10.0)
+    wav = a_song(6.0)
     model = load_model(MODEL, str(repo))
     spec = describe(model, MODEL, None)
-    plans = plan_jobs(spec, wav.shape[1], 4)
+    plans = plan_jobs(spec, wav.shape[1], 3)
     jobs = [(job_params(spec, p, wav.shape[1], 0.0, 1.0), np.ascontiguousarray(wav[:, p.slice_start:p.slice_end])
              .tobytes()) for p in plans]
     alone = runner_for(repo, tmp_path, SEGMENT_BATCH="1")
@@ -220,6 +225,7 @@ def test_jobs_pooled_by_a_worker_equal_jobs_run_alone(repo, tmp_path):
     assert all(a[1] == b[1] for a, b in zip(together, singly, strict=True)), "batch 1: the same bytes"
 
 
+@pytest.mark.unit
 def test_songs_are_cut_so_that_every_live_worker_gets_a_job(repo):
     """Measured: 16 workers and 2 songs of 60 s got 14 jobs (htdemucs). Here the small model's 4 s
     segments make 18 jobs for 2 songs, so 24 workers are the case: cut for them, 24 jobs at least."""

@@ -136,6 +136,7 @@ def test_every_detector_finds_the_face_on_the_still(name):
     assert all(isinstance(v, float) for box in boxes for v in box)
 
 
+@pytest.mark.unit
 def test_detector_refuses_what_it_cannot_use():
     assert detect.available("nope") is not None
     with pytest.raises(ValueError):
@@ -173,6 +174,7 @@ def boxes_of(t: int) -> list[detect.Box]:
     return [(10.0 * t, 5.0, 10.0 * t + 20.0, 30.0, 0.9)]
 
 
+@pytest.mark.unit
 def test_smooth_covers_a_missed_frame_from_its_neighbours_within_h():
     found = [boxes_of(t) for t in range(10)]
     found[5] = []  # the detector missed frame 5
@@ -183,6 +185,7 @@ def test_smooth_covers_a_missed_frame_from_its_neighbours_within_h():
     assert fb.smooth(found, 1) == found
 
 
+@pytest.mark.unit
 def test_smooth_reaches_exactly_h_frames_and_no_further():
     found = [[] for _ in range(12)]
     found[6] = boxes_of(6)
@@ -195,12 +198,14 @@ def test_smooth_reaches_exactly_h_frames_and_no_further():
     assert fb.smooth([boxes_of(1), boxes_of(1)], 3) == [boxes_of(1), boxes_of(1)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("window", [0, 2, -1, 1.0, True])
 def test_smooth_wants_an_odd_window(window):
     with pytest.raises(ValueError):
         fb.smooth([[]], window)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunks", [1, 2, 4])
 def test_smoothing_does_not_depend_on_the_chunks(chunks):
     """A job of frames [a, b) smooths the detections of [a - h, b + h) and keeps the middle:
@@ -241,6 +246,7 @@ def test_each_mode_masks_the_face_and_nothing_else(mode, detector):
         assert np.array_equal(masked[y, x], still[y, x])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", fb.MODES)
 def test_masks_are_deterministic_and_order_free(mode):
     still = astronaut()
@@ -255,6 +261,7 @@ def test_masks_are_deterministic_and_order_free(mode):
     assert np.array_equal(fb.anonymize(still, [], mode, 1.3), still)
 
 
+@pytest.mark.unit
 def test_anonymize_refuses_bad_arguments():
     still = astronaut()
     for mode, scale in (("pixelate", 1.3), ("blur", 0.9), ("blur", math.inf), ("blur", True)):

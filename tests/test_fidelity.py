@@ -54,6 +54,7 @@ def distributed(model, spec, wav: np.ndarray, mean: float, std: float, chunk_sec
     return out
 
 
+@pytest.mark.unit
 def test_merge_equals_whole_file_demucs_and_runs_no_extra_segments(htdemucs_repo, make_song, tmp_path, capsys):
     torch.set_num_threads(2)
     song = tmp_path / "song.f32"

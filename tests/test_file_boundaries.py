@@ -225,6 +225,7 @@ ROLES = {"upload probe": upload_probe, "upload decode": upload_decode, "source p
 REFUSALS = (probe.UnreadableMedia, tools.ToolError, split.SplitError, ValueError)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("form", ["playlist", "concat", "symlink"])
 @pytest.mark.parametrize("role", sorted(ROLES))
 def test_every_guarded_input_refuses_what_names_a_file_outside(role, form, secret, tmp_path):
@@ -236,6 +237,7 @@ def test_every_guarded_input_refuses_what_names_a_file_outside(role, form, secre
     assert not (scratch / "out.mkv").exists()
 
 
+@pytest.mark.unit
 def test_the_guard_names_only_regular_files_inside_the_folder(secret, tmp_path):
     inside = tmp_path / "task"
     inside.mkdir()
@@ -251,6 +253,7 @@ def test_the_guard_names_only_regular_files_inside_the_folder(secret, tmp_path):
 # -- the playlist result, through the real kind -------------------------------------------------
 
 
+@pytest.mark.unit
 def test_a_playlist_result_is_refused_by_the_check_and_never_stitched(tmp_path):
     settings = config.load({"CONFIG_FILE": str(tmp_path / "none.yaml")}).with_overrides(
         chunk_seconds=1.0, storage_dir=tmp_path)

@@ -78,6 +78,7 @@ def test_a_silent_flac_longer_than_max_duration_is_refused_before_decoding(setti
         services_of(app).close()
 
 
+@pytest.mark.unit
 def test_decoding_stops_at_max_duration_whatever_the_header_said(make_song, tmp_path):
     """The byte and time cap of the decoder itself: a header that under-states the length gains nothing."""
     song = make_song(4.0, "wav")

@@ -153,6 +153,7 @@ def test_an_output_taller_than_the_source_is_refused(limited, tmp_path):
                                        "params": {"height": 120}}).status_code == 202
 
 
+@pytest.mark.unit
 def test_a_source_with_one_keyframe_is_not_sent_many_times_over(tmp_path):
     settings = config.load({"CONFIG_FILE": str(tmp_path / "none.yaml")}).with_overrides(
         chunk_seconds=1.0, storage_dir=tmp_path)
@@ -167,6 +168,7 @@ def test_a_source_with_one_keyframe_is_not_sent_many_times_over(tmp_path):
     assert sum(job["piece_bytes"] for job in facts["jobs"]) <= 1.5 * Path(ordinary.path).stat().st_size
 
 
+@pytest.mark.unit
 def test_the_height_cap_is_the_kinds_own_rule(tmp_path):
     kind = registry.server("transcode", config.load({"CONFIG_FILE": str(tmp_path / "none.yaml")}))
     media = video.media(video.make_clip(tmp_path / "clip.mp4", 1.0, size="320x240", audio=False))
@@ -215,6 +217,7 @@ def test_a_cross_site_page_cannot_have_renderings_made(limited, make_song):
         assert client.get(mix, headers=headers).status_code == 409
 
 
+@pytest.mark.unit
 def test_key_renderings_are_capped_per_song(tmp_path):
     folder = tmp_path / "song"
     (folder / "stems").mkdir(parents=True)

@@ -32,6 +32,7 @@ def operations(document: dict) -> set[str]:
             if method in methods}
 
 
+@pytest.mark.unit
 def test_the_document_is_valid_openapi_3():
     document = load_document()
     validate(document)  # raises with the offending part of the document
@@ -158,6 +159,7 @@ def test_swagger_ui_renders_every_operation_offline_in_chromium(live_server):
     assert problems == [], "errors in the page (a CSP violation shows here)"
 
 
+@pytest.mark.unit
 def test_the_response_check_catches_answers_that_differ_from_the_document():
     checker = ResponseChecker(load_document())  # its own, so these deliberate mismatches fail nothing else
     host = "http://127.0.0.1:5000"

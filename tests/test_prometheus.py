@@ -63,6 +63,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
 # -- the files, checked by promtool and against /metrics ------------------------------------------------
 
 
+@pytest.mark.unit
 def test_promtool_passes_the_config_the_rules_and_their_unit_tests():
     config = promtool("check", "config", "deploy/prometheus/prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
@@ -73,6 +74,7 @@ def test_promtool_passes_the_config_the_rules_and_their_unit_tests():
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
 
 
+@pytest.mark.unit
 def test_the_alert_unit_tests_catch_a_loosened_rule(tmp_path: Path):
     """A queue rule that forgets `role="jobs"` fires on the growing results queue: the unit tests say so."""
     alerts = (PROMETHEUS_DIR / "alerts.yml").read_text()
@@ -86,6 +88,7 @@ def test_the_alert_unit_tests_catch_a_loosened_rule(tmp_path: Path):
     assert "KaraokeJobsQueueGrowing" in report and 'role="results"' in report, report
 
 
+@pytest.mark.unit
 def test_the_alerts_and_the_dashboard_read_only_metrics_the_server_exposes():
     worker = {"worker": "a1b2c3d", "host": "node-1", "online": True, "state": "busy", "cpu_percent": 90.0,
               "memory_bytes": 2**28, "host_cpu_percent": 50.0, "host_memory_percent": 40.0, "load": 1.5,
@@ -118,6 +121,7 @@ def test_the_alerts_and_the_dashboard_read_only_metrics_the_server_exposes():
         assert f'karaoke_tasks_finished_total{{kind="{kind}",state="failed"}} 0.0' in text
 
 
+@pytest.mark.unit
 def test_compose_mounts_the_provisioned_files_where_prometheus_and_grafana_read_them():
     compose = yaml.safe_load(COMPOSE.read_text())
     mounts = {}

@@ -72,6 +72,7 @@ class Run:
         return self.output.path
 
 
+@pytest.mark.unit
 def test_plan_tiles_frames_and_starts_at_keyframes():
     keyframes = list(range(0, 155, 25))
     jobs = planning.plan_jobs(155, keyframes, 50)
@@ -94,6 +95,7 @@ def clip(tmp_path_factory) -> Path:
     return video.make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", 6.2)
 
 
+@pytest.mark.unit
 def test_lossless_h264_is_frame_exact_with_audio_in_sync(tmp_path, clip):
     run = Run(tmp_path, clip, {"codec": "h264", "crf": 0, "preset": "ultrafast"})
     assert [(j.facts["start"], j.facts["end"]) for j in run.jobs] == [(0, 50), (50, 100), (100, 155)]
@@ -119,6 +121,7 @@ def test_lossless_h264_is_frame_exact_with_audio_in_sync(tmp_path, clip):
     assert all(int(b["pts"]) == int(a["pts"]) + int(a["duration"]) for a, b in zip(sound, sound[1:], strict=False))
 
 
+@pytest.mark.unit
 def test_same_job_gives_same_bytes_and_bad_chunks_are_refused(tmp_path, clip):
     run = Run(tmp_path, clip, {"codec": "h264", "preset": "veryfast"})
     first, last = run.jobs[0], run.jobs[-1]
@@ -138,6 +141,7 @@ def test_same_job_gives_same_bytes_and_bad_chunks_are_refused(tmp_path, clip):
     assert reason and "frames=" in reason  # the params do not echo the job's plan
 
 
+@pytest.mark.unit
 def test_sparse_keyframes_stay_frame_exact(tmp_path):
     # 7. One keyframe in 6.2 s (more than two chunks): jobs 2 and 3 start mid-GOP and carry it.
     source = video.make_clip(tmp_path / "sparse.mp4", 6.2, keyint=1000, audio=False)
@@ -148,6 +152,7 @@ def test_sparse_keyframes_stay_frame_exact(tmp_path):
     assert video.frame_hashes(out) == video.frame_hashes(source)
 
 
+@pytest.mark.unit
 def test_open_gops_stay_frame_exact(tmp_path):
     # x265's default open GOPs: the pictures shown just before each CRA keyframe are decoded
     # after it, so a piece cut at the CRA misses them; the split widens each piece to the
@@ -207,6 +212,7 @@ def test_chunked_encode_matches_one_whole_file_run(tmp_path):
     assert ratio <= 1.03
 
 
+@pytest.mark.unit
 def test_parameters_name_the_bad_one(tmp_path, clip):
     kind = registry.server("transcode", settings(tmp_path))
     media = video.media(clip)
@@ -227,6 +233,7 @@ def test_parameters_name_the_bad_one(tmp_path, clip):
         kind.accepts(video.media(video.make_audio(tmp_path / "tone.m4a")))
 
 
+@pytest.mark.unit
 def test_runner_refuses_hostile_params(tmp_path, clip):
     run = Run(tmp_path, clip, {"codec": "h264", "preset": "ultrafast"})
     params, body = run.kind.payload(run.task, run.jobs[0])
