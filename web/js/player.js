@@ -42,6 +42,9 @@ export class Player {
     $("#downloads-list").replaceChildren(
       ...this.stems.map((s) => this.links(`/music/${this.songId}/tracks/${s.trackId}`, s.name)),
       this.links(`/music/${this.songId}/original`, "original"));
+    $("#loop-message").textContent = "";
+    $("#play").disabled = true;   // until this song's streams can play
+    $("#play").textContent = "Play";
     this.restore(settings.restore(this.songId));
     this.load();
   }
