@@ -60,10 +60,15 @@ def free_port() -> int:
 
 
 class Deployment:
-    """A server and `workers` worker processes with their own queues and storage."""
+    """A server and `workers` worker processes with their own queues and storage; with `own_logins`,
+    each worker logs in to the broker with a login of its own (as `make broker WORKER_LOGIN=<host>`
+    provisions one per host): replicas (VERIFY_REPLICAS) vote once per login."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str], workers: list[dict[str, str]]):
+    def __init__(self, workdir: Path, settings: dict[str, str], workers: list[dict[str, str]],
+                 own_logins: bool = False):
         self.workdir = workdir
+        self.own_logins = own_logins
+        self.logins: list[tuple[str, str]] = []
         self.port = free_port()
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CONFIG_FILE": "/nonexistent.yaml",
@@ -81,7 +86,24 @@ class Deployment:
         return subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env={**self.env, **extra},
                                 stdout=log, stderr=subprocess.STDOUT)
 
+    def _provision_logins(self) -> None:
+        """A worker login per worker, provisioned as make broker does, and the queues declared (a
+        worker login may not declare them)."""
+        from src import config
+        from src.kinds import registry
+        from src.messaging import accounts
+        from src.messaging.broker import Broker
+
+        settings = config.load(self.env)
+        self.logins = [(f"{self.prefix}-worker-{i}", uuid.uuid4().hex) for i in range(len(self.worker_envs))]
+        accounts.provision(accounts.Ctl(), self.prefix, settings.server_login, *self.logins)
+        Broker(settings, "provision").declare_topology(registry.queues(registry.names()))
+        self.worker_envs = [{**extra, "BROKER_WORKER_USER": user, "BROKER_WORKER_PASSWORD": password}
+                            for extra, (user, password) in zip(self.worker_envs, self.logins, strict=True)]
+
     def __enter__(self) -> Deployment:
+        if self.own_logins:
+            self._provision_logins()
         self.server = self._spawn("src.server", "server", {})
         for index, extra in enumerate(self.worker_envs):
             self.workers.append(self._spawn("src.audio_worker", f"worker{index}", extra))
@@ -109,6 +131,10 @@ class Deployment:
         for name in listed.split():
             if name.startswith(self.prefix + "."):  # jobs (one per kind and route), results, dead
                 subprocess.run(["rabbitmqctl", "-q", "delete_queue", name], capture_output=True)
+        if self.logins:
+            from src.messaging import accounts
+
+            accounts.remove(accounts.Ctl(), self.prefix, [user for user, _ in self.logins])
 
     def add_workers(self, workers: list[dict[str, str]], timeout: float = 180) -> list[subprocess.Popen]:
         """Start more workers on the running deployment; returns them once GET /workers lists each."""

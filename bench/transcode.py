@@ -361,7 +361,9 @@ def measure_verify(p: Profile, source: Path, timeout: float, h264: dict) -> dict
             rows.append({"label": label, "workers": 2, "wall": h264["farm"]["wall"], "cpu": h264["farm"]["cpu"]})
             continue
         walls, cpus = [], []
-        with Deployment(source.parent, settings(p, **extra), workers(count)) as deployment:
+        # replicas vote once per broker login: each worker has its own, as each host would
+        with Deployment(source.parent, settings(p, **extra), workers(count),
+                        own_logins="VERIFY_REPLICAS" in extra) as deployment:
             media_id = upload(deployment, source)
             for _ in range(p.runs):
                 done = run_task(deployment, media_id, params, timeout)
