@@ -22,9 +22,10 @@ headers from here.
   STOMP plugin writes a MESSAGE's own `destination` header (`/topic/{routing key}`) before
   any header the publisher set, and stomp.py keeps the first of a repeated header; a
   `user-id` header, by contrast, can be forged by a publisher on AMQP 0-9-1 (an entry of
-  the headers table comes out before the validated property). So `sender` reads the login
-  from the destination, and votes and presence slots count per login (measured in
-  tests/test_identity.py).
+  the headers table comes out before the validated property: measured on RabbitMQ 3.10 with
+  the management API's publish, which takes the same path). So `sender` reads the login from
+  the destination, and votes and presence slots count per login (tests/test_trust.py: a
+  worker login is refused another login's routing key; tests/test_identity.py, test_farm.py).
 - dead: where refused and exhausted messages are parked for a person to inspect; a quorum
   queue as well, so that on a cluster parking works while any one node is down (a classic
   queue lives on one node, and with that node down every park closed the connection).
