@@ -42,7 +42,7 @@ import stomp
 import stomp.exception
 
 from src.config import Settings
-from src.messaging.destinations import Destinations
+from src.messaging.destinations import LOGIN, Destinations
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ class Broker:
         self.settings = settings
         self.role = role
         self.user, self.password = settings.server_login if role == "server" else settings.worker_login
+        if role == "worker" and not LOGIN.fullmatch(self.user):
+            # its results and presence go out on routing keys named after its login (destinations.py)
+            raise ValueError(f"BROKER_WORKER_USER {self.user!r}: a worker's broker login is letters, digits, '_', "
+                             f"'@' and '-' (make broker WORKER_LOGIN=<host> provisions such)")
         self.destinations = Destinations(settings.queue_prefix, self.user)
         self.client_name = client_name
         self._subscriptions: list[_Subscription] = []
