@@ -152,7 +152,8 @@ class Orchestrator:
             facts["timing"] = {"prepare_seconds": round(time.monotonic() - started, 3)}
         except (probe.UnreadableMedia, probe.RefusedMedia, NotApplicable, FileNotFoundError) as exc:
             if self.store.task(task_id) is not None and self.store.mark_failed(task_id, str(exc)):
-                log.warning("Task[%d] - preparing failed: %s", task_id, exc)
+                # repr: one line, whatever the media says
+                log.warning("Task[%d] - preparing failed: %r", task_id, str(exc))
                 self.p.metrics.task_ended(self.store, task_id)
                 self.p.changed(task_id)
             return
