@@ -1,4 +1,7 @@
-"""The images' HEALTHCHECK: `python3 deploy/docker/healthcheck.py server|worker`, exit 0 when healthy.
+"""The images' HEALTHCHECK: `python3 deploy/docker/healthcheck.py [server|worker]`, exit 0 when healthy.
+
+Without an argument it checks the role of the process the container runs (`src.server` or
+`src.audio_worker` on its command line), so one HEALTHCHECK serves every image.
 
 - server: its own `GET /health` answers 200 on the port it listens on inside the container.
 - worker: the worker holds an established TCP connection to one of the broker's nodes (a
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import urllib.request
+from pathlib import Path
 
 sys.path.insert(0, "/app")
 
@@ -30,11 +34,25 @@ def worker_healthy(settings: config.Settings) -> bool:
                for c in psutil.net_connections(kind="tcp"))
 
 
+def running_role() -> str:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:  # a process that ended meanwhile
+            continue
+        if b"src.server" in words:
+            return "server"
+        if b"src.audio_worker" in words:
+            return "worker"
+    return ""
+
+
 def main() -> int:
-    role = sys.argv[1] if len(sys.argv) > 1 else ""
+    role = sys.argv[1] if len(sys.argv) > 1 else running_role()
     checks = {"server": server_healthy, "worker": worker_healthy}
     if role not in checks:
-        print(f"usage: healthcheck.py {'|'.join(checks)}", file=sys.stderr)
+        print(f"usage: healthcheck.py [{'|'.join(checks)}] (no server or worker process runs here)",
+              file=sys.stderr)
         return 2
     try:
         healthy = checks[role](config.load())

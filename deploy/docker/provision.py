@@ -6,7 +6,8 @@ so the same provisioning reaches it in two steps, both run from the server image
 
 - `provision.py definitions` (before the broker starts): the logins, as `make broker` picks
   them (`accounts.logins_for`: the configured ones, or `{p}-server` and `{p}-worker` with
-  random passwords kept from one run to the next), and `accounts.provision`'s rabbitmqctl
+  random passwords kept from one run to the next, in a virtual host of the deployment's own),
+  and `accounts.provision`'s rabbitmqctl
   calls recorded into a RabbitMQ definitions file that the broker loads at boot (users,
   permissions, topic permissions, policies). The server's logins file goes to
   /run/karaoke/server and one with the worker's login only to /run/karaoke/worker, each on
@@ -48,7 +49,7 @@ class Recorder(accounts.Ctl):
 
     def __init__(self) -> None:
         self.users: dict[str, dict] = {}
-        self.vhosts: set[str] = {accounts.VHOST}
+        self.vhosts: set[str] = {accounts.DEFAULT_VHOST}
         self.permissions: list[dict] = []
         self.topic_permissions: list[dict] = []
         self.policies: list[dict] = []
@@ -66,7 +67,7 @@ class Recorder(accounts.Ctl):
                 options[word] = rest.pop(0)
             else:
                 positional.append(word)
-        vhost = options.get("-p", options.get("--vhost", accounts.VHOST))
+        vhost = options.get("-p", options.get("--vhost", accounts.DEFAULT_VHOST))
         self.vhosts.add(vhost)
         if command in ("list_users", "list_queues", "list_vhosts"):
             return ""  # a new broker: nothing there yet
@@ -115,16 +116,17 @@ def write(path: Path, text: str, mode: int) -> None:
 
 def definitions() -> None:
     settings = config.load(dict(os.environ, BROKER_LOGINS_FILE=str(SERVER_LOGINS)))
-    server, worker = accounts.logins_for(settings, SERVER_LOGINS)
+    server, worker, vhost = accounts.logins_for(settings, SERVER_LOGINS)
     recorder = Recorder()
-    accounts.provision(recorder, settings.queue_prefix, server, worker)
+    accounts.provision(recorder, settings.queue_prefix, server, worker, vhost=vhost)
     # the broker's own user reads this file: it holds salted hashes, never a password
     write(DEFINITIONS, json.dumps(recorder.definitions(), indent=1), 0o644)
     if SERVER_LOGINS.is_file():  # generated logins: the workers get theirs, not the server's
-        entries = {settings.queue_prefix: {"BROKER_WORKER_USER": worker[0], "BROKER_WORKER_PASSWORD": worker[1]}}
+        entries = {settings.queue_prefix: {"BROKER_WORKER_USER": worker[0], "BROKER_WORKER_PASSWORD": worker[1],
+                                           "BROKER_VHOST": vhost}}
         write(WORKER_LOGINS, "# The worker's broker login (provision.py)\n" + yaml.safe_dump(entries), 0o600)
-    print(f"provision: definitions for QUEUE_PREFIX={settings.queue_prefix}: server {server[0]!r}, "
-          f"workers {worker[0]!r}, {len(recorder.policies)} policies")
+    print(f"provision: definitions for QUEUE_PREFIX={settings.queue_prefix} in virtual host {vhost!r}: "
+          f"server {server[0]!r}, workers {worker[0]!r}, {len(recorder.policies)} policies")
 
 
 def topology() -> None:
