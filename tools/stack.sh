@@ -37,6 +37,18 @@ fi
 export BROKER_IMAGE
 
 port="${SERVER_PORT:-5000}"
+# a port that something else holds (make broker's RabbitMQ on 61613 and 15672, make server on 5000)
+# would stop `up` half-way: say which, unless it is this stack's own
+if ! "${compose[@]}" ps -q server 2>/dev/null | grep -q .; then
+  for entry in "SERVER_PORT:$port" "STACK_BROKER_PORT:${STACK_BROKER_PORT:-61613}" \
+               "STACK_MANAGEMENT_PORT:${STACK_MANAGEMENT_PORT:-15672}"; do
+    if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/${entry#*:}" 2>/dev/null; then
+      echo "stack: port ${entry#*:} is in use here (make broker's RabbitMQ, or make server?);" \
+        "stop that, or choose another with ${entry%%:*}=..." >&2
+      exit 1
+    fi
+  done
+fi
 "${compose[@]}" up -d --scale "worker=${WORKERS_HEALTHY:-2}"
 for _ in $(seq 1 300); do
   if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
