@@ -55,6 +55,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,33 +233,29 @@ def place(fd: int, folder_fd: int, name: str, link: bool = True) -> None:
             raise
         except OSError:
             pass
-    temporary = f".watch-{uuid.uuid4().hex}.tmp"
-    out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                  dir_fd=folder_fd)
-    try:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            while chunk := os.read(fd, 1 << 20):
-                os.write(out, chunk)
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.replace(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-    finally:
-        try:
-            os.unlink(temporary, dir_fd=folder_fd)
-        except FileNotFoundError:
-            pass
+
+    def copy(out: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
+            os.write(out, chunk)
+
+    _write_by_rename(folder_fd, name, copy)
 
 
 def write_note(folder_fd: int, name: str, text: str) -> None:
     """`text` at `name` in the folder `folder_fd`, by a temporary name and a rename, synced."""
+    _write_by_rename(folder_fd, name, lambda out: os.write(out, text.encode("utf-8", "replace")))
+
+
+def _write_by_rename(folder_fd: int, name: str, write: Callable[[int], object]) -> None:
+    """`name` in the folder `folder_fd`, written by `write(descriptor)` to a temporary name (never
+    following a link), synced, then renamed over it: a reader never sees half a file."""
     temporary = f".watch-{uuid.uuid4().hex}.tmp"
     out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                   dir_fd=folder_fd)
     try:
         try:
-            os.write(out, text.encode("utf-8", "replace"))
+            write(out)
             os.fsync(out)
         finally:
             os.close(out)
