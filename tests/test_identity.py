@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-import stomp
 from prometheus_client.parser import text_string_to_metric_families
 
 from src.kinds import registry
@@ -29,7 +28,7 @@ from src.server.store import Store
 from tests import video
 from tests.conftest import Cluster
 from tests.helpers import services_of, wait_for
-from tests.test_trust import _Frames
+from tests.test_trust import stomp_login
 
 MANAGEMENT = "http://localhost:15672"
 
@@ -47,14 +46,6 @@ def worker_logins(settings, count: int) -> Iterator[list[tuple[str, str]]]:
         yield logins
     finally:
         accounts.remove(ctl, settings.queue_prefix, [user for user, _ in logins])
-
-
-def connect(settings, user: str, password: str) -> tuple[stomp.Connection12, _Frames]:
-    conn = stomp.Connection12([(settings.broker_host, settings.broker_port)], vhost="/", auto_decode=False)
-    frames = _Frames()
-    conn.set_listener("frames", frames)
-    conn.connect(user, password, wait=True)
-    return conn, frames
 
 
 def presence_body(name: str) -> bytes:
@@ -75,7 +66,7 @@ def dropped(app) -> float:
 
 def test_a_flood_of_forged_names_from_one_login_keeps_no_other_login_s_worker_out(app, settings, tmp_path):
     with worker_logins(settings, 2) as (flooder, honest):
-        conn, frames = connect(settings, *flooder)
+        conn, frames = stomp_login(settings, *flooder)
         route = Destinations(settings.queue_prefix, flooder[0]).presence
         try:
             for i in range(300):  # more than the whole registry holds (MAX_WORKERS)
@@ -116,7 +107,7 @@ def test_a_worker_login_cannot_read_the_server_s_presence_subscription(app, sett
     queue = wait_for(server_queues, 30, "the server's presence subscription queue")[0]
     with worker_logins(settings, 1) as [worker]:
         for destination in (f"/amq/queue/{queue}", f"/queue/{queue}"):
-            conn, frames = connect(settings, *worker)
+            conn, frames = stomp_login(settings, *worker)
             try:
                 conn.subscribe(destination, id="1", ack="auto", headers={"receipt": "r"})
                 wait_for(lambda f=frames: f.errors or f.receipts, 10, "the broker's answer")
