@@ -63,13 +63,19 @@ mkdir -p deploy/docker/wheels
 echo "images: wheels in deploy/docker/wheels ($(du -sh deploy/docker/wheels | cut -f1)) in $(seconds "$started") s"
 
 build() {  # image, then docker build arguments
-  local image="$1" started=$SECONDS log
+  local image="$1" started=$SECONDS log old
   shift
   log="$(mktemp)"
+  old="$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)"
   if ! docker build --network host --build-arg "BASE=$base" -t "$image" "$@" >"$log" 2>&1; then
     tail -40 "$log" >&2; rm -f "$log"; echo "images: building $image failed" >&2; return 1
   fi
   rm -f "$log"
+  # the version this build replaced (vfs keeps every layer whole: gigabytes per version); one that a
+  # container still uses stays
+  if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+    docker rmi "$old" >/dev/null 2>&1 || true
+  fi
   echo "images: $image: $(size "$image") in $(seconds "$started") s"
 }
 
