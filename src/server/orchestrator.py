@@ -215,7 +215,9 @@ class Orchestrator:
         return True
 
     def _plan(self, task: Task) -> None:
-        planned = self.p.kind(task.kind).plan(self.p.view(task))
+        # the live workers that would take its jobs: a plan gives each of them some
+        workers = max(1, len(self.p.offering(task.kind, self.p.route(task))))
+        planned = self.p.kind(task.kind).plan(replace(self.p.view(task), workers=workers))
         self.store.start_jobs(task.id, planned)
         log.info("Task[%d] - %s in %d jobs", task.id, task.kind, len(planned))
         self._wake.put(task.id)
@@ -254,22 +256,27 @@ class Orchestrator:
                 self._wake.put(None)
 
     def _publish_pending(self) -> None:
+        waiting: set[int] = set()  # tasks no live worker serves yet: their other jobs wait too
         for job in self.store.jobs(state="pending"):
             task = self.store.task(job.task_id)
             if task is None or task.state != "running":
                 continue
             kind = self.p.kind(task.kind)
-            route, ready = self.p.pin_route(task)
-            if not ready:  # its route is chosen once a worker serves one (separation: GPU or CPU)
-                self._watch_capability(task, route, 0)
+            if task.id in waiting:
                 continue
-            task = self.store.task(task.id) or task  # with the route it now keeps
+            pinned = self.p.pin_route(task)
+            if pinned is None:  # its route is chosen once a worker serves one (separation: GPU or CPU)
+                waiting.add(task.id)
+                self._watch_capability(task, self.p.route(task), 0)
+                continue
+            task = pinned
             params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
             if job.digest is None:
                 job = replace(job, digest=cache.digest(task.kind, params, payload))
                 self.store.set_digest(job.id, job.digest)
             if self._from_cache(task, job):
                 continue
+            route = self.p.route(task)
             # VERIFY_REPLICAS: the first publication sends one copy per replica; a re-publication one
             copies = self.p.settings.verify_replicas if job.publications == 0 else 1
             for _ in range(copies):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from src.config import Settings
@@ -66,17 +66,17 @@ class Pipeline:
             return task.facts["route"] or None
         return next((r for r in wanted if self.offering(task.kind, r or None)), wanted[-1]) or None
 
-    def pin_route(self, task: Task) -> tuple[str | None, bool]:
-        """(the task's route, whether its jobs may be published now). A kind with preferences has its
-        route chosen once a live worker serves one of them, and kept on the task, so that all its
-        jobs (and the cached results it reuses) come from one route: before that it waits."""
-        route = self.route(task)
+    def pin_route(self, task: Task) -> Task | None:
+        """The task as its jobs may be published now, or None while they may not. A kind with
+        preferences has its route chosen once a live worker serves one of them, and kept on the
+        task, so that all its jobs (and the cached results it reuses) come from one route."""
         if not isinstance(self.kind(task.kind).route(task.params), tuple) or "route" in task.facts:
-            return route, True
+            return task
+        route = self.route(task)
         if not self.offering(task.kind, route):
-            return route, False
+            return None
         self.store.update_facts(task.id, {"route": route or ""})
-        return route, True
+        return replace(task, facts={**task.facts, "route": route or ""})
 
     def versions(self, task: Task) -> set[str]:
         """The software versions a job of this task would run with: each live worker's for its
@@ -87,17 +87,16 @@ class Pipeline:
         wanted = kind.route(task.params)
         if not isinstance(wanted, tuple):
             routes, own = [wanted], True
-        else:
-            routes = [self.route(task)] if "route" in task.facts else list(wanted)
-            own = (wanted[-1] or None) in [r or None for r in routes]
+        else:  # a kept route is stored as the kind names it ("" for the plain queue)
+            routes = [task.facts["route"]] if "route" in task.facts else list(wanted)
+            own = wanted[-1] in routes
         found = {v for r in routes for v in self.offering(task.kind, r or None).values()}
         return found | {kind.version(task.params)} if own else found
 
     def view(self, task: Task) -> TaskView:
         media = self.store.media(task.media_id)
         return TaskView(task.id, task.kind, task.params, task.facts,
-                        media_of(media, self.files.original(media.id)), self.files.task_dir(task.id),
-                        workers=max(1, len(self.offering(task.kind, self.route(task)))))
+                        media_of(media, self.files.original(media.id)), self.files.task_dir(task.id))
 
     @staticmethod
     def job_view(job: Job) -> JobView:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +33,6 @@ from src.kinds.base import Cancelled
 from src.kinds.separation.model import bag_weights, sub_models
 
 log = logging.getLogger("worker")
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
 
 @dataclass(frozen=True)
 class JobInput:
@@ -75,9 +72,8 @@ class Batcher:
 
 
 def configure_precision(precision: str) -> None:
-    """TF32 on or off for this process, as PRECISION says (torch allows it for convolutions by default)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"PRECISION is one of {', '.join(PRECISIONS)}, not {precision!r}")
+    """TF32 on or off for this process, as PRECISION (checked by config) says: torch allows it for
+    convolutions by default."""
     allowed = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed
@@ -146,15 +142,12 @@ def _segments(jobs: Sequence[JobInput], mixes: list[torch.Tensor], member: Any) 
     return found
 
 
-def _batches(segments: list[_Segment], size: Callable[[], int]) -> Iterator[list[_Segment]]:
-    """Runs of segments that one model call takes: the same padded length, at most size() of them."""
-    start = 0
-    while start < len(segments):
-        end = start + 1
-        while end < len(segments) and end - start < size() and segments[end].valid == segments[start].valid:
-            end += 1
-        yield segments[start:end]
-        start = end
+def _next_batch(segments: list[_Segment], size: int) -> list[_Segment]:
+    """The leading segments one model call takes: the same padded length, at most `size` of them."""
+    end = 1
+    while end < min(size, len(segments)) and segments[end].valid == segments[0].valid:
+        end += 1
+    return segments[:end]
 
 
 def _forward(member: Any, batch: list[_Segment], precision: str, device: torch.device) -> torch.Tensor:
@@ -196,7 +189,7 @@ def run_jobs(model: Any, jobs: Sequence[JobInput], batcher: Batcher | None = Non
             pending = [s for s in pending if not stopped[s.job]]
             if not pending:
                 break
-            batch = next(_batches(pending, lambda: batcher.size))
+            batch = _next_batch(pending, batcher.size)
             try:
                 out = _forward(member, batch, precision, device)
             except torch.OutOfMemoryError as error:
