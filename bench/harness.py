@@ -206,7 +206,7 @@ def make_song(path: Path, seconds: float, title: str | None = None, artist: str 
         return path
     graph = (f"sine=frequency=220:duration={seconds}:sample_rate=44100[a];"
              f"sine=frequency=331:duration={seconds}:sample_rate=44100[b];"
-             f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2[n];"
+             f"anoisesrc=color=pink:duration={seconds}:sample_rate=44100:amplitude=0.2:seed=1[n];"
              "[a][b]amerge=inputs=2,volume=0.4[t];[t][n]amix=inputs=2:normalize=0[out]")
     meta = [arg for key, value in (("title", title), ("artist", artist)) if value
             for arg in ("-metadata", f"{key}={value}")]
