@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "WATCH_TASK": '{"kind": "transcode", "params": {"codec": "h264", "crf": 23}}',
     "VERIFY": "off",  # off | psnr: also measure each transcoded chunk against its source
     "VERIFY_MIN_PSNR": 30.0,
+    # 0-1: the fraction of video chunks the server fully checks (a clean decode; transcode: also
+    # VERIFY_MIN_PSNR against the source); the rest are judged by their packets alone
+    "VERIFY_SAMPLE": 0.0,
     "VERIFY_REPLICAS": 1,  # k > 1: each job runs on k workers and the majority checksum wins
     "POWERCAP_ROOT": "/sys/class/powercap",
     # Cloud Carbon Footprint's average for a fully busy vCPU (AWS, max watts 3.5): the
@@ -89,6 +93,11 @@ DEFAULTS: dict[str, Any] = {
     "WATTS_PER_CORE": 3.5,
     "CAPTURE_SECONDS": 30,
     "CAPTURE_IFACE": "lo",
+    # the data plane (src/data): where job inputs and results travel, apart from the broker
+    "DATA_STORE": "",  # empty: the server's own data endpoint; s3://bucket/prefix: an S3 bucket
+    "DATA_URL": "",  # the data endpoint's address as workers reach it; empty: http://SERVER_HOST:DATA_PORT
+    "DATA_PORT": 0,  # the data endpoint's port; 0: SERVER_PORT + 1
+    "DATA_SECRET": "",  # the references' HMAC key; empty: made once, kept in STORAGE_DIR/data/secret
 }
 
 
@@ -148,11 +157,16 @@ class Settings:
     watch_task: str
     verify: str
     verify_min_psnr: float
+    verify_sample: float
     verify_replicas: int
     powercap_root: Path
     watts_per_core: float
     capture_seconds: int
     capture_iface: str
+    data_store: str
+    data_url: str
+    data_port: int
+    data_secret: str
 
     @property
     def broker_nodes(self) -> list[tuple[str, int]]:
@@ -176,6 +190,17 @@ class Settings:
             return self.worker_threads
         workers = max(1, self.workers_healthy + self.workers_unhealthy)
         return max(1, (os.cpu_count() or 1) // workers)
+
+    @property
+    def data_address(self) -> str:
+        """Where workers reach the data endpoint: DATA_URL, else this server's host on DATA_PORT
+        (the host's name where SERVER_HOST listens on every address)."""
+        if self.data_url:
+            return self.data_url.rstrip("/")
+        host = self.server_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.data_port}"
 
     @property
     def listens_beyond_loopback(self) -> bool:
@@ -203,6 +228,8 @@ class Settings:
         """The settings as environment variables, for child processes started by a supervisor."""
         env = {}
         for field in fields(self):
+            if field.name == "data_secret":
+                continue  # the server's alone: a worker holding it could sign references to any job's data
             value = getattr(self, field.name)
             if isinstance(value, bool):
                 value = int(value)
@@ -328,8 +355,17 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     values["POWERCAP_ROOT"] = Path(values["POWERCAP_ROOT"])
     if values["VERIFY"] not in {"off", "psnr"}:
         raise ValueError("VERIFY must be 'off' or 'psnr'")
+    if values["DATA_PORT"] == 0:
+        values["DATA_PORT"] = values["SERVER_PORT"] + 1
+    if values["DATA_STORE"] not in ("", "server") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?",
+                                                                        values["DATA_STORE"]):
+        raise ValueError("DATA_STORE must be empty (the server's data endpoint) or s3://bucket/prefix")
+    if values["DATA_URL"] and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", values["DATA_URL"]):
+        raise ValueError("DATA_URL must be an http:// or https:// address")
     if values["VERIFY_REPLICAS"] < 1:
         raise ValueError("VERIFY_REPLICAS must be at least 1")
+    if not 0 <= values["VERIFY_SAMPLE"] <= 1:
+        raise ValueError("VERIFY_SAMPLE must be a fraction from 0 to 1")
     for name in ("MAX_PIXELS", "MAX_FPS", "MAX_FRAMES", "STORAGE_MAX_GB"):
         if values[name] <= 0:
             raise ValueError(f"{name} must be positive")
