@@ -19,13 +19,26 @@ so a list can never reach a playlist or another list.
 
 `limited()` is the `preexec_fn` that caps a probing child's address space (RLIMIT_AS):
 whatever a demuxer or decoder is talked into allocating, the child fails, the server not.
+
+`run()` is how the server's ffmpeg and ffprobe run (a drop-in for `subprocess.run`), and
+`accounted()` the block that measures the server's own work: the calling thread's CPU and
+the CPU of every child that `run()` reaped inside the block (the serial share of a task,
+issue 22: stats["serial"] and karaoke_server_cpu_seconds_total).
 """
 
 from __future__ import annotations
 
+import contextvars
+import locale
 import os
 import resource
+import select
 import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,3 +152,113 @@ def concat_input(files: list[tuple[Path, str | None]], listing: Path, folder: Pa
 def limited(memory_bytes: int = PROBE_MEMORY_BYTES):
     """A `preexec_fn` capping the child's address space: a C call, no Python run in the fork."""
     return partial(resource.setrlimit, resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+
+# -- what the server's own ffmpeg and ffprobe cost ---------------------------------------------
+#
+# Why os.wait4 per child, and not getrusage(RUSAGE_CHILDREN) deltas: RUSAGE_CHILDREN is one
+# figure for the whole process, and the server reaps children on several threads at once (the
+# preparer, the publisher, the results and merge threads, uploads in request threads), so a
+# delta around one phase would take in the children of every other phase that ended meanwhile.
+# wait4 returns the rusage of exactly the child it reaps, on the thread that ran it; the block
+# that thread is in (a context variable, so each thread sees its own) adds it up. The child's
+# own figure includes its waited-for descendants (ffmpeg has none).
+
+
+@dataclass
+class Work:
+    """What one `accounted()` block cost: the thread's CPU, its children's, the wall time."""
+
+    thread_cpu_seconds: float = 0.0
+    children_cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    children: int = 0  # ffmpeg/ffprobe runs reaped in the block
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.thread_cpu_seconds + self.children_cpu_seconds
+
+
+_work: contextvars.ContextVar[Work | None] = contextvars.ContextVar("guard_work", default=None)
+
+
+@contextmanager
+def accounted() -> Iterator[Work]:
+    """Measure the block: the calling thread's CPU (time.thread_time), the CPU of the children
+    `run()` reaped in it, and its wall time. Blocks nest: an outer block counts an inner one's
+    children too (its thread time already holds the inner's)."""
+    work, outer = Work(), _work.get()
+    token = _work.set(work)
+    cpu, wall = time.thread_time(), time.perf_counter()
+    try:
+        yield work
+    finally:
+        work.thread_cpu_seconds = time.thread_time() - cpu
+        work.wall_seconds = time.perf_counter() - wall
+        _work.reset(token)
+        if outer is not None:
+            outer.children_cpu_seconds += work.children_cpu_seconds
+            outer.children += work.children
+
+
+def _reap(process: subprocess.Popen, timeout: float | None) -> resource.struct_rusage | None:
+    """Wait for the child and reap it with wait4 (its own rusage); None when it outlived `timeout`.
+    A pidfd makes the wait interruptible by the timeout without reaping early."""
+    if timeout is not None:
+        try:
+            fd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):  # no pidfd (an old kernel): poll instead
+            deadline = time.monotonic() + timeout
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    process.returncode = os.waitstatus_to_exitcode(status)
+                    return usage
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.005)
+        try:
+            if not select.select([fd], [], [], max(0.0, timeout))[0]:
+                return None
+        finally:
+            os.close(fd)
+    _, status, usage = os.wait4(process.pid, 0)
+    # reaped here: the Popen object must not wait for it again
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage
+
+
+def run(args: list[str], *, timeout: float | None = None, check: bool = False, capture_output: bool = False,
+        text: bool = False, preexec_fn=None, stdout=None, stderr=None) -> subprocess.CompletedProcess:
+    """`subprocess.run` for the server's ffmpeg and ffprobe. Inside an `accounted()` block the
+    child is reaped with wait4 and its CPU added to the block; outside one it is subprocess.run.
+
+    Output goes through temporary files rather than pipes, so the child can never stall on a
+    full pipe while this thread waits for it to end."""
+    work = _work.get()
+    if work is None:
+        return subprocess.run(args, timeout=timeout, check=check, capture_output=capture_output, text=text,
+                              preexec_fn=preexec_fn, stdout=stdout, stderr=stderr)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out if capture_output else stdout,
+                                   stderr=err if capture_output else stderr, preexec_fn=preexec_fn)
+        usage = _reap(process, timeout)
+        expired = usage is None
+        if expired:
+            process.kill()
+            usage = _reap(process, None)
+        work.children_cpu_seconds += usage.ru_utime + usage.ru_stime
+        work.children += 1
+        outputs = []
+        for stream in (out, err):
+            stream.seek(0)
+            data = stream.read() if capture_output else None
+            if data is not None and text:  # as subprocess's text mode: the locale's encoding, universal newlines
+                data = data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
+            outputs.append(data)
+    if expired:
+        raise subprocess.TimeoutExpired(args, timeout, outputs[0], outputs[1])
+    done = subprocess.CompletedProcess(args, process.returncode, outputs[0], outputs[1])
+    if check:
+        done.check_returncode()
+    return done

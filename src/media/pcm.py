@@ -6,7 +6,6 @@ frames are interleaved little-endian float32 at the rate and channels asked for.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ def decode(source: Path, target: Path, samplerate: int, channels: int, max_durat
         source_input = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
     except guard.OutsideFolder as exc:
         raise UnreadableMedia(f"the audio cannot be decoded ({exc})") from None
-    proc = subprocess.run(
+    proc = guard.run(  # guard.run: a server phase counts the child's CPU
         ["ffmpeg", "-nostdin", "-v", "error", "-xerror", *source_input, "-map", "0:a:0",
          "-t", f"{max_duration_s + 1:.3f}", "-fs", str((cap_frames + samplerate) * channels * SAMPLE_BYTES),
          "-ac", str(channels), "-ar", str(samplerate), "-f", "f32le", "-acodec", "pcm_f32le", "-y", str(target)],

@@ -96,7 +96,7 @@ def probe(path: Path, limits: Limits | None = None) -> Probe:
     With `limits`, RefusedMedia for what is over them, from the header and then from the packets.
     """
     try:
-        proc = subprocess.run(
+        proc = guard.run(  # guard.run: a server phase counts the child's CPU
             ["ffprobe", "-v", "error", "-threads", "1",
              *guard.probe_input(path, guard.UPLOAD, path.parent, limits.max_pixels if limits else 0),
              "-show_entries",
@@ -203,7 +203,7 @@ def measured(path: Path, found: Probe, limits: Limits) -> Probe:
     no more than an honest file at the limits)."""
     maps = (["-map", "0:v:0"] if found.video else []) + (["-map", "0:a:0"] if found.audio else [])
     try:
-        proc = subprocess.run(
+        proc = guard.run(
             ["ffmpeg", "-nostdin", "-v", "error", "-nostats", "-threads", "1",
              *guard.ffmpeg_input(path, guard.UPLOAD, path.parent, limits.max_pixels), *maps, "-c", "copy",
              "-t", f"{limits.max_duration_s + 1:.3f}", "-frames:v", str(limits.max_frames + 1),

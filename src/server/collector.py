@@ -167,7 +167,8 @@ class Collector:
 
         kind, view, job_view = self.p.kind(task.kind), self.p.view(task), self.p.job_view(job)
         if isinstance(message, ResultMessage):
-            refused = kind.check(view, job_view, message.params, message.payload)
+            with self.metrics.serial.phase(task.id, task.kind, "check"):  # the server's own work (serial.py)
+                refused = kind.check(view, job_view, message.params, message.payload)
             if refused is not None:
                 log.warning("JobDoneMsg[%d] - from Worker[%s] refused by the %s check: %s", job.id, message.worker,
                             task.kind, clean_text(refused))
@@ -181,7 +182,8 @@ class Collector:
         if self.settings.verify_replicas > 1 and not self._majority(task, job, message, login):
             return self.broker.ack(delivery)  # this copy is counted; the job waits for more votes
 
-        kind.keep(view, job_view, message.params, message.payload)
+        with self.metrics.serial.phase(task.id, task.kind, "check"):
+            kind.keep(view, job_view, message.params, message.payload)
         spent = Spent(version=message.version, cpu_ms=message.cpu_ms, joules=message.energy_mj / 1000,
                       energy_source=message.energy_source, result_bytes=len(message.payload))
         applied = self.store.record_result(job.id, message.worker, message.compute_ms, spent)
@@ -285,7 +287,8 @@ class Collector:
         jobs = [self.p.job_view(job) for job in self.store.jobs(task_id)]
         kind, view = self.p.kind(task.kind), self.p.view(task)
         try:
-            stats = kind.merge(view, jobs)
+            with self.metrics.serial.phase(task_id, task.kind, "merge"):
+                stats = kind.merge(view, jobs)
         except FileNotFoundError:
             if self.store.task(task_id) is None:
                 return  # deleted while merging
@@ -298,6 +301,8 @@ class Collector:
             return
         timing = {**task.facts.get("timing", {}), "merge_seconds": round(time.monotonic() - started, 3)}
         stats = {**stats, **self._costs(task_id, stats), "timing": timing}
+        # the server's own CPU and wall seconds by phase beside the workers' (issue 22's serial share)
+        stats["serial"] = self.metrics.serial.stats(task_id, self.store.spent(task_id)["cpu_seconds"])
         self.store.update_facts(task_id, {"stats": stats, "timing": timing, "waiting": None})
         self._keep_task(self.store.task(task_id), kind, view)  # before done: the same task again hits
         self.store.mark_done(task_id)

@@ -17,6 +17,8 @@ Three sorts of figures, all with bounded label sets:
   snapshot: messages, ready, unacked, consumers and the broker's rates. Only the
   deployment's own queues with a known kind and route get a series of their own; any
   other queue under the prefix is summed into `role="other"`.
+- per kind and phase, the server's own CPU and wall seconds (`karaoke_server_cpu_seconds_total`,
+  `karaoke_server_wall_seconds_total{kind,phase}`): the serial part of the farm (serial.py).
 
 The per-worker and per-queue families come from `FarmCollector`, which the /metrics route
 hands the two snapshots before rendering: one scrape is one consistent snapshot, and two
@@ -33,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from src.kinds import registry as kinds
+from src.server.serial import PHASES, SerialWork
 
 if TYPE_CHECKING:
     from src.server.store import Store
@@ -177,6 +180,16 @@ class Metrics:
             ["kind", "source"], registry=r)
         self.job_cpu_seconds = Counter(
             "karaoke_job_cpu_seconds", "CPU time of the jobs whose results were accepted", ["kind"], registry=r)
+        # the serial part: the server's own work per kind and phase (src/server/serial.py); with
+        # karaoke_job_cpu_seconds_total, rate(server) / (rate(server) + rate(jobs)) is the serial share
+        self.server_cpu_seconds = Counter(
+            "karaoke_server_cpu_seconds", "CPU time the server spent on tasks, by kind and phase (prepare, plan, "
+            "payload, check, merge): the thread's own plus its ffmpeg/ffprobe children's", ["kind", "phase"],
+            registry=r)
+        self.server_wall_seconds = Counter(
+            "karaoke_server_wall_seconds", "Wall time the server spent on tasks, by kind and phase",
+            ["kind", "phase"], registry=r)
+        self.serial = SerialWork(self.server_cpu_seconds, self.server_wall_seconds)
         self.jobs_queued = Gauge("karaoke_jobs_queued", "Jobs waiting for a worker", registry=r)
         self.jobs_running = Gauge("karaoke_jobs_running", "Jobs a worker is processing", registry=r)
         self.jobs_total_done = Gauge("karaoke_jobs_in_state_done", "Stored jobs that are done", registry=r)
@@ -204,6 +217,9 @@ class Metrics:
             self.media_seconds_done.labels(kind)
             for state in TASK_STATES:
                 self.tasks_finished.labels(kind, state)
+            for phase in PHASES:
+                self.server_cpu_seconds.labels(kind, phase)
+                self.server_wall_seconds.labels(kind, phase)
 
         self.farm = FarmCollector()
         r.register(self.farm)
@@ -211,6 +227,7 @@ class Metrics:
     def task_ended(self, store: Store, task_id: int) -> None:
         """Count a task that has just ended (call it right after the store marked it done, failed or
         cancelled): its state, and when done its latency and media seconds."""
+        self.serial.forget(task_id)  # a done task's figures are in its stats by now
         task = store.task(task_id)
         if task is None or task.state not in TASK_STATES or task.kind not in kinds.names():
             return

@@ -148,7 +148,8 @@ class Orchestrator:
                 return
         started = time.monotonic()
         try:
-            facts = self.p.kind(task.kind).prepare(self.p.view(task))
+            with self.p.metrics.serial.phase(task.id, task.kind, "prepare"):  # the server's own work (serial.py)
+                facts = self.p.kind(task.kind).prepare(self.p.view(task))
             facts["timing"] = {"prepare_seconds": round(time.monotonic() - started, 3)}
         except (probe.UnreadableMedia, probe.RefusedMedia, NotApplicable, FileNotFoundError) as exc:
             if self.store.task(task_id) is not None and self.store.mark_failed(task_id, str(exc)):
@@ -217,7 +218,8 @@ class Orchestrator:
     def _plan(self, task: Task) -> None:
         # the live workers that would take its jobs: a plan gives each of them some
         workers = max(1, len(self.p.offering(task.kind, self.p.route(task))))
-        planned = self.p.kind(task.kind).plan(replace(self.p.view(task), workers=workers))
+        with self.p.metrics.serial.phase(task.id, task.kind, "plan"):
+            planned = self.p.kind(task.kind).plan(replace(self.p.view(task), workers=workers))
         self.store.start_jobs(task.id, planned)
         log.info("Task[%d] - %s in %d jobs", task.id, task.kind, len(planned))
         self._wake.put(task.id)
@@ -270,9 +272,11 @@ class Orchestrator:
                 self._watch_capability(task, self.p.route(task), 0)
                 continue
             task = pinned
-            params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
+            with self.p.metrics.serial.phase(task.id, task.kind, "payload"):  # cutting or reading the piece
+                params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
+                digest = job.digest or cache.digest(task.kind, params, payload)
             if job.digest is None:
-                job = replace(job, digest=cache.digest(task.kind, params, payload))
+                job = replace(job, digest=digest)
                 self.store.set_digest(job.id, job.digest)
             if self._from_cache(task, job):
                 continue
@@ -298,12 +302,14 @@ class Orchestrator:
         params, body, version = found
         view, job_view = self.p.view(task), self.p.job_view(job)
         kind = self.p.kind(task.kind)
-        refused = kind.check(view, job_view, params, body)  # the cache is storage, and storage can rot
+        with self.p.metrics.serial.phase(task.id, task.kind, "check"):
+            refused = kind.check(view, job_view, params, body)  # the cache is storage, and storage can rot
         if refused is not None:
             log.warning("Task[%d] - Job[%d]: the cached result is refused (%s); publishing the job", task.id,
                         job.id, refused)
             return False
-        kind.keep(view, job_view, params, body)
+        with self.p.metrics.serial.phase(task.id, task.kind, "check"):
+            kind.keep(view, job_view, params, body)
         if self.store.record_result(job.id, CACHE_WORKER, 0, Spent(version=version, cached=True)):
             self.p.metrics.jobs_cached.labels(task.kind).inc()
             log.info("Task[%d] - Job[%d] (chunk %d) served from the results cache", task.id, job.id, job.chunk)

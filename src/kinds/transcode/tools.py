@@ -41,7 +41,7 @@ def run(args: list[str], timeout: float, what: str, memory: int = 0,
     stderr is a failure too (ffmpeg's concat demuxer ends early, exit 0, on a file it refuses).
     """
     try:
-        done = subprocess.run(args, capture_output=True, timeout=timeout, check=False,
+        done = guard.run(args, capture_output=True, timeout=timeout, check=False,  # counts a server phase's CPU
                               preexec_fn=guard.limited(memory) if memory else None)
     except subprocess.TimeoutExpired:
         raise ToolError(f"{what}: gave no answer within {timeout:.0f} s") from None
