@@ -178,8 +178,12 @@ class FaceblurKind:
                 return f"the result's {name} must list one value per frame ({job.facts['frames']})"
             if not all(type(value) is int and value >= 0 for value in values):
                 return f"the result's {name} must be non-negative integers"
+        # packets only, unless VERIFY_SAMPLE picks this chunk for a clean decode too (VERIFY=psnr
+        # does not apply: a masked chunk differs from its source by design)
+        full = chunk_check.sampled(task.folder, job.chunk, self.settings.verify_sample)
         return chunk_check.check_body(body, task.folder / "checking", job.facts["frames"], task.facts["width"],
-                                      task.facts["height"], CODEC, MAX_RESULT_BYTES)
+                                      task.facts["height"], CODEC, MAX_RESULT_BYTES, decode=full,
+                                      fps=task.facts["fps"])
 
     def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None:
         with atomic(records_path(task, job.id)) as partial:

@@ -184,12 +184,16 @@ class TranscodeKind:
     def check(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> str | None:
         if reason := check.echo_problem(params, job.facts, task.facts, task.params["codec"]):
             return reason
-        verify = (lambda chunk: self._verify(task, job, chunk)) if self.settings.verify == "psnr" else None
+        # packets only, unless VERIFY=psnr or VERIFY_SAMPLE picks this chunk: then a clean
+        # decode and the PSNR against the source too (what catches a clean chunk of wrong pictures)
+        full = self.settings.verify == "psnr" or check.sampled(task.folder, job.chunk, self.settings.verify_sample)
         return check.check_body(body, task.folder / "checking", job.facts["frames"], task.facts["width"],
-                                task.facts["height"], task.params["codec"], MAX_RESULT_BYTES, also=verify)
+                                task.facts["height"], task.params["codec"], MAX_RESULT_BYTES,
+                                also=(lambda chunk: self._verify(task, job, chunk)) if full else None,
+                                decode=full, fps=task.facts["fps"])
 
     def _verify(self, task: TaskView, job: JobView, chunk: Path) -> str | None:
-        """VERIFY=psnr: the chunk must look like the source frames it stands for."""
+        """VERIFY=psnr and VERIFY_SAMPLE's chunks: the chunk must look like the source frames it stands for."""
         piece = split.piece_path(task.folder, job.facts)
         if not piece.is_file():
             return None  # a late result for a task already merged (its pieces are gone): nothing to keep
