@@ -73,6 +73,7 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         "CHUNK_SECONDS": "3",
         "BROKER_HEARTBEAT_MS": "2000",
         "SERVER_PORT": str(harness.free_port()),
+        "DATA_PORT": str(harness.free_port()),  # the data endpoint (src/data): a port of its own, free too
         "WORKERS_HEALTHY": "2",
         "WORKER_THREADS": "1",
         # Fault tests run the same task twice and compare: the second run must do the work

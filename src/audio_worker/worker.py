@@ -1,7 +1,13 @@
-"""One worker process: take a job from the broker, run it with its kind's runner, send the result, ACK.
+"""One worker process: take a job from the broker, fetch its input, run it with its kind's runner,
+store the result, send the result message, ACK.
 
-The worker needs nothing but the broker address: a job message carries its input and
-everything else it needs. It consumes the jobs queue of each kind in WORKER_KINDS
+The worker needs the broker and the data store its jobs name, nothing else: a job message
+carries its params and two references (the claim check, src/data): a URL to GET its input
+from (checked against the size and SHA-256 the job names) and one to PUT its result to.
+Transfers resume after a cut connection and retry with backoff (src/data/client.py); a
+reference the store refuses because the attempt is over (410) drops the job. The result
+message, which carries the result's size and SHA-256 but not its bytes, is sent only once
+the store has the whole result. It consumes the jobs queue of each kind in WORKER_KINDS
 (default: every kind this host can run, `src.kinds.registry`), and of a kind with routes
 only the routes its runner offers (transcode: the codecs its ffmpeg can encode), or those
 WORKER_KINDS names as `kind/route`. It takes jobs with `ack: client-individual` and a
@@ -38,6 +44,7 @@ estimated (CPU seconds x WATTS_PER_CORE), and which (see energy.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -48,10 +55,14 @@ import time
 import traceback
 import uuid
 from collections import deque
+from dataclasses import replace
+
+import requests
 
 from src.audio_worker.energy import EnergyMeter
 from src.audio_worker.node import NodeProbe
 from src.config import Settings
+from src.data import client
 from src.kinds import registry
 from src.kinds.base import Cancelled, Runner
 from src.messaging.broker import Broker, Delivery
@@ -119,6 +130,7 @@ class Worker:
         self.device = device.split(":")[0]  # the class, as presence says it
         self.precision = getattr(model_runner, "precision", "")
         self.broker = Broker(settings, client_name=f"worker-{self.name}", role="worker")
+        self.http = requests.Session()  # the data store's connections, kept between jobs
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._reset_up_to = 0  # tasks with ids up to this one were reset
         self._cancelled: deque[int] = deque(maxlen=REMEMBERED_CANCELS)
@@ -194,8 +206,12 @@ class Worker:
             if not isinstance(job, JobMessage):
                 raise MalformedMessage(f"a {type(job).__name__} does not belong on the jobs queue")
             offer = f"{job.kind}/{job.route}" if job.route else job.kind
-            problem = (f"this worker does not serve {offer}" if offer not in self.offers
-                       else self.runners[job.kind].problem(job.params, job.payload))
+            if offer not in self.offers:
+                raise MalformedMessage(f"this worker does not serve {offer}")
+            job = self._fetch(delivery, job)
+            if job is None:
+                return None
+            problem = self.runners[job.kind].problem(job.params, job.payload)
             if problem:
                 raise MalformedMessage(problem)
         except MalformedMessage as exc:
@@ -206,6 +222,22 @@ class Worker:
             self._refuse(delivery, f"{type(exc).__name__}: {exc}")
             return None
         return delivery, job
+
+    def _fetch(self, delivery: Delivery, job: JobMessage) -> JobMessage | None:
+        """The job with its input, fetched through its reference (here, on the job's thread, not
+        the broker's receiver); None when the store says the attempt is over (the job is dropped).
+        MalformedMessage when the input cannot be had: the job is refused and the server told."""
+        try:
+            payload = client.fetch(job.input_ref, job.input_size, job.input_sha256, self.http)
+        except client.DataRefused as exc:
+            if exc.status == 410:
+                log.info("Worker[%s] dropped Job[%d]: %s", self.name, job.job_id, exc.reason)
+                self.broker.ack(delivery)
+                return None
+            raise MalformedMessage(f"its input could not be fetched: {exc}") from None
+        except client.DataUnavailable as exc:
+            raise MalformedMessage(f"its input could not be fetched: {exc}") from None
+        return replace(job, payload=payload)
 
     def _refuse(self, delivery: Delivery, reason: str) -> None:
         """Park an invalid job; if it names a job of ours, say why, so the server counts the failure."""
@@ -299,10 +331,23 @@ class Worker:
             log.warning("Worker[%s] - simulating a %s result for Job[%d]", self.name, fault, job.job_id)
             payload = runner.corrupt(payload) if fault == "corrupt" else runner.tamper(job.params, payload)
         version = self.offers[f"{job.kind}/{job.route}" if job.route else job.kind]
+        try:  # the bytes go to the data store first; the message only names them
+            client.upload(job.result_ref, payload, self.http)
+        except client.DataRefused as exc:
+            if exc.status == 410:
+                log.info("Worker[%s] dropped the result of Job[%d]: %s", self.name, job.job_id, exc.reason)
+                self.broker.ack(delivery)
+                return
+            self._give_up(delivery, job, attempt, f"storing its result was refused: {exc}")
+            return
+        except client.DataUnavailable as exc:
+            self._give_up(delivery, job, attempt, f"its result could not be stored: {exc}")
+            return
         result = ResultMessage(job.kind, job.task_id, job.job_id, job.task_token, job.attempt_token, self.name,
-                               attempt, int(seconds * 1000), params, payload, version=version,
+                               attempt, int(seconds * 1000), params, version=version,
                                cpu_ms=round(energy.cpu_seconds * 1000 / shared_by),
-                               energy_mj=round(energy.joules * 1000 / shared_by), energy_source=energy.source)
+                               energy_mj=round(energy.joules * 1000 / shared_by), energy_source=energy.source,
+                               result_size=len(payload), result_sha256=hashlib.sha256(payload).hexdigest())
         self.broker.send(self.broker.destinations.results_route, result.body(), result.headers())
         self.broker.ack(delivery)
         self._jobs_done += 1

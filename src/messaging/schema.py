@@ -1,11 +1,12 @@
 """The messages server and workers exchange, how they look on the wire, and what a valid one is.
 
-Every message is a STOMP frame whose headers say what it is. A job or a result carries
-its kind's own `params` (a small JSON object in one header) and a body of bytes (audio
-samples, an encoded video chunk: the kind decides), base64-encoded. Base64 because
-media bodies are full of NUL bytes, and stomp.py's reader re-scans its whole buffer at
-every NUL it sees, which turns a raw 40 MB frame quadratic; base64 has no NUL and keeps
-reading linear for a third more bytes.
+Every message is a STOMP frame whose headers say what it is. Messages carry control, not
+media (the claim check, src/data): a job carries its kind's own `params` (a small JSON
+object in one header) and references to its input and to where its result goes, with the
+input's size and SHA-256; a result carries its params and the size and SHA-256 of the
+result it stored. Neither has a body. Bodies that remain (presence) are raw bytes, never
+encoded, and no frame's body may exceed MAX_BODY_BYTES: a bulky one is refused with the
+reason, and parked.
 
 - `JobMessage` (server → `/queue/{p}.jobs.{kind}`): one job of one task.
 - `ResultMessage` (worker → results queue): the job's output.
@@ -15,8 +16,8 @@ reading linear for a third more bytes.
 
 Anything may arrive on any destination (a message from another program, a damaged one,
 a forged one), so this module is the one place that says what a valid message is on the
-backbone: every header's type, range and size, the body's encoding and size. What the
-params and body mean is the kind's to check (`Runner.problem` on the worker,
+backbone: every header's type, range and size, the body's size. What the
+params and the bytes behind the references mean is the kind's to check (`Runner.problem` on the worker,
 `Kind.check` on the server). `decode(headers, body)` returns a message only when all of
 this holds and raises `MalformedMessage` with the reason otherwise; `reply_mismatch` then
 checks a result or failure against the job it claims to answer. A job and its result
@@ -26,16 +27,12 @@ publishes a job and accepts a result or failure only with a token it issued for 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
-
-BODY_ENCODING = "base64"
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER
 MAX_CHUNKS = 100_000
@@ -47,9 +44,13 @@ MAX_CONTROL_IDS = 1000
 MAX_KINDS = 16
 MAX_OFFERS = 64
 MAX_VERSION_CHARS = 120
-# RabbitMQ refuses messages above max_message_size (128 MiB on 3.x; docker-compose.rabbitmq.yml
-# sets it): a body of at most 96 MiB, base64 included, stays under it with its headers.
-MAX_BODY_BYTES = 96 * 1024 * 1024
+# What control needs: the largest body left is a presence message (MAX_PRESENCE_BYTES). Media
+# travels through the data store (src/data); a frame with a larger body is refused and parked.
+MAX_BODY_BYTES = 8 * 1024
+MAX_REF_CHARS = 2048  # a reference URL: the data endpoint's or a presigned S3 one
+MAX_OBJECT_BYTES = 2**40  # an input's or a result's size
+REF = re.compile(r"https?://[\x21-\x7e]+")  # printable, no space; MAX_REF_CHARS bounds it
+SHA256 = re.compile(r"[0-9a-f]{64}")
 TOKEN = re.compile(r"[0-9a-f]{32}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # worker, model, kind and source names
 PRINTABLE = re.compile(r"[\x20-\x7e]*")
@@ -65,22 +66,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def base64_size(raw_bytes: int) -> int:
-    """Bytes of the base64 encoding of `raw_bytes` bytes (padded)."""
-    return 4 * -(-raw_bytes // 3)
-
-
-def encode_body(raw: bytes) -> bytes:
-    return base64.b64encode(raw)
-
-
-def decode_body(body: bytes) -> bytes:
+def check_body(body: bytes) -> None:
+    """Refuse a bulky body: messages carry control; media goes through the data store."""
     if len(body) > MAX_BODY_BYTES:
-        raise MalformedMessage(f"body is {len(body)} bytes, more than {MAX_BODY_BYTES}")
-    try:
-        return base64.b64decode(body, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MalformedMessage(f"body is not base64: {exc}") from None
+        raise MalformedMessage(f"body is {len(body)} bytes, more than {MAX_BODY_BYTES}: messages carry control, "
+                               "media travels through the data store")
 
 
 def params_header(params: dict[str, Any]) -> str:
@@ -92,7 +82,11 @@ def params_header(params: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class JobMessage:
-    """One job of one task: the kind's params and the input bytes it works on."""
+    """One job of one task: the kind's params and references to its input and its result's place.
+
+    `payload` is never on the wire: the worker fills it with the input it fetched through
+    `input_ref` (checked against `input_size` and `input_sha256`) before its runner sees the job.
+    """
 
     kind: str
     task_id: int
@@ -103,6 +97,10 @@ class JobMessage:
     params: dict[str, Any] = field(default_factory=dict)
     payload: bytes = field(default=b"", repr=False)
     route: str = ""  # the capability it needs (its queue's route), "" for any worker of the kind
+    input_ref: str = ""  # where the worker GETs its input (a read capability of this attempt)
+    input_size: int = 0
+    input_sha256: str = ""
+    result_ref: str = ""  # where the worker PUTs its result (a write capability of this attempt)
 
     def headers(self) -> dict[str, str]:
         return {
@@ -115,16 +113,21 @@ class JobMessage:
             "task-token": self.task_token,
             "attempt-token": self.attempt_token,
             "params": params_header(self.params),
-            "encoding": BODY_ENCODING,
+            "input": self.input_ref,
+            "input-size": str(self.input_size),
+            "input-sha256": self.input_sha256,
+            "result": self.result_ref,
         }
 
     def body(self) -> bytes:
-        return encode_body(self.payload)
+        return b""
 
 
 @dataclass(frozen=True)
 class ResultMessage:
-    """A job's output: the kind's result params and bytes."""
+    """A job's output: the kind's result params, and the size and SHA-256 of the result it stored
+    through the job's result reference. `payload` is never on the wire: the collector fills it
+    with what the store holds, once size and checksum match."""
 
     kind: str
     task_id: int
@@ -140,6 +143,8 @@ class ResultMessage:
     cpu_ms: int = 0  # CPU time the job took on the worker
     energy_mj: int = 0  # millijoules the job took
     energy_source: str = "estimated"  # measured (RAPL) or estimated (CPU time x WATTS_PER_CORE)
+    result_size: int = 0
+    result_sha256: str = ""
 
     def headers(self) -> dict[str, str]:
         return {
@@ -157,11 +162,12 @@ class ResultMessage:
             "attempt": str(self.attempt),
             "compute-ms": str(self.compute_ms),
             "params": params_header(self.params),
-            "encoding": BODY_ENCODING,
+            "result-size": str(self.result_size),
+            "result-sha256": self.result_sha256,
         }
 
     def body(self) -> bytes:
-        return encode_body(self.payload)
+        return b""
 
 
 @dataclass(frozen=True)
@@ -327,10 +333,18 @@ def _params(headers: dict[str, str]) -> dict[str, Any]:
     return _json_object(_header(headers, "params"), "header 'params'", MAX_PARAMS_CHARS)
 
 
-def _payload(headers: dict[str, str], body: bytes) -> bytes:
-    if headers.get("encoding") != BODY_ENCODING:
-        raise MalformedMessage(f"unsupported body encoding {_show(headers.get('encoding'))}")
-    return decode_body(body)
+def _no_body(what: str, body: bytes) -> None:
+    if body:
+        raise MalformedMessage(f"a {what} has no body (its bytes travel through the data store), "
+                               f"this one has {len(body)} bytes")
+
+
+def _ref(headers: dict[str, str], name: str) -> str:
+    raw = _header(headers, name)
+    if len(raw) > MAX_REF_CHARS or not REF.fullmatch(raw):
+        raise MalformedMessage(f"header {name!r} is not an http(s) reference of at most {MAX_REF_CHARS} "
+                               f"characters: {_show(raw)}")
+    return raw
 
 
 # -- whole messages ------------------------------------------------------------------------------
@@ -343,6 +357,7 @@ def _decode_job(headers: dict[str, str], body: bytes, kinds: Collection[str] | N
         raise MalformedMessage(f"header 'route' is not a name: {_show(route)}")
     if kinds is not None and kind not in kinds:
         raise MalformedMessage(f"job kind {kind!r} is not one this worker runs ({', '.join(sorted(kinds))})")
+    _no_body("job", body)
     return JobMessage(
         kind=kind,
         task_id=_int(headers, "task-id", 1, MAX_ID),
@@ -351,8 +366,11 @@ def _decode_job(headers: dict[str, str], body: bytes, kinds: Collection[str] | N
         task_token=_match(headers, "task-token", TOKEN),
         attempt_token=_match(headers, "attempt-token", TOKEN),
         params=_params(headers),
-        payload=_payload(headers, body),
         route=route,
+        input_ref=_ref(headers, "input"),
+        input_size=_int(headers, "input-size", 0, MAX_OBJECT_BYTES),
+        input_sha256=_match(headers, "input-sha256", SHA256),
+        result_ref=_ref(headers, "result"),
     )
 
 
@@ -369,16 +387,18 @@ def _reply_to(headers: dict[str, str]) -> dict:
 
 
 def _decode_result(headers: dict[str, str], body: bytes) -> ResultMessage:
+    _no_body("result", body)
     return ResultMessage(
         kind=_match(headers, "kind", NAME),
         **_reply_to(headers),
         compute_ms=_int(headers, "compute-ms", 0, 10**9),
         params=_params(headers),
-        payload=_payload(headers, body),
         version=_version(_header(headers, "version")),
         cpu_ms=_int(headers, "cpu-ms", 0, 10**12),
         energy_mj=_int(headers, "energy-mj", 0, 10**15),
         energy_source=_energy_source(_header(headers, "energy-source")),
+        result_size=_int(headers, "result-size", 0, MAX_OBJECT_BYTES),
+        result_sha256=_match(headers, "result-sha256", SHA256),
     )
 
 
@@ -479,6 +499,7 @@ def decode(headers: dict[str, str], body: bytes, kinds: Collection[str] | None =
 
     `kinds`: the job kinds a job may be of (a worker passes the kinds it runs).
     """
+    check_body(body)
     kind = headers.get("type")
     if kind == "job":
         return _decode_job(headers, body, kinds)

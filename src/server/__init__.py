@@ -26,6 +26,7 @@ from src.server import quota, views
 from src.server.cache import ResultCache, Verification
 from src.server.collector import Collector
 from src.server.dashboard import Dashboard
+from src.server.dataplane import DataPlane
 from src.server.events import EventHub
 from src.server.files import Storage
 from src.server.metrics import Metrics
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     results_cache = ResultCache(files.cache, settings.cache_mb, Verification.of(settings))
     pipeline = Pipeline(settings, store, files, broker, metrics, results_cache)
     pipeline.changed = lambda task_id: views.announce(events, pipeline, task_id)
+    pipeline.data = DataPlane(settings, store, pipeline.kind)  # job inputs and results travel there, not on the broker
     collector = Collector(pipeline, on_workers=lambda workers: events.publish("workers", {"workers": workers}))
     pipeline.workers_alive = collector.workers.count  # job deadlines share the work out
     pipeline.offering = collector.workers.offering  # jobs need a worker that serves their route

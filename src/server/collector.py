@@ -2,8 +2,10 @@
 
 Results are handled one at a time on a thread of their own (the broker's receiver
 thread only enqueues them). Whatever arrives is checked by the schema first, then
-against the job it claims to answer (an outstanding attempt token of that job's task),
-then by the job's kind (`Kind.check`: the shape a separation job implies, the frames and
+against the job it claims to answer (an outstanding attempt token of that job's task);
+a result's bytes are then read from the data store (src/data: the worker stored them
+through the job's result reference) and must have the size and SHA-256 the message names;
+then they are checked by the job's kind (`Kind.check`: the shape a separation job implies, the frames and
 codec a transcoded chunk must have). A message that is not ours is parked on the dead
 queue with the reason in its `x-refused-reason` header, logged once and counted in
 /metrics; nothing raises out of the loop.
@@ -35,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from src.messaging.broker import Delivery
 from src.messaging.schema import (
@@ -165,6 +168,12 @@ class Collector:
             log.info("JobDoneMsg[%d] - duplicate from Worker[%s] ignored - ACK", job.id, message.worker)
             return self.broker.ack(delivery)
 
+        if isinstance(message, ResultMessage):  # the claim check: its bytes are in the data store
+            stored = self._stored(job.id, message)
+            if isinstance(stored, str):
+                return self._refuse(delivery, stored)
+            message = replace(message, payload=stored)
+
         kind, view, job_view = self.p.kind(task.kind), self.p.view(task), self.p.job_view(job)
         if isinstance(message, ResultMessage):
             with self.metrics.serial.phase(task.id, task.kind, "check"):  # the server's own work (serial.py)
@@ -205,6 +214,18 @@ class Collector:
         log.info("JobDoneMsg[%d] - ACK - job time: %.2f[s] (Worker[%s], attempt %d)", job.id,
                  message.compute_ms / 1000, message.worker, message.attempt)
         self.job_done(task.id)
+
+    def _stored(self, job_id: int, message: ResultMessage) -> bytes | str:
+        """The result an attempt stored through its result reference, when it is the one the message
+        names (size and SHA-256); else why not. Another copy of the same attempt (a redelivered
+        job) may have replaced it since: only a message that names what is there is applied."""
+        body = self.p.data.get_result(job_id, message.attempt_token)
+        if body is None:
+            return f"no result of Job[{job_id}] for that attempt is in the data store"
+        if len(body) != message.result_size or hashlib.sha256(body).hexdigest() != message.result_sha256:
+            return (f"the stored result of Job[{job_id}] ({len(body)} bytes) is not the one the message names "
+                    f"({message.result_size} bytes and its SHA-256)")
+        return body
 
     def job_done(self, task_id: int) -> None:
         """A job of the task is done (here, or served from the cache by the publisher): progress,

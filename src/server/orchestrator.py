@@ -22,6 +22,7 @@ before it that is still out, shared among the workers alive (the queue is FIFO).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import re
@@ -83,6 +84,7 @@ class Orchestrator:
         swept = self.p.files.sweep_incoming()
         if swept:
             log.info("Deleted %d unfinished upload(s) left from before", swept)
+        self.p.data.sweep()  # inputs and results of tasks that ended while the server was away
         self._publisher.start()
         self._wake.put(None)  # publish whatever a previous run left pending
         for task in self.store.tasks():  # preparations a previous run did not finish
@@ -246,6 +248,7 @@ class Orchestrator:
             if self._stopped.is_set():
                 return
             try:
+                self.p.data.drop_ended()  # a task that ended leaves nothing in the data store
                 self._republish_overdue()
                 self._publish_pending()
             except BrokerUnavailable as exc:
@@ -281,11 +284,18 @@ class Orchestrator:
             if self._from_cache(task, job):
                 continue
             route = self.p.route(task)
+            # the claim check: the input goes to the data store once per job, each message names it
+            if job.publications == 0:
+                self.p.data.put_input(task.id, job.id, payload)
+            size, sha256 = len(payload), hashlib.sha256(payload).hexdigest()
             # VERIFY_REPLICAS: the first publication sends one copy per replica; a re-publication one
             copies = self.p.settings.verify_replicas if job.publications == 0 else 1
             for _ in range(copies):
-                message = JobMessage(task.kind, task.id, job.id, job.chunk, task.token, uuid.uuid4().hex, params,
-                                     payload, route=route or "")
+                token = uuid.uuid4().hex
+                input_ref, result_ref = self.p.data.refs(job.id, token)  # capabilities of this attempt alone
+                message = JobMessage(task.kind, task.id, job.id, job.chunk, task.token, token, params,
+                                     route=route or "", input_ref=input_ref, input_size=size, input_sha256=sha256,
+                                     result_ref=result_ref)
                 self.store.issue_attempt(job.id, message.attempt_token)
                 self.p.broker.send(self.p.broker.destinations.jobs(task.kind, route), message.body(),
                                    message.headers())

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from src.config import Settings
 from src.kinds import registry
@@ -21,6 +22,9 @@ from src.server.cache import ResultCache
 from src.server.files import Storage
 from src.server.metrics import Metrics
 from src.server.store import Job, MediaRow, Store, Task
+
+if TYPE_CHECKING:
+    from src.server.dataplane import DataPlane
 
 
 def media_of(row: MediaRow, path: Path) -> Media:
@@ -45,6 +49,8 @@ class Pipeline:
     wake_publisher: Callable[[], None] = lambda: None  # the orchestrator's, once it runs
     # the collector's: a job of this task is done (the publisher served it from the cache)
     job_done: Callable[[int], None] = lambda task_id: None
+    # the data plane (src/server/dataplane.py): where job inputs and results travel; the app factory sets it
+    data: DataPlane | None = None
     _kinds: dict[str, Kind] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

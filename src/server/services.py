@@ -41,6 +41,7 @@ class Services:
     def start(self) -> None:
         """Connect to the broker and start the pipeline's threads (the factory does not)."""
         self.watcher = Watcher(self.pipeline, self.orchestrator)  # checks WATCH_TASK before connecting
+        self.pipeline.data.start()  # the data endpoint: workers fetch inputs and store results there
         self.collector.start()  # registers subscriptions; connect() applies them
         self.broker.connect()
         self.collector.ask_presence()
@@ -58,6 +59,7 @@ class Services:
             self.orchestrator.stop()
             self.collector.stop()
             self.broker.close()
+            self.pipeline.data.stop()
         self.store.close()
         self.pipeline.cache.close()
 

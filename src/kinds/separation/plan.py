@@ -16,11 +16,10 @@ import numpy as np
 
 from src.kinds.separation.model import ModelSpec
 from src.media.pcm import SAMPLE_BYTES
-from src.messaging.schema import MAX_BODY_BYTES, base64_size
 
-# A result carries every source, base64-encoded: keep it under the backbone's body limit
-# whatever CHUNK_SECONDS says.
-MAX_RESULT_BYTES = MAX_BODY_BYTES
+# A result carries every source as raw float32 through the data store: keep it under what the
+# data plane takes of one result whatever CHUNK_SECONDS says.
+MAX_RESULT_BYTES = 96 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def grid(spec: ModelSpec, total_frames: int) -> list[int]:
 def segments_per_job(spec: ModelSpec, chunk_seconds: float) -> int:
     """Grid offsets per job: CHUNK_SECONDS rounded to the grid, capped by message size."""
     wanted = max(1, round(chunk_seconds * spec.samplerate / spec.stride))
-    bytes_per_frame = base64_size(len(spec.sources) * spec.channels * SAMPLE_BYTES * 3) / 3
+    bytes_per_frame = len(spec.sources) * spec.channels * SAMPLE_BYTES
     fits = int((MAX_RESULT_BYTES / bytes_per_frame - spec.segment_frames) // spec.stride) + 1
     return max(1, min(wanted, fits))
 
