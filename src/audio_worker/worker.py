@@ -36,7 +36,8 @@ makes it publish its presence at once.
 
 Presence: every heart-beat interval, and at every job start and end, the worker
 publishes what it is doing, which kinds and routes it offers (with their software
-versions), its cores and load on the presence topic.
+versions), its cores and load on the presence topic; during a job whose runner counts its
+frames, also how far the job is (`job_progress`), at most once a second.
 
 Energy: each result says the CPU seconds the job took and its energy, measured (RAPL) or
 estimated (CPU seconds x WATTS_PER_CORE), and which (see energy.py).
@@ -64,7 +65,7 @@ from src.audio_worker.node import NodeProbe
 from src.config import Settings
 from src.data import client
 from src.kinds import registry
-from src.kinds.base import Cancelled, Runner
+from src.kinds.base import Cancelled, Runner, progress_to
 from src.messaging.broker import Broker, Delivery
 from src.messaging.schema import (
     ControlMessage,
@@ -79,6 +80,7 @@ from src.messaging.schema import (
 log = logging.getLogger("worker")
 
 REMEMBERED_CANCELS = 1000
+PROGRESS_SECONDS = 1.0  # at most one presence message a second for a job's progress
 
 
 def wanted(settings: Settings) -> dict[str, set[str] | None]:
@@ -139,6 +141,8 @@ class Worker:
         self._jobs_done = 0
         self._jobs_by_kind: dict[str, int] = {}
         self._job_seconds = 0.0
+        self._job_progress = 0.0  # of the current job, as its runner reports it (kinds.base.report_progress)
+        self._progress_sent = 0.0  # when a presence last carried it
         self.node = NodeProbe(gpu=device if self.device == "cuda" else None)
         self._stopping = threading.Event()
 
@@ -281,13 +285,14 @@ class Worker:
             return
         runner = self.runners[pool[0][1].kind]
         stops = [lambda job=job: self._stopped(job.task_id) for _, job in pool]
-        self._current = pool[0][1]
+        self._current, self._job_progress = pool[0][1], 0.0
         self._announce("busy")
         fault = self._maybe_simulate_fault()
         started, spent = time.monotonic(), self.energy.start()
         try:
             if len(pool) == 1:
-                outcomes = [self._outcome(lambda: runner.run(pool[0][1].params, pool[0][1].payload, stops[0]))]
+                with progress_to(self._progress):
+                    outcomes = [self._outcome(lambda: runner.run(pool[0][1].params, pool[0][1].payload, stops[0]))]
             else:
                 jobs = [(job.params, job.payload, stop) for (_, job), stop in zip(pool, stops, strict=True)]
                 outcomes = runner.run_many(jobs)
@@ -432,6 +437,15 @@ class Worker:
 
     # -- presence -----------------------------------------------------------------------------
 
+    def _progress(self, fraction: float) -> None:
+        """The runner's word on the current job: sent with a presence message at most once a
+        second (the server's presence rate allows five), so the page's progress moves within a job."""
+        self._job_progress = fraction
+        now = time.monotonic()
+        if now - self._progress_sent >= PROGRESS_SECONDS:
+            self._progress_sent = now
+            self._announce("busy")
+
     def _announce(self, state: str) -> None:
         job, node = self._current, self.node.sample()
         presence = PresenceMessage(
@@ -445,7 +459,7 @@ class Worker:
             host_memory_percent=node.host_memory_percent, jobs_by_kind=dict(self._jobs_by_kind),
             heartbeat_ms=self.settings.broker_heartbeat_ms, broker=self.broker.node, precision=self.precision,
             gpu_memory_bytes=node.gpu_memory_bytes, gpu_memory_total_bytes=node.gpu_memory_total_bytes,
-            gpu_percent=node.gpu_percent,
+            gpu_percent=node.gpu_percent, job_progress=round(self._job_progress, 4) if job else 0.0,
         )
         try:
             self.broker.send(self.broker.destinations.presence, presence.body(), presence.headers(),

@@ -43,7 +43,9 @@ and the task's folder. Kinds never touch the store, the broker or HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +61,29 @@ class NotApplicable(ValueError):
 
 class Cancelled(Exception):
     """The job's task was cancelled while the job ran."""
+
+
+# A running job's progress, for the task's progress on the page: the worker sets a callback
+# around `Runner.run` (`progress_to`), and a runner that counts its frames says how far it is
+# (`report_progress`). Optional: a runner that says nothing shows its job at 0 until it is done.
+_progress: ContextVar[Callable[[float], None] | None] = ContextVar("job_progress", default=None)
+
+
+def report_progress(fraction: float) -> None:
+    """The running job is `fraction` (0 to 1) done; nothing outside a worker's job."""
+    report = _progress.get()
+    if report is not None:
+        report(min(1.0, max(0.0, float(fraction))))
+
+
+@contextmanager
+def progress_to(report: Callable[[float], None]) -> Iterator[None]:
+    """Send `report_progress` calls made in the block (on this thread) to `report`."""
+    token = _progress.set(report)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,8 @@ class PresenceMessage:
     gpu_memory_bytes: int = 0
     gpu_memory_total_bytes: int = 0
     gpu_percent: float | None = None
+    # how far its current job is (0 to 1), as its runner counts frames; 0 when idle or not counted
+    job_progress: float = 0.0
 
     def headers(self) -> dict[str, str]:
         return {"type": "presence", "content-type": "application/json"}
@@ -483,6 +485,8 @@ def _decode_presence(body: bytes) -> PresenceMessage:
     gpu_percent = _value(data, "gpu_percent", (int, float), nullable=True)
     if gpu_percent is not None and not 0 <= gpu_percent <= 100:
         raise MalformedMessage(f"gpu_percent {gpu_percent} is outside [0, 100]")
+    if not 0 <= _value(data, "job_progress", (int, float)) <= 1:
+        raise MalformedMessage("job_progress is outside [0, 1]")
     if data["precision"] not in ("", "fp32", "tf32", "bf16"):
         raise MalformedMessage(f"presence precision {_show(data['precision'])} is not fp32, tf32 or bf16")
     _in_range("heartbeat_ms", _value(data, "heartbeat_ms", (int,)), 100, 3_600_000)

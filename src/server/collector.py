@@ -74,8 +74,12 @@ class Collector:
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
         self._last_progress: dict[int, int] = {}
+        # worker -> (task, job, fraction done) of the job it runs, from its presence (job_progress)
+        self._in_flight: dict[str, tuple[int, int, float]] = {}
+        self._shown_running: dict[int, float] = {}  # task -> running worth last pushed to the page
         self._stopped = threading.Event()
         pipeline.job_done = self.job_done
+        pipeline.running = self.running
 
     def start(self) -> None:
         d = self.broker.destinations
@@ -384,6 +388,8 @@ class Collector:
             if not isinstance(message, PresenceMessage):
                 raise MalformedMessage(f"a {type(message).__name__} does not belong on the presence topic")
             problem = self.workers.update(message, login)
+            if problem is None:
+                self._note_progress(message)
         except MalformedMessage as exc:
             problem = str(exc)
         except Exception as exc:  # a bug must not stop the receiver thread
@@ -402,12 +408,44 @@ class Collector:
         except Exception:
             log.debug("could not park a presence message", exc_info=True)
 
+    def _note_progress(self, presence: PresenceMessage) -> None:
+        """Keep how far a worker's running job is (receiver thread: dict writes only)."""
+        if presence.state == "busy" and presence.job_id and presence.task_id:
+            self._in_flight[presence.worker] = (presence.task_id, presence.job_id, presence.job_progress)
+        else:
+            self._in_flight.pop(presence.worker, None)
+
+    def running(self, task_id: int) -> float:
+        """Jobs' worth of the task done inside the jobs its workers are running now: the sum of their
+        reported fractions, counting each job once and only while it is not done (a late presence
+        after the result must not count the job twice)."""
+        fractions: dict[int, float] = {}
+        for task, job_id, fraction in list(self._in_flight.values()):
+            if task == task_id:
+                fractions[job_id] = max(fraction, fractions.get(job_id, 0.0))
+        if not fractions:
+            return 0.0
+        return sum(fraction for job_id, fraction in fractions.items()
+                   if (job := self.store.job(job_id)) is not None and job.task_id == task_id and job.state != "done")
+
+    def _push_progress(self) -> None:
+        """Tasks whose running jobs moved since the last push are announced to the page."""
+        tasks = {task for task, _, _ in list(self._in_flight.values())} | set(self._shown_running)
+        for task_id in tasks:
+            worth = round(self.running(task_id), 2)
+            if worth != self._shown_running.get(task_id, 0.0):
+                self._shown_running[task_id] = worth
+                self.p.changed(task_id)
+            if worth == 0.0:
+                self._shown_running.pop(task_id, None)
+
     def _job_started(self, worker: str, job_id: int, started_at: float) -> None:
         self.store.start_attempt(job_id, worker, min(started_at, time.time()))
         log.info("Worker[%s] started Job[%d]", worker, job_id)
 
     def _worker_gone(self, worker: str) -> None:
         self.store.end_attempts_of(worker, "lost")
+        self._in_flight.pop(worker, None)
         log.warning("Worker[%s] - no heart-beat for two intervals; offline", worker)
 
     def _watch_workers(self) -> None:
@@ -418,5 +456,6 @@ class Collector:
                 self.metrics.workers_alive.set(len(snapshot))
                 self.metrics.workers_configured.set(self.settings.workers_configured)
                 self.on_workers(snapshot)
+                self._push_progress()
             except Exception:
                 log.exception("Watching workers failed")

@@ -49,6 +49,8 @@ class Pipeline:
     wake_publisher: Callable[[], None] = lambda: None  # the orchestrator's, once it runs
     # the collector's: a job of this task is done (the publisher served it from the cache)
     job_done: Callable[[int], None] = lambda task_id: None
+    # the collector's: how many jobs' worth of a task its workers have done in the jobs they are running
+    running: Callable[[int], float] = lambda task_id: 0.0
     # the data plane (src/server/dataplane.py): where job inputs and results travel; the app factory sets it
     data: DataPlane | None = None
     _kinds: dict[str, Kind] = field(default_factory=dict)

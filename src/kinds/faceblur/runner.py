@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from src.config import Settings
-from src.kinds.base import Cancelled
+from src.kinds.base import Cancelled, report_progress
 from src.kinds.faceblur import anonymize, detect
 from src.kinds.faceblur.kind import CODEC, ECHOED, ENCODER, software_version
 from src.kinds.faceblur.plan import MAX_JOB_FRAMES, reach
@@ -223,6 +223,7 @@ class Runner:
                                           f"{tools.tail(_read(encode_errors))}") from None
                 ms.append(round((spent + time.perf_counter() - started) * 1000))
                 faces.append(len(found[frame - cstart]))
+                report_progress(len(ms) / (end - start))  # the worker sends it on, at most once a second
 
             try:
                 for frame in range(cstart, cend):

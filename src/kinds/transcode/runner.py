@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from src.config import Settings
+from src.kinds.base import report_progress
 from src.kinds.transcode import encode, tools
 
 MAX_BODY = 64 * 1024 * 1024  # a piece the planner keeps under 48 MB, plus headroom
@@ -22,6 +24,8 @@ MAX_FRAMES = 1_000_000
 BITRATE = re.compile(r"[1-9][0-9]{0,8}[kM]?")  # fullmatch: "$" also matches before a final newline
 FPS = re.compile(r"[1-9][0-9]{0,8}/[1-9][0-9]{0,8}")
 ECHOED = ("codec", "frames", "start", "end", "width", "height")
+FRAME = re.compile(rb"^frame=(\d+)", re.M)  # ffmpeg -progress: frames written so far
+PROGRESS_SECONDS = 0.5  # how often the progress file is read (ffmpeg writes it every 0.5 s)
 
 
 def available() -> str | None:
@@ -60,6 +64,28 @@ def piece_problem(params: dict[str, Any], body: bytes, max_frames: int = MAX_FRA
     if len(body) > MAX_BODY:
         return f"the body is {len(body)} bytes, more than {MAX_BODY}"
     return None
+
+
+def progressed(command: list[str], report: Path, frames: int,
+               should_stop: Callable[[], bool]) -> tuple[list[str], Callable[[], bool]]:
+    """The ffmpeg command with `-progress` into the file `report` (a global option: right after
+    the program), and a `should_stop` that also tells the worker how many of the job's `frames`
+    are out (kinds.base.report_progress): the stop check is polled while ffmpeg runs anyway."""
+    read_at = [0.0]
+
+    def polled() -> bool:
+        if time.monotonic() - read_at[0] >= PROGRESS_SECONDS:
+            read_at[0] = time.monotonic()
+            try:
+                text = report.read_bytes()[-4096:]
+            except OSError:
+                text = b""
+            found = FRAME.findall(text)
+            if found:
+                report_progress(int(found[-1]) / max(1, frames))
+        return should_stop()
+
+    return [command[0], "-progress", f"file:{report}", *command[1:]], polled
 
 
 class Runner:
@@ -103,8 +129,9 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="transcode-") as scratch:
             piece, chunk = Path(scratch) / "piece", Path(scratch) / f"chunk.{encode.CHUNK_FORMAT}"
             piece.write_bytes(body)
-            tools.run_stoppable(encode.command(params, encoder, str(piece), str(chunk)), should_stop,
-                                timeout=timeout, what=f"encoding with {encoder}")
+            command, polled = progressed(encode.command(params, encoder, str(piece), str(chunk)),
+                                         Path(scratch) / "progress", params["frames"], should_stop)
+            tools.run_stoppable(command, polled, timeout=timeout, what=f"encoding with {encoder}")
             data = chunk.read_bytes()
         result = {name: params[name] for name in ECHOED}
         result["encoder"] = encoder

@@ -59,14 +59,15 @@ def create():
 
 @bp.get("/tasks")
 def list_tasks():
-    store = services().store
+    s = services()
     kind = request.args.get("kind") or None
-    return jsonify([task_view(store, t, request.url_root) for t in store.tasks(kind)])
+    return jsonify([task_view(s.store, t, request.url_root, s.pipeline.running(t.id)) for t in s.store.tasks(kind)])
 
 
 @bp.get("/tasks/<id:task_id>")
 def one(task_id: int):
-    return jsonify(task_view(services().store, _task_or_404(task_id), request.url_root))
+    s = services()
+    return jsonify(task_view(s.store, _task_or_404(task_id), request.url_root, s.pipeline.running(task_id)))
 
 
 @bp.get("/tasks/<id:task_id>/timeline")
