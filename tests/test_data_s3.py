@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +35,13 @@ from src import config
 from src.config import Settings
 from src.data import client
 from src.data.s3 import S3Store
+from tests import video
+from tests.conftest import Cluster
+from tests.helpers import get_json, metric, wait_for
+from tests.netns import accepts
+from tests.test_faults import assert_whole, start_song
+from tests.test_transcode import finished, transcode
+from tests.test_transcode import upload as upload_media
 
 BUCKET = "karaoke-test"
 
@@ -144,17 +150,45 @@ def test_s3_store_moves_inputs_and_results_through_presigned_urls(moto, tmp_path
     assert keys(prefix) == []
 
 
-class BucketWatch(threading.Thread):
-    """Lists the deployment's prefix every 0.2 s while the task runs: every key ever seen there."""
+LOSSLESS = {"codec": "h264", "crf": 0, "preset": "ultrafast"}  # every frame checkable against the source
 
-    def __init__(self, prefix: str):
-        super().__init__(daemon=True)
-        self.prefix = prefix
-        self.seen: set[str] = set()
-        self.done = threading.Event()
 
-    def run(self) -> None:
-        s3 = store_client()
-        while not self.done.wait(0.2):
-            listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=self.prefix)
-            self.seen |= {item["Key"] for item in listed.get("Contents", [])}
+def test_a_song_and_a_video_go_through_the_bucket_not_the_server(moto, settings, tmp_path, make_song):
+    prefix = f"deploy-{uuid.uuid4().hex[:6]}"
+    deployed = settings.with_overrides(data_store=f"s3://{BUCKET}/{prefix}")
+    cluster = Cluster(deployed, tmp_path)
+    try:
+        cluster.start_server()  # with boto3's environment (moto's endpoint and keys): it writes the inputs
+        # The worker holds no S3 credentials nor endpoint: the presigned URLs in its jobs are all it uses.
+        cluster.start_worker(**{name: "" for name in moto.env()})
+        cluster.wait_workers(1)
+        song = make_song(6.0, "wav")
+        clip = video.make_clip(tmp_path / "clip.mp4", 2.2)
+
+        # The outputs are right, each result applied once (the song first: assert_whole counts every job).
+        music_id = start_song(cluster.base, song)
+        assert_whole(cluster.base, music_id, song)
+        media = upload_media(cluster.base, clip)
+        task_id = transcode(cluster.base, media["media_id"], LOSSLESS)
+        out = tmp_path / "out.mp4"
+        out.write_bytes(finished(cluster.base, task_id))
+        assert video.frame_hashes(out) == video.frame_hashes(clip), "every input frame, decoded, once"
+        jobs = [get_json(f"{cluster.base}/job/{j}") for j in get_json(f"{cluster.base}/job")]
+        assert metric(cluster.base, "karaoke_jobs_done") == len(jobs) == \
+            get_json(f"{cluster.base}/music/{music_id}")["jobs_total"] + \
+            get_json(f"{cluster.base}/tasks/{task_id}")["jobs_total"]
+
+        # Every input was fetched, and every result stored, through presigned URLs at the bucket;
+        # the server serves no data endpoint at all.
+        presigned = {(method, path.split("?", 1)[0]) for method, path in moto.requests() if "X-Amz-Signature=" in path}
+        for job in jobs:
+            folder = f"/{BUCKET}/{prefix}/jobs/{job['job_id']}/"
+            assert ("GET", folder + "input") in presigned, f"job {job['job_id']}'s input was not fetched from S3"
+            assert any(method == "PUT" and path.startswith(folder + "result-") for method, path in presigned), \
+                f"job {job['job_id']}'s result was not stored in S3"
+        assert not accepts("127.0.0.1", deployed.data_port), "the server serves a data endpoint"
+
+        # Both tasks ended: their objects are deleted.
+        wait_for(lambda: keys(prefix) == [], 30, "the tasks' objects to be deleted")
+    finally:
+        cluster.stop()
