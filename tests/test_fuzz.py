@@ -9,7 +9,7 @@ must be parked on the dead queue with its reason.
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import math
 import random
@@ -20,7 +20,7 @@ import uuid
 import stomp
 
 from src.messaging.destinations import Destinations
-from src.messaging.schema import BODY_ENCODING, PresenceMessage
+from src.messaging.schema import MAX_BODY_BYTES, PresenceMessage
 from tests.conftest import Cluster
 from tests.helpers import get, get_json, metric, wait_for
 from tests.test_faults import SLOW, assert_whole, start_song
@@ -28,18 +28,24 @@ from tests.test_trust import stomp_login
 
 
 def results(rng: random.Random, task_id: int, job_ids: list[int], token: str) -> list[tuple[dict, bytes]]:
-    """Hostile results and failures: each one malformed, forged or not fitting its job."""
-    def base(reshape: dict | None = None, **changes) -> dict:
+    """Hostile results and failures: each one malformed, forged or not fitting its job. A result
+    names the bytes it stored (the claim check): size and SHA-256, no body."""
+    floats = lambda values: struct.pack(f"<{len(values)}f", *values)  # noqa: E731
+
+    def named(stored: bytes) -> dict:
+        return {"result-size": str(len(stored)), "result-sha256": hashlib.sha256(stored).hexdigest()}
+
+    def base(reshape: dict | None = None, stored: bytes = floats([0.0] * 32), **changes) -> dict:
         job = rng.choice(job_ids)
         shape = {"out_start": 0, "sources": ["drums", "bass", "other", "vocals"], "channels": 2, "frames": 4}
         headers = {"type": "result", "kind": "separate", "task-id": str(task_id), "job-id": str(job),
                    "task-token": token, "attempt-token": uuid.uuid4().hex, "worker": "fuzzer", "attempt": "1",
-                   "compute-ms": "5", "params": json.dumps({**shape, **(reshape or {})}), "encoding": BODY_ENCODING}
+                   "compute-ms": "5", "params": json.dumps({**shape, **(reshape or {})}), "version": "",
+                   "cpu-ms": "0", "energy-mj": "0", "energy-source": "estimated", **named(stored)}
         headers.update(changes)
         return {k: v for k, v in headers.items() if v is not None}
 
-    floats = lambda values: base64.b64encode(struct.pack(f"<{len(values)}f", *values))  # noqa: E731
-    good_body = floats([0.0] * 32)
+    good_body = b""
     messages = [
         ({}, rng.randbytes(64)),
         ({"type": "result"}, b""),
@@ -47,25 +53,28 @@ def results(rng: random.Random, task_id: int, job_ids: list[int], token: str) ->
         (base(**{"task-id": "-1"}), good_body),
         (base(**{"task-id": "99999999999999999999999"}), good_body),
         (base(**{"job-id": "9223372036854775808"}), good_body),
-        (base({"channels": -1, "frames": -2}), b"12345678"),
+        (base({"channels": -1, "frames": -2}, b"12345678"), good_body),
         (base({"channels": 1000000, "frames": 1000000000}), good_body),
-        (base({"frames": 0}), b""),
-        (base({"channels": 1}), floats([0.0] * 16)),  # one channel instead of two
-        (base(), floats([math.nan] * 32)),
-        (base(), floats([math.inf] * 32)),
-        (base(), b"not base64 !!"),
-        (base({"sources": ["drums", "bass"]}), floats([0.0] * 16)),
+        (base({"frames": 0}, b""), good_body),
+        (base({"channels": 1}, floats([0.0] * 16)), good_body),  # one channel instead of two
+        (base(stored=floats([math.nan] * 32)), good_body),
+        (base(stored=floats([math.inf] * 32)), good_body),
+        (base(), floats([0.0] * 32)),  # the bytes in the frame, as before the claim check
+        (base(), rng.randbytes(MAX_BODY_BYTES + 1)),  # a bulky body
+        (base(**{"result-size": "-1"}), good_body),
+        (base(**{"result-sha256": "g" * 64}), good_body),
+        (base({"sources": ["drums", "bass"]}, floats([0.0] * 16)), good_body),
         (base({"sources": ["x"] * 100}), good_body),
         (base(params="{not json"), good_body),
         (base(params="[1, 2]"), good_body),
         (base(params="x" * 10_000), good_body),
         (base(kind="transcode"), good_body),
-        (base(encoding="raw"), good_body),
+        (base(encoding="base64"), floats([0.0] * 32)),
         (base(**{"compute-ms": "1e9"}), good_body),
         (base(**{"task-token": "0" * 32}), good_body),  # forged task token
         (base(), good_body),  # forged attempt token
         (base(worker="x" * 5000), good_body),
-        (base(type="failure", error="attacker's text", final="true", params=None, encoding=None), b""),  # forged
+        (base(type="failure", error="attacker's text", final="true", params=None), b""),  # forged
         (base(type="failure", error="x\x01y", final="maybe"), b""),
         (base(type="failure", error="e" * 10_000, final="true"), b""),
         (base(type="job"), good_body),

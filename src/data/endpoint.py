@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -41,6 +42,7 @@ log = logging.getLogger("server")
 PATH = re.compile(r"/(inputs|results)/([0-9]{1,19})")
 CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,15})-([0-9]{1,15})/([0-9]{1,15})")
 RANGE = re.compile(r"bytes=([0-9]{0,15})-([0-9]{0,15})")
+SEND_BUFFER = 4 << 20  # bytes; Linux doubles it, and caps it at net.core.wmem_max
 
 # admit(job_id, attempt_token, direction): raises Refused unless the server issued that
 # attempt for that job and, for "write", it is still outstanding
@@ -192,7 +194,7 @@ def _json(start_response: Callable, status: int, body: dict, headers: list | Non
 
 def create_server(app: DataEndpoint, settings: Settings) -> BaseWSGIServer:
     """The data endpoint on DATA_PORT (SERVER_HOST's address), bound and ready to `run()`."""
-    return waitress_server(
+    server = waitress_server(
         app,
         host=settings.server_host,
         port=settings.data_port,
@@ -204,3 +206,8 @@ def create_server(app: DataEndpoint, settings: Settings) -> BaseWSGIServer:
         ident="karaoke-data",
         asyncore_use_poll=True,
     )
+    # Waitress hands a socket as much of a file at a time as the socket's send buffer holds:
+    # the kernel's default (16 kB here) made a large download a loop of small reads and sends.
+    # Each accepted connection gets these options (an instance attribute: no keyword sets it).
+    server.adj.socket_options = [*server.adj.socket_options, (socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)]
+    return server
