@@ -146,5 +146,6 @@ def test_verify_sample_1_catches_a_tampered_chunk_end_to_end(cluster, tmp_path):
     failed = [a for a in get_json(f"{cluster.base}/tasks/{task_id}/timeline") if a["outcome"] == "failed"]
     assert len(failed) == 1, failed
 
+    (tmp_path / "honest").mkdir()
     honest = Run(tmp_path / "honest", clip, PARAMS, chunk_seconds=0.5)
     assert output == honest.all().read_bytes()

@@ -207,11 +207,13 @@ class TranscodeKind:
     def keep(self, task: TaskView, job: JobView, params: dict[str, Any], body: bytes) -> None:
         with atomic(task.result_path(job.id, encode.CHUNK_FORMAT)) as partial:
             partial.write_bytes(body)
+        stitch.start_audio(task, task.params["container"])  # beside the video jobs, not after them
 
     def merge(self, task: TaskView, jobs: list[JobView]) -> dict[str, Any]:
-        output = task.output_path("video", task.params["container"])
-        stitch.join_jobs(task, jobs, task.params["codec"], task.params["container"], output)
-        return stitch.stats(output)
+        container = task.params["container"]
+        output = task.output_path("video", container)
+        stitch.join_jobs(task, jobs, task.params["codec"], container, output)
+        return {**stitch.stats(output), "audio": stitch.audio_done(task, container)}
 
     def output(self, task: TaskView, name: str) -> Output:
         container = task.params["container"]
