@@ -191,7 +191,7 @@ def source_probe(path: Path, scratch: Path) -> None:
 def source_split(path: Path, scratch: Path, secret: Path) -> None:
     facts = video_probe.probe(secret)
     jobs = plan.plan_jobs(facts.frames, facts.keyframes, 10, facts.key_bytes, facts.bytes)
-    split.Splitter(path, facts, scratch / "pieces").segment(jobs)
+    split.cut(path, scratch, split.prove(secret, facts, scratch, jobs[-1]), time_base=facts.time_base)
 
 
 def piece_count(path: Path, scratch: Path) -> None:

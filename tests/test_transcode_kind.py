@@ -134,7 +134,10 @@ def test_same_job_gives_same_bytes_and_bad_chunks_are_refused(tmp_path, clip):
     # 6. A corrupt chunk, and a well-formed chunk with the wrong number of frames, are refused.
     reason = run.kind.check(run.task, first, params, run.runner.corrupt(body))
     assert reason and ("decode" in reason or "frames" in reason)
-    pretending = {**params, "frames": last.facts["frames"], "start": last.facts["start"], "end": last.facts["end"]}
+    pretending = {**params, "frames": last.facts["frames"], "start": last.facts["start"], "end": last.facts["end"],
+                  "decoded_frames": last.facts["frames"], "decoded_first_pts": last.facts["first_pts"],
+                  "decoded_last_pts": last.facts["last_pts"]}
+    assert "decoded" in run.kind.check(run.task, last, {**pretending, "decoded_frames": 50}, body)
     reason = run.kind.check(run.task, last, pretending, body)
     assert reason == f"the chunk has {first.facts['frames']} frames, the job owns {last.facts['frames']}"
     reason = run.kind.check(run.task, last, params, body)
@@ -156,14 +159,18 @@ def test_sparse_keyframes_stay_frame_exact(tmp_path):
 def test_open_gops_stay_frame_exact(tmp_path):
     # x265's default open GOPs: the pictures shown just before each CRA keyframe are decoded
     # after it, so a piece cut at the CRA misses them; the split widens each piece to the
-    # next cut and the output is still every source frame, once.
+    # next keyframe and the output is still every source frame, once. The packets prove the
+    # first piece (it opens on the stream's first keyframe); the second opens on a CRA, so it
+    # alone is proven by a decode.
     source = tmp_path / "open.mkv"
     video.ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-t", "4.2", "-c:v", "libx265",
                  "-x265-params", "keyint=25:min-keyint=25:open-gop=1:scenecut=0:bframes=4:pools=1:frame-threads=1:"
                  "log-level=error", "-pix_fmt", "yuv420p", "-y", str(source))
     run = Run(tmp_path, source, {"codec": "h264", "crf": 0, "preset": "ultrafast", "container": "mkv"})
     assert [(j.facts["start"], j.facts["end"]) for j in run.jobs] == [(0, 50), (50, 105)]
-    assert run.jobs[0].facts["piece"] == [0, 105]  # widened past the CRA at 50
+    assert run.jobs[0].facts["piece"] == [0, 75]  # widened past the CRA at 50
+    assert [j.facts["proof"] for j in run.jobs] == ["packets", "decode"]
+    assert "open GOP" in run.jobs[1].facts["unproven"] and run.task.facts["gop"] == "open"
     out = run.all()
     assert video.frame_hashes(out) == video.frame_hashes(source)
 

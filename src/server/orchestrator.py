@@ -220,8 +220,17 @@ class Orchestrator:
     def _plan(self, task: Task) -> None:
         # the live workers that would take its jobs: a plan gives each of them some
         workers = max(1, len(self.p.offering(task.kind, self.p.route(task))))
-        with self.p.metrics.serial.phase(task.id, task.kind, "plan"):
-            planned = self.p.kind(task.kind).plan(replace(self.p.view(task), workers=workers))
+        try:
+            with self.p.metrics.serial.phase(task.id, task.kind, "plan"):
+                planned = self.p.kind(task.kind).plan(replace(self.p.view(task), workers=workers))
+        except Exception as exc:  # a video's pieces are proven here (its GOPs may forbid a cut): fail with why
+            refused = isinstance(exc, probe.UnreadableMedia | probe.RefusedMedia | NotApplicable)
+            reason = str(exc) if refused else f"planning the jobs failed: {type(exc).__name__}: {exc}"
+            log.warning("Task[%d] - planning failed: %r", task.id, reason)
+            if self.store.mark_failed(task.id, reason):
+                self.p.metrics.task_ended(self.store, task.id)
+                self.p.changed(task.id)
+            return
         self.store.start_jobs(task.id, planned)
         log.info("Task[%d] - %s in %d jobs", task.id, task.kind, len(planned))
         self._wake.put(task.id)

@@ -1,11 +1,13 @@
 """The server half of `faceblur`: parameters, prepare (probe + plan + split), payload, check,
 keep and merge, as `src.kinds.base.Kind` defines them.
 
-prepare reads the source once on the server's background thread, with transcode's modules:
-`probe` (frames, keyframes, packet sizes), `plan` here (own ranges and their context, see
-`plan`), transcode's `Splitter` (stream-copy pieces, each decoded once to prove it holds the
-frames planned; a piece spans the job's context, not only its own frames). The plan lives in
-the task's facts, so plan() and payload() are cheap. Results are H.264 chunks in NUT, joined
+prepare reads the source's packets once (no frame is decoded), with transcode's `probe`;
+plan cuts the frames into jobs for the live workers (`plan` here: own ranges and their context,
+about a workers-th of a short clip, never below MIN_JOB_SECONDS) and proves each job's piece
+with transcode's `split` (a piece spans the job's context, not only its own frames: packets
+prove it, or where they cannot, a decode of that piece); payload cuts the job's piece by
+stream copy when the job is published. The worker reports the frames it decoded and refuses a
+piece that does not hold the planned ones. Results are H.264 chunks in NUT, joined
 with the source's audio by transcode's `stitch`; every job's per-frame records (milliseconds
 and faces) are kept beside its chunk and gathered in merge.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -136,36 +137,43 @@ class FaceblurKind:
     # -- planning ---------------------------------------------------------------------
 
     def prepare(self, task: TaskView) -> dict[str, Any]:
-        facts = probe.probe(task.media.path)
-        window = task.params["window"]
-        chunk = transcode_plan.chunk_frames(self.settings.chunk_seconds, float(facts.rate))
-        planned = planning.plan_jobs(facts.frames, facts.keyframes, chunk, window, facts.key_bytes, facts.bytes)
-        splitter = split.Splitter(task.media.path, facts, task.folder / split.PIECES)
-        splitter.segment(planned)
-        jobs = []
-        for job in planned:
-            placed = splitter.place(job)
-            start, end = job["own"]
-            jobs.append({"start": start, "end": end, "frames": end - start, "context": [job["start"], job["end"]],
-                         "skip": placed["skip"], "key": placed["key"], "piece": placed["piece"],
-                         "piece_file": placed["piece_file"], "piece_bytes": placed["piece_bytes"]})
+        facts = probe.probe(task.media.path)  # packets only: no frame is decoded
+        split.save(facts, task.folder)
         # yuv420p needs even sizes: an odd source loses its last column or row (cropped, never scaled)
         width, height = facts.width - facts.width % 2, facts.height - facts.height % 2
-        return {"frames": facts.frames, "fps": facts.fps, "source_codec": facts.codec, "source_width": facts.width,
-                "source_height": facts.height, "width": width, "height": height, "audio": facts.audio,
-                "audio_lead": facts.audio_lead, "keyframes": len(facts.keyframes), "jobs": jobs}
+        return {"frames": facts.frames, "fps": facts.fps, "time_base": facts.time_base, "source_codec": facts.codec,
+                "source_width": facts.width, "source_height": facts.height, "width": width, "height": height,
+                "audio": facts.audio, "audio_lead": facts.audio_lead, "keyframes": len(facts.keyframes),
+                **split.packet_facts(facts)}
 
     def plan(self, task: TaskView) -> list[Planned]:
-        rate = Fraction(task.facts["fps"])
-        return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate))
-                for job in task.facts["jobs"]]
+        facts = split.load(task.media.path, task.folder)
+        rate = facts.rate
+        seconds = transcode_plan.job_seconds(facts.frames / rate, task.workers, self.settings.chunk_seconds,
+                                             planning.MIN_JOB_SECONDS)
+        chunk = transcode_plan.chunk_frames(seconds, float(rate))
+        planned = planning.plan_jobs(facts.frames, facts.keyframes, chunk, task.params["window"], facts.key_bytes,
+                                     facts.bytes)
+        jobs = []
+        for job in planned:
+            # the piece spans the context; packets prove it, or (open GOP, broken timestamps) a decode
+            placed = split.prove(task.media.path, facts, task.folder, job)
+            start, end = job["own"]
+            trusted = placed["first_pts"] is not None
+            placed.pop("own", None)
+            jobs.append({**placed, "start": start, "end": end, "frames": end - start,
+                         "context": [job["start"], job["end"]],
+                         "first_pts": facts.display_pts[start] if trusted else None,
+                         "last_pts": facts.display_pts[end - 1] if trusted else None})
+        return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate)) for job in jobs]
 
     def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]:
         params = {name: task.params[name] for name in ("mode", "threshold", "mask_scale", "window", "crf", "threads")}
         params.update({name: job.facts[name] for name in ("start", "end", "frames", "context", "skip")})
+        params.update(first_pts=job.facts.get("first_pts"), last_pts=job.facts.get("last_pts"),
+                      time_base=task.facts.get("time_base"))
         params.update(width=task.facts["width"], height=task.facts["height"], fps=task.facts["fps"])
-        piece = split.piece_path(task.folder, job.facts)
-        return params, piece.read_bytes()
+        return params, split.piece_bytes(task, job)
 
     # -- results ----------------------------------------------------------------------
 

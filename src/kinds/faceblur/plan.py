@@ -14,6 +14,9 @@ range). To waste as little of it as possible, job starts are snapped to `keyfram
 rather than to a keyframe, so the context starts on the keyframe itself (no leading GOP
 carried for nothing).
 
+How many jobs: about CHUNK_SECONDS each at most, and a workers-th of a shorter clip so that
+every live worker gets a part (transcode's `plan.job_seconds`, with this kind's floor).
+
 A job owns at most MAX_JOB_FRAMES frames: its result carries a record (milliseconds and
 faces) for every own frame in the params header, which the backbone limits to
 `src.messaging.schema.MAX_PARAMS_CHARS` (4096) characters.
@@ -27,6 +30,10 @@ from typing import Any
 from src.kinds.transcode import plan as transcode_plan
 
 MAX_JOB_FRAMES = 300  # two int lists of this length fit the 4096-character params header
+# The shortest job worth sending, in seconds of media (transcode's plan.job_seconds applies it):
+# a job's fixed cost is its context frames (detected, never output) and two ffmpeg starts, small
+# against a detection's ~90 ms a frame. See docs/BENCHMARKS.md ("a job's fixed cost").
+MIN_JOB_SECONDS = 0.5
 # transcode's boundaries() lets a job reach 1.5 chunks; this chunk keeps it within the cap
 MAX_CHUNK_FRAMES = MAX_JOB_FRAMES * 2 // 3
 

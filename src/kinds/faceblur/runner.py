@@ -75,13 +75,19 @@ def _identity(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def decode_command(params: dict[str, Any], piece: str) -> list[str]:
+def decode_command(params: dict[str, Any], piece: str, noted: Path | None = None) -> list[str]:
     """The piece's context frames as raw yuv420p on stdout: decoded frames skip..skip+n-1 (by
-    number, as transcode's encode selects), cropped to the even size, one thread."""
+    number, as transcode's encode selects), cropped to the even size, one thread. With `noted`,
+    each chosen frame's pts is written there (transcode's `proof_filter`, the piece's own
+    timestamps kept with -copyts)."""
     cstart, cend = params["context"]
     skip, count = int(params["skip"]), int(cend) - int(cstart)
-    steps = f"select='between(n\\,{skip}\\,{skip + count - 1})',crop={int(params['width'])}:{int(params['height'])}:0:0"
-    return [*tools.FFMPEG, "-v", "error", "-threads", "1", "-filter_threads", "1", "-i", piece, "-map", "0:v:0",
+    steps = f"select='between(n\\,{skip}\\,{skip + count - 1})',"
+    if noted is not None:
+        steps += transcode_runner.proof_filter(params, noted) + ","
+    steps += f"crop={int(params['width'])}:{int(params['height'])}:0:0"
+    return [*tools.FFMPEG, "-v", "error", "-threads", "1", "-filter_threads", "1",
+            *(["-copyts"] if noted is not None else []), "-i", piece, "-map", "0:v:0",
             "-an", "-sn", "-dn", "-vf", f"{steps},format=yuv420p", "-fps_mode", "passthrough",
             "-f", "rawvideo", "-pix_fmt", "yuv420p", "pipe:1"]
 
@@ -165,18 +171,20 @@ class Runner:
             raise ValueError(reason)
         self._last = (_identity(params), body)
         try:
-            chunk, ms, faces = self.process(params, body, should_stop)
+            chunk, ms, faces, proven = self.process(params, body, should_stop)
         finally:  # a large frame's net (2.4 GB at 2160p) does not outlive its job
             for detector in self._detectors.values():
                 detector.trim()
         result = {name: params[name] for name in ECHOED if name != "codec"}
-        result.update(codec=CODEC, encoder=ENCODER, ms=ms, faces=faces)
+        result.update(codec=CODEC, encoder=ENCODER, ms=ms, faces=faces, **proven)
         return result, chunk
 
     def process(self, params: dict[str, Any], body: bytes, should_stop: Callable[[], bool],
-                mask: bool = True) -> tuple[bytes, list[int], list[int]]:
-        """The chunk and, per own frame, the milliseconds its detection and masking took and
-        the faces found in it. `mask=False` encodes the frames unmasked (tamper)."""
+                mask: bool = True) -> tuple[bytes, list[int], list[int], dict[str, Any]]:
+        """The chunk; per own frame, the milliseconds its detection and masking took and the faces
+        found in it; and the account of the own frames decoded (`decoded_frames`, first and last
+        pts: PieceRefused where the piece does not hold the planned ones). `mask=False` encodes
+        the frames unmasked (tamper)."""
         width, height = int(params["width"]), int(params["height"])
         start, end = int(params["start"]), int(params["end"])
         cstart, cend = (int(v) for v in params["context"])
@@ -194,7 +202,8 @@ class Runner:
             piece.write_bytes(body)
             decode_errors, encode_errors = (Path(scratch) / "decode.err").open("w+b"), \
                 (Path(scratch) / "encode.err").open("w+b")
-            decoder = subprocess.Popen(decode_command(params, str(piece)), stdin=subprocess.DEVNULL,
+            noted = Path(scratch) / "decoded.txt"
+            decoder = subprocess.Popen(decode_command(params, str(piece), noted), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=decode_errors)
             encoder = subprocess.Popen(encode_command(params, str(chunk)), stdin=subprocess.PIPE,
                                        stdout=subprocess.DEVNULL, stderr=encode_errors)
@@ -254,6 +263,11 @@ class Runner:
                         if expired.is_set():
                             raise tools.ToolError(f"{what}: still running after {timeout} s")
                         raise tools.ToolError(f"{what}: exit {process.returncode}: {tools.tail(_read(errors))}")
+                stamps = transcode_runner.decoded(noted)
+                if len(stamps) != cend - cstart:
+                    raise transcode_runner.PieceRefused(f"the piece decodes to {len(stamps)} of the context's "
+                                                        f"{cend - cstart} frames")
+                proven = transcode_runner.account(params, stamps[start - cstart:end - cstart])
                 data = chunk.read_bytes()
             finally:
                 watchdog.cancel()
@@ -268,7 +282,7 @@ class Runner:
                         pass
         if len(ms) != end - start:
             raise tools.ToolError(f"{len(ms)} frames masked, the job owns {end - start}")
-        return data, ms, faces
+        return data, ms, faces, proven
 
     def tamper(self, params: dict[str, Any], body: bytes) -> bytes:
         """A chunk that passes every structural check (codec, size, frames, a clean decode) but

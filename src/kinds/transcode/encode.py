@@ -49,12 +49,13 @@ def encoder_for(codec: str, available: frozenset[str]) -> str | None:
     return next((name for name in choices[codec] if name in available), None)
 
 
-def video_filter(params: dict[str, Any]) -> str:
-    """select → re-time → scale → yuv420p. (scale passes frames through untouched when the
-    size and format already match, so a lossless run keeps the source's pixels.)"""
+def video_filter(params: dict[str, Any], proof: str | None = None) -> str:
+    """select → (`proof`: filters that note each kept frame, see runner.proof_filter) → re-time →
+    scale → yuv420p. (scale passes frames through untouched when the size and format already
+    match, so a lossless run keeps the source's pixels.)"""
     skip, frames = int(params["skip"]), int(params["frames"])
     rate = Fraction(params["fps"])
-    steps = [f"select='between(n\\,{skip}\\,{skip + frames - 1})'",
+    steps = [f"select='between(n\\,{skip}\\,{skip + frames - 1})'", *([proof] if proof else []),
              # µs time base first, so N/fps rounds to within a µs; the encoder's time base
              # (1/fps, from -r) then maps each frame back to exactly N.
              "settb=AVTB", f"setpts=N*{rate.denominator}/{rate.numerator}/TB"]
@@ -100,12 +101,14 @@ def encoder_args(params: dict[str, Any], encoder: str) -> list[str]:
     return args
 
 
-def command(params: dict[str, Any], encoder: str, piece: str, output: str) -> list[str]:
-    """The whole ffmpeg command that turns the piece file into the chunk file."""
+def command(params: dict[str, Any], encoder: str, piece: str, output: str, proof: str | None = None) -> list[str]:
+    """The whole ffmpeg command that turns the piece file into the chunk file. With `proof`, the
+    piece's own timestamps are kept (-copyts: the frames are re-timed by number anyway, so the
+    chunk's bytes are the same) and noted for each kept frame."""
     # -threads before -i pins the decoder, -filter_threads the filters: a job uses one core.
     return ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-filter_threads", str(int(params["threads"])),
-            "-threads", str(int(params["threads"])),
+            "-threads", str(int(params["threads"])), *(["-copyts"] if proof else []),
             "-i", piece, "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
-            "-vf", video_filter(params), "-fps_mode", "passthrough", "-r", str(params["fps"]),
+            "-vf", video_filter(params, proof), "-fps_mode", "passthrough", "-r", str(params["fps"]),
             *encoder_args(params, encoder), "-pix_fmt", "yuv420p",
             "-flags:v", "+bitexact", "-fflags", "+bitexact", "-f", CHUNK_FORMAT, "-y", output]

@@ -1,17 +1,20 @@
-"""The server half of `transcode`: parameters, prepare (probe + split), plan, payload, check,
-keep and merge, as `src.kinds.base.Kind` defines them.
+"""The server half of `transcode`: parameters, prepare (probe), plan (jobs and their pieces),
+payload (cut one piece), check, keep and merge, as `src.kinds.base.Kind` defines them.
 
-prepare does all the slow reading once, on the server's background thread: it probes the
-source, plans the jobs (about CHUNK_SECONDS each), cuts the pieces with stream copy and
-decodes each piece once to prove it holds the planned frames (see `split`). The plan lives
-in the task's facts, so plan() and payload() are cheap and a restarted server needs no
-re-probe. Results are chunks in NUT (see `encode`), joined in merge (see `stitch`).
+prepare reads the source's packets once (flags, sizes, timestamps: no frame is decoded) and
+keeps them in the task's folder. plan cuts the video into jobs for the live workers (about
+CHUNK_SECONDS each at most, a workers-th of a short clip, see `plan.job_seconds`) and proves
+each job's piece from the packets; only a piece the packets cannot prove (it opens on an open
+GOP's keyframe, or holds broken timestamps) is cut and decoded then (see `split`). payload cuts
+its job's piece by stream copy when the job is published, so the first job is on the broker
+while the later pieces are not cut yet; the worker decodes its piece anyway, reports the frames
+it decoded and refuses a piece that does not hold the planned ones (see `runner`). Results are
+chunks in NUT (see `encode`), joined in merge (see `stitch`).
 """
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -152,32 +155,32 @@ class TranscodeKind:
     # -- planning ---------------------------------------------------------------------
 
     def prepare(self, task: TaskView) -> dict[str, Any]:
-        facts = probe.probe(task.media.path)
-        rate = facts.rate
-        jobs = plan.plan_jobs(facts.frames, facts.keyframes, plan.chunk_frames(self.settings.chunk_seconds,
-                                                                                  float(rate)),
-                              facts.key_bytes, facts.bytes)
-        splitter = split.Splitter(task.media.path, facts, task.folder / split.PIECES)
-        splitter.segment(jobs)
-        jobs = [splitter.place(job) for job in jobs]
-        plan.check_traffic(jobs, facts.bytes)  # again with the pieces as cut (open GOPs widen them)
+        facts = probe.probe(task.media.path)  # packets only: no frame is decoded
+        split.save(facts, task.folder)
         width, height = output_size(facts.width, facts.height, task.params.get("height"))
-        return {"frames": facts.frames, "fps": facts.fps, "source_codec": facts.codec,
-                "source_width": facts.width, "source_height": facts.height, "width": width, "height": height,
-                "audio": facts.audio, "audio_lead": facts.audio_lead, "keyframes": len(facts.keyframes),
-                "jobs": jobs}
+        return {"frames": facts.frames, "fps": facts.fps, "time_base": facts.time_base,
+                "source_codec": facts.codec, "source_width": facts.width, "source_height": facts.height,
+                "width": width, "height": height, "audio": facts.audio, "audio_lead": facts.audio_lead,
+                "keyframes": len(facts.keyframes), **split.packet_facts(facts)}
 
     def plan(self, task: TaskView) -> list[Planned]:
-        rate = Fraction(task.facts["fps"])
-        return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate))
-                for job in task.facts["jobs"]]
+        facts = split.load(task.media.path, task.folder)
+        rate = facts.rate
+        seconds = plan.job_seconds(facts.frames / rate, task.workers, self.settings.chunk_seconds)
+        jobs = plan.plan_jobs(facts.frames, facts.keyframes, plan.chunk_frames(seconds, float(rate)),
+                              facts.key_bytes, facts.bytes)
+        # packets prove each piece; only where they cannot (open GOP, broken timestamps) is one decoded
+        jobs = [split.prove(task.media.path, facts, task.folder, job) for job in jobs]
+        plan.check_traffic(jobs, facts.bytes)  # again with the pieces as proven (open GOPs widen them)
+        return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate)) for job in jobs]
 
     def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]:
         params = {name: task.params[name] for name in ("codec", "crf", "bitrate", "preset", "threads")}
         params.update({name: job.facts[name] for name in ("start", "end", "frames", "skip")})
+        params.update(first_pts=job.facts.get("first_pts"), last_pts=job.facts.get("last_pts"),
+                      time_base=task.facts.get("time_base"))
         params.update(width=task.facts["width"], height=task.facts["height"], fps=task.facts["fps"])
-        piece = split.piece_path(task.folder, job.facts)
-        return params, piece.read_bytes()
+        return params, split.piece_bytes(task, job)
 
     # -- results ----------------------------------------------------------------------
 

@@ -18,8 +18,13 @@ A job's facts, as `plan_jobs` returns them (JSON-able):
   keyframe at or after `end`, or the frame count);
 - `piece_bytes`: the piece's size, from the packet sizes (the job's `size`).
 
-`split` may widen a piece later (open GOPs) and adds where the piece's file is and how many
-decoded frames the worker must skip.
+`split` proves each piece from the packets (or, where they cannot, by a decode), may widen it
+(open GOPs) and adds which packets it is, where its file is and how many decoded frames the
+worker must skip.
+
+How long a job is (`job_seconds`): CHUNK_SECONDS at most, and at most the clip's length over
+the live workers, so that a short clip still gives every worker a part; but never below
+MIN_JOB_SECONDS (unless CHUNK_SECONDS is lower), where a job's fixed cost would dominate.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ MAX_PIECE_BYTES = 48 * 1024 * 1024
 # (a 600 s clip with one keyframe sent 18.6x its size). Ordinary sources stay near 1x
 # (a keyframe every 2-10 s against 30 s chunks: 1.0-1.4x, an open-GOP widening one GOP more).
 MAX_AMPLIFICATION = 4.0
+# The shortest job worth sending, in seconds of media: below it a job's fixed cost (the
+# server's cut and check, the broker's round trip, the worker's ffmpeg start and the encoder's
+# first keyframe) is a large share of its work. See docs/BENCHMARKS.md ("a job's fixed cost").
+MIN_JOB_SECONDS = 2.0
 
 
 class PlanError(ValueError):
@@ -54,6 +63,13 @@ def check_traffic(jobs: list[dict[str, Any]], total_bytes: int, limit: float = M
         raise TooMuchTraffic(f"its jobs would send {sent / total_bytes:.1f}x the video's {total_bytes} bytes (at "
                              f"most {limit:g}x): its keyframes are too far apart; re-encode it with a keyframe "
                              "every few seconds")
+
+
+def job_seconds(duration: float, workers: int, chunk_seconds: float, floor: float = MIN_JOB_SECONDS) -> float:
+    """Target seconds of one job: `chunk_seconds` at most, a `workers`-th of the clip where that
+    is shorter (every live worker gets a part), but not below `floor` (nor above `chunk_seconds`)."""
+    share = duration / max(1, int(workers))
+    return min(float(chunk_seconds), max(float(floor), share))
 
 
 def chunk_frames(chunk_seconds: float, fps: float) -> int:

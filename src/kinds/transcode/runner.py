@@ -3,6 +3,13 @@
 Params and body arrive from the broker and are untrusted: `problem` refuses anything
 outside the ranges the server ever sends before a byte reaches ffmpeg, and the command line
 is built from validated values only (a list, never a shell string).
+
+The proof that a piece holds its job's frames is made here, not on the server: the worker
+decodes the piece anyway, so the encode's filter graph also notes every frame it keeps (its
+pts, in the source's time base: `proof_filter`). The result reports them (`decoded_frames`,
+`decoded_first_pts`, `decoded_last_pts`), and a piece whose frames are not the planned ones
+(the job's `frames`, `first_pts`, `last_pts`) is refused with the reason (`PieceRefused`):
+the job fails rather than return a chunk with a frame missing, doubled or shifted.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ MAX_FRAMES = 1_000_000
 BITRATE = re.compile(r"[1-9][0-9]{0,8}[kM]?")  # fullmatch: "$" also matches before a final newline
 FPS = re.compile(r"[1-9][0-9]{0,8}/[1-9][0-9]{0,8}")
 ECHOED = ("codec", "frames", "start", "end", "width", "height")
+TIME_BASE = re.compile(r"[1-9][0-9]{0,9}/[1-9][0-9]{0,9}")
+MAX_PTS = 1 << 62
 FRAME = re.compile(rb"^frame=(\d+)", re.M)  # ffmpeg -progress: frames written so far
+NOTED = re.compile(rb"^frame:\s*\d+\s+pts:\s*(-?\d+|NOPTS)", re.M)  # a line of the metadata filter's print
+SAFE_PATH = re.compile(r"[A-Za-z0-9/_.-]+")  # a path a filter graph's option can hold unescaped
 PROGRESS_SECONDS = 0.5  # how often the progress file is read (ffmpeg writes it every 0.5 s)
 
 
@@ -59,11 +70,65 @@ def piece_problem(params: dict[str, Any], body: bytes, max_frames: int = MAX_FRA
         return "width and height must be even (yuv420p)"
     if params["end"] - params["start"] != params["frames"]:
         return "end - start must equal frames"
+    if reason := proof_problem(params):
+        return reason
     if not isinstance(body, bytes | bytearray) or not body:
         return "the body (the source piece) is empty"
     if len(body) > MAX_BODY:
         return f"the body is {len(body)} bytes, more than {MAX_BODY}"
     return None
+
+
+class PieceRefused(ValueError):
+    """The job's piece does not decode to the frames its job planned."""
+
+
+def proof_problem(params: dict[str, Any]) -> str | None:
+    """Why a job's planned frame timestamps (`first_pts`, `last_pts`, `time_base`) are unusable."""
+    base = params.get("time_base")
+    if base is not None and not (isinstance(base, str) and TIME_BASE.fullmatch(base)):
+        return f"time_base must be a fraction like '1/12800', got {base!r}"
+    for name in ("first_pts", "last_pts"):
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not -MAX_PTS <= value <= MAX_PTS):
+            return f"{name} must be an integer or null, got {value!r}"
+        if value is not None and base is None:
+            return f"{name} needs the time_base it counts in"
+    return None
+
+
+def proof_filter(params: dict[str, Any], noted: Path) -> str:
+    """Filters for the point where a job's frames are chosen: each frame is noted in the file
+    `noted` with its pts in the source's time base (the piece's is a multiple of it: exact)."""
+    if not SAFE_PATH.fullmatch(str(noted)):
+        raise tools.ToolError(f"the scratch path {str(noted)!r} cannot be named in a filter graph")
+    retime = f"settb={params['time_base']}," if params.get("time_base") else ""
+    return f"{retime}metadata=mode=add:key=decoded:value=1,metadata=mode=print:file={noted}"
+
+
+def decoded(noted: Path) -> list[int | None]:
+    """The pts of every frame `proof_filter` noted, in order (None where a frame had none)."""
+    try:
+        text = noted.read_bytes()
+    except OSError:
+        return []
+    return [None if stamp == b"NOPTS" else int(stamp) for stamp in NOTED.findall(text)]
+
+
+def account(params: dict[str, Any], stamps: list[int | None]) -> dict[str, Any]:
+    """The result's account of the frames decoded for the job; PieceRefused where they are not
+    the planned ones (count, and the first and last pts where the job names them)."""
+    found = {"decoded_frames": len(stamps), "decoded_first_pts": stamps[0] if stamps else None,
+             "decoded_last_pts": stamps[-1] if stamps else None}
+    planned = {"decoded_frames": params["frames"], "decoded_first_pts": params.get("first_pts"),
+               "decoded_last_pts": params.get("last_pts")}
+    wrong = [f"{name.removeprefix('decoded_')} {found[name]} (planned {value})" for name, value in planned.items()
+             if value is not None and found[name] != value]
+    if wrong:
+        raise PieceRefused(f"the piece does not hold the job's frames {params['start']}-{params['end']}: decoded "
+                           f"{', '.join(wrong)}")
+    return found
 
 
 def progressed(command: list[str], report: Path, frames: int,
@@ -129,12 +194,16 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="transcode-") as scratch:
             piece, chunk = Path(scratch) / "piece", Path(scratch) / f"chunk.{encode.CHUNK_FORMAT}"
             piece.write_bytes(body)
-            command, polled = progressed(encode.command(params, encoder, str(piece), str(chunk)),
+            noted = Path(scratch) / "decoded.txt"
+            command, polled = progressed(encode.command(params, encoder, str(piece), str(chunk),
+                                                        proof_filter(params, noted)),
                                          Path(scratch) / "progress", params["frames"], should_stop)
             tools.run_stoppable(command, polled, timeout=timeout, what=f"encoding with {encoder}")
+            proven = account(params, decoded(noted))  # PieceRefused: no chunk of the wrong frames leaves
             data = chunk.read_bytes()
         result = {name: params[name] for name in ECHOED}
         result["encoder"] = encoder
+        result.update(proven)
         return result, data
 
     def tamper(self, params: dict[str, Any], body: bytes) -> bytes:

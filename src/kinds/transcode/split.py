@@ -1,145 +1,322 @@
-"""The server's split: cut each job's source piece with stream copy, then prove it decodes right.
+"""The server's split: prove each job's source piece from the packets, and cut it on demand.
 
-The segment muxer runs once over the source (`-c copy`, no decode) and cuts it at the
-keyframes where pieces start or end. It cuts at a packet count in decode order, so we hand
-it each keyframe's decode index from the probe: with B-frames under open GOPs the decode and
-display indices of a keyframe differ. A piece spanning several segments (a job that starts
-mid-GOP in a sparse stream, or one widened for an open GOP) is joined from them with the
-concat demuxer, again by stream copy. Segments and pieces are NUT: it carries any codec a
-source may have and stores both pts and dts, so B-frame streams can be joined again
-(Matroska stores pts only, and re-muxing its segments failed on "unknown timestamp").
+A piece is a run of packets in decode order, from a keyframe to the packet before another
+keyframe (or the end). Planning (`prove`) reads no frame: from the probe's packets it knows
+the piece's packets, its bytes, the pts of the job's first and last frames, and whether the
+packets alone prove what the piece decodes to. They do where the piece opens on a keyframe
+without leading pictures (a closed GOP: nothing decoded after the keyframe is shown before
+it) and none of its packets has broken timestamps (`probe.broken_packets`): every packet is
+then one frame, the frames come out in pts order, and the job's frames are decoded frames
+`start - key` onwards. A piece whose end keyframe has leading pictures is widened to the next
+keyframe first, since those pictures are shown before the cut but decoded after it.
 
-Stream copy is only frame-exact if every piece decodes to the frames the plan expects, and
-open GOPs break that: the pictures shown just before a keyframe may be decoded after it
-("leading" pictures), so they sit in the next piece and reference the previous GOP. So each
-piece is decoded once here and its frame count compared with what its packets promise. A
-piece that ends before the leading pictures it needs is widened to the next cut; one whose
-count is off carries the previous segment too (the decoder then has the GOP the leading
-pictures need); one still off after that is refused with the reason.
+Where the packets cannot prove a piece (it opens on an open GOP's keyframe, whose leading
+pictures a decoder drops or shows broken; or its timestamps are broken) the piece is cut and
+decoded once here, as before, and only that piece: its frame count is held to what its
+packets promise, and a piece whose count is off carries the previous GOP too (the decoder
+then has the references the leading pictures need); one still off after that is refused with
+the reason. The job's facts say which proof it got (`proof`: "packets" or "decode", and why).
+
+Cutting (`cut`) happens when a job's message is built (the kind's `payload`), one piece at a
+time, so the first job is on the broker while later pieces are not cut yet. It is a stream
+copy that seeks to the piece's keyframe (`-seek_timestamp`, the keyframe's own pts) and
+copies its packets (`-frames:v`), keeping the source's timestamps (`-copyts`) so the worker's
+decoded pts can be held to the plan. The piece is then checked by its packets (count, a
+keyframe first, the first and last pts); where a demuxer's seek landed elsewhere it is cut
+again by reading from the start (the segment muxer), which is exact for every container. A
+piece is written under a temporary name and renamed, so a server restarted mid-cut cuts it
+again; pieces stay until the task is merged (`stitch.join_jobs`) or deleted.
+
+Pieces are NUT: it carries any codec a source may have and stores both pts and dts, so the
+worker reads B-frame streams in order; its time base is a multiple of the source's, so every
+pts converts exactly.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import math
 import shutil
+import tempfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from src.kinds.base import JobView, TaskView
 from src.kinds.transcode import plan, probe, tools
 from src.media import guard
 
-SEGMENT = "seg{:06d}.nut"
 PIECES = "pieces"  # the task folder's subfolder for source pieces
+PACKETS = "packets.json"  # the task folder's copy of the probe, for planning after prepare
+DECODE_ATTEMPTS = 3  # a piece proven by decode may carry up to two earlier GOPs
 
 
 def piece_path(folder: Path, facts: dict[str, Any]) -> Path:
-    """A job's source piece in its task's `folder`, from the job's facts (`piece_file`, set by `place`)."""
+    """A job's source piece in its task's `folder`, from the job's facts (`piece_file`, set by `prove`)."""
     return folder / PIECES / Path(facts["piece_file"]).name
+
+
+def piece_name(first: int, last: int) -> str:
+    """The piece of packets first..last-1 (decode order): the same packets, the same name."""
+    return f"piece{first:09d}-{last:09d}.nut"
 
 
 class SplitError(RuntimeError):
     """The source cannot be split frame-exactly with stream copy."""
 
 
-class Splitter:
-    """Cuts `source` (probed as `facts`) into pieces under `folder`, once per task."""
+# -- the probe, kept between prepare and plan ---------------------------------------------------
 
-    def __init__(self, source: Path, facts: probe.Probe, folder: Path, timeout: float = 1800):
-        self.source = source
+
+def save(facts: probe.Probe, folder: Path) -> None:
+    """Keep the probe in the task's folder: `plan` runs later (once the live workers are known)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / (PACKETS + ".part")
+    partial.write_text(json.dumps(facts.as_json(), separators=(",", ":")))
+    partial.replace(folder / PACKETS)
+
+
+def load(source: Path, folder: Path) -> probe.Probe:
+    """The probe `save` kept, or a new one (a folder emptied since: it is packets only, cheap)."""
+    try:
+        return probe.Probe.from_json(json.loads((folder / PACKETS).read_text()))
+    except (OSError, ValueError, TypeError):
+        facts = probe.probe(source)
+        save(facts, folder)
+        return facts
+
+
+# -- proving a piece from its packets -------------------------------------------------------------
+
+
+class Pieces:
+    """The packet-level plan of one source's pieces (`facts`, its probe)."""
+
+    def __init__(self, facts: probe.Probe):
         self.facts = facts
-        self.folder = folder
-        self.timeout = timeout
-        self.cuts: list[int] = []  # display frames where segments start, then the frame count
-        self._counts: dict[tuple[int, int], int] = {}
 
-    def _packet(self, frame: int) -> int:
-        """Decode-order packet index of keyframe `frame` (the frame count past the end)."""
+    def _index(self, frame: int) -> int:
+        """Index in `keyframes` of keyframe `frame` (len(keyframes) for the frame count)."""
         if frame >= self.facts.frames:
-            return self.facts.frames
-        return self.facts.key_packets[bisect.bisect_left(self.facts.keyframes, frame)]
+            return len(self.facts.keyframes)
+        return bisect.bisect_left(self.facts.keyframes, frame)
 
-    def _leading(self, frame: int) -> int:
-        if frame == 0 or frame >= self.facts.frames:
-            return 0  # the stream's first keyframe has nothing before it to lead
-        return self.facts.leading[bisect.bisect_left(self.facts.keyframes, frame)]
+    def frame(self, index: int) -> int:
+        """Display frame of keyframe `index` (the frame count past the last)."""
+        return self.facts.keyframes[index] if index < len(self.facts.keyframes) else self.facts.frames
 
-    def segment(self, jobs: list[dict[str, Any]]) -> None:
-        """Cut the source at every keyframe a job's piece starts or ends at."""
-        wanted = {0}
-        for job in jobs:
-            wanted.update(job["piece"])
-        frames = self.facts.frames
-        self.cuts = sorted(k for k in wanted if k < frames) + [frames]
-        if self.folder.exists():
-            shutil.rmtree(self.folder)  # a retried prepare starts clean
-        self.folder.mkdir(parents=True)
-        packets = [self._packet(k) for k in self.cuts[1:-1]]
-        # With no cut, segment_frames must still be given (else segment_time's 2 s applies):
-        # a packet number past the end means one segment.
-        points = ",".join(str(p) for p in packets) or str(frames + 1)
-        try:
-            source = guard.ffmpeg_input(self.source, guard.UPLOAD, self.source.parent)
-        except guard.OutsideFolder as exc:
-            raise SplitError(f"the source cannot be read: {exc}") from None
-        tools.run([*tools.FFMPEG, "-v", "error", *source, "-map", "0:v:0", "-c", "copy",
-                   "-f", "segment", "-segment_format", "nut", "-segment_frames", points,
-                   "-reset_timestamps", "1", str(self.folder / "seg%06d.nut")],
-                  timeout=self.timeout, what="splitting the source")
-        made = sorted(self.folder.glob("seg*.nut"))
-        if len(made) != len(self.cuts) - 1:
-            raise SplitError(f"the segment muxer made {len(made)} pieces where {len(self.cuts) - 1} were planned")
+    def packet(self, index: int) -> int:
+        """Decode-order packet of keyframe `index` (the packet count past the last)."""
+        return self.facts.key_packets[index] if index < len(self.facts.key_packets) else self.facts.frames
 
-    def piece(self, first: int, last: int) -> Path:
-        """The file holding segments first..last-1 (indices into `cuts`), joined by stream copy."""
-        if last - first == 1:
-            return self.folder / SEGMENT.format(first)
-        joined = self.folder / f"piece{first:06d}-{last:06d}.nut"
-        if not joined.exists():
-            listing = self.folder / f"piece{first:06d}-{last:06d}.txt"
-            segments = [(self.folder / SEGMENT.format(i), None) for i in range(first, last)]
-            partial = joined.with_suffix(".part")
-            tools.run([*tools.FFMPEG, "-v", "error", *guard.concat_input(segments, listing, self.folder),
-                       "-map", "0:v:0", "-c", "copy", "-f", "nut", "-y", str(partial)],
-                      timeout=self.timeout, what="joining source segments", quiet=True)
-            partial.replace(joined)
-        return joined
+    def leading(self, index: int) -> int:
+        """Leading pictures of keyframe `index` (none past the end)."""
+        return self.facts.leading[index] if index < len(self.facts.leading) else 0
 
-    def decoded(self, first: int, last: int) -> int:
-        key = (first, last)
-        if key not in self._counts:
-            self._counts[key] = probe.count_frames(self.piece(first, last), timeout=self.timeout)
-        return self._counts[key]
+    def bytes(self, first: int, last: int) -> int:
+        end = self.facts.key_bytes[last] if last < len(self.facts.key_bytes) else self.facts.bytes
+        return end - self.facts.key_bytes[first]
 
-    def place(self, job: dict[str, Any]) -> dict[str, Any]:
-        """The job's facts with its verified piece: `piece_file` (relative to the folder),
-        `skip` (decoded frames to drop before `start`), the widened `key`/`piece` if any."""
-        start, end = job["start"], job["end"]
-        first = self.cuts.index(job["key"])
-        last = self.cuts.index(job["piece"][1])
+    def widened(self, first: int, last: int, end: int) -> int:
+        """The end keyframe index: `last`, moved on while its leading pictures hold frames < `end`
+        (they are decoded after the cut but shown before it, so the job needs them)."""
+        while last < len(self.facts.keyframes) and self.frame(last) - self.leading(last) < end:
+            last += 1
+        return last
+
+    def unproven(self, first: int, last: int) -> str | None:
+        """Why packets alone cannot prove the piece from keyframe `first` to keyframe `last`, or None."""
+        if self.leading(first):
+            return (f"its keyframe (frame {self.frame(first)}) opens an open GOP: {self.leading(first)} "
+                    "leading picture(s) decoded after it are shown before it")
+        p0, p1 = self.packet(first), self.packet(last)
+        broken = self.facts.broken
+        low = bisect.bisect_left(broken, p0)
+        if low < len(broken) and broken[low] < p1:
+            return f"packet {broken[low]} has no usable timestamp (missing, repeated, out of order or empty)"
+        # its packets' pts must be exactly the display pts of its frames (up to the end keyframe's
+        # leading pictures, which lie beyond its last packet): no other piece's frame among them
+        stamps = sorted(self.facts.pts[p0:p1])  # type: ignore[type-var]  # none is None: not broken
+        if stamps != self.facts.display_pts[self.frame(first):self.frame(last) - self.leading(last)]:
+            return "its packets' pts interleave with another piece's"
+        return None
+
+    def stamps(self, start: int, end: int, first: int, last: int) -> dict[str, Any]:
+        """The pts of the job's first and last frames, and of the piece's first and last packets
+        (in the source's time base), where the timestamps can be trusted; None otherwise."""
+        p0, p1 = self.packet(first), self.packet(last)
+        trusted = not self.facts.broken and len(self.facts.display_pts) == self.facts.frames
+        return {"first_pts": self.facts.display_pts[start] if trusted else None,
+                "last_pts": self.facts.display_pts[end - 1] if trusted else None,
+                "cut_pts": [self.facts.pts[p0], self.facts.pts[p1 - 1]]}
+
+    def facts_of(self, job: dict[str, Any], first: int, last: int, skip: int, proof: str,
+                 why: str | None) -> dict[str, Any]:
+        p0, p1 = self.packet(first), self.packet(last)
+        size = self.bytes(first, last)
+        if size > plan.MAX_PIECE_BYTES:
+            raise SplitError(f"frames {job['start']}-{job['end']}: the piece they need is {size} bytes, more than a "
+                             f"job carries ({plan.MAX_PIECE_BYTES}); the source's GOPs are too long")
+        placed = {**job, "key": self.frame(first), "piece": [self.frame(first), self.frame(last)],
+                  "packets": [p0, p1], "piece_file": piece_name(p0, p1), "piece_bytes": size, "skip": skip,
+                  **self.stamps(job["start"], job["end"], first, last), "proof": proof}
+        if why:
+            placed["unproven"] = why
+        return placed
+
+
+def prove(source: Path, facts: probe.Probe, folder: Path, job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """The job's facts with its proven piece: `packets` [first, last) in decode order, `piece_file`,
+    `piece_bytes`, `skip` (decoded frames before `start`), `first_pts`/`last_pts` (the pts of its
+    first and last frames, source time base; None where timestamps are broken), `cut_pts`, the
+    widened `key`/`piece` if any, and `proof`. Reads no frame unless the packets cannot prove the
+    piece; then it cuts and decodes that piece (see the module's docstring)."""
+    pieces = Pieces(facts)
+    start, end = job["start"], job["end"]
+    first = pieces._index(job["key"])
+    last = pieces.widened(first, pieces._index(job["piece"][1]), end)
+    why = pieces.unproven(first, last)
+    if why is None:
+        return pieces.facts_of(job, first, last, start - pieces.frame(first), "packets", None)
+    return _prove_by_decode(source, pieces, folder, job, first, last, why, timeout)
+
+
+def _prove_by_decode(source: Path, pieces: Pieces, folder: Path, job: dict[str, Any], first: int, last: int,
+                     why: str, timeout: float) -> dict[str, Any]:
+    start, end = job["start"], job["end"]
+    tried = []
+    for _attempt in range(DECODE_ATTEMPTS):
+        last = pieces.widened(first, last, end)
+        candidate = pieces.facts_of(job, first, last, 0, "decode", why)
+        path = cut(source, folder, candidate, timeout, pieces.facts.time_base)
+        decoded = probe.count_frames(path, timeout=timeout)
+        packets = pieces.packet(last) - pieces.packet(first)
+        lead = pieces.leading(first) if first else 0
+        skip = None
+        if decoded == packets - lead:
+            skip = start - pieces.frame(first)  # the decoder dropped the undecodable leading pictures
+        elif lead and decoded == packets:
+            skip = start - pieces.frame(first) + lead  # it showed them (broken): drop them too
+        if skip is not None and decoded - skip >= end - start:
+            return {**candidate, "skip": skip}
+        tried.append(f"frames {pieces.frame(first)}-{pieces.frame(last)} decode to {decoded}, "
+                     f"expected {packets - lead}")
+        if first == 0:
+            break
+        first -= 1  # carry the previous GOP: the leading pictures' references are then there
+    raise SplitError(f"frames {start}-{end} cannot be cut frame-exactly with stream copy "
+                     f"({'; '.join(tried)}); the source's GOP structure is not supported")
+
+
+def packet_facts(facts: probe.Probe) -> dict[str, Any]:
+    """What the packets say about proving pieces without a decode (a task's facts): GOPs open or
+    closed, keyframes with leading pictures, packets with broken timestamps. Pieces that open on
+    an open GOP's keyframe, or hold a broken packet, are proven by a decode (`prove`)."""
+    leading = sum(1 for count in facts.leading if count)
+    return {"gop": "open" if leading else "closed", "open_keyframes": leading,
+            "broken_packets": len(facts.broken)}
+
+
+def piece_bytes(task: TaskView, job: JobView) -> bytes:
+    """The job's source piece, cut now if it is not there yet (the first job's message leaves
+    while later pieces are still uncut; a server restarted mid-publish cuts what is missing)."""
+    if "packets" not in job.facts:  # planned before pieces were cut on demand: cut in prepare
+        return piece_path(task.folder, job.facts).read_bytes()
+    return cut(task.media.path, task.folder, job.facts, time_base=task.facts.get("time_base")).read_bytes()
+
+
+# -- cutting a piece -----------------------------------------------------------------------------
+
+
+def _seconds_up(pts: int, time_base: Fraction) -> str:
+    """pts as seconds for ffmpeg's -ss, rounded up to its microsecond: a seek lands on the
+    keyframe at or before that time, so it must not fall short of the keyframe's own pts."""
+    micro = math.ceil(pts * time_base * 1_000_000)
+    return f"{micro // 1_000_000}.{micro % 1_000_000:06d}" if micro >= 0 else f"{micro / 1_000_000:.6f}"
+
+
+def _copy_args() -> list[str]:
+    # -copyts keeps the source's timestamps; negative ones (the first B-frame dts) too
+    return ["-map", "0:v:0", "-c", "copy", "-copyts", "-avoid_negative_ts", "disabled", "-map_metadata", "-1"]
+
+
+def _matches(path: Path, job: dict[str, Any], time_base: Fraction, timeout: float) -> str | None:
+    """Why the cut piece at `path` is not the job's packets (count, a keyframe first, the first
+    and last packets' pts), or None. Packets only: nothing is decoded."""
+    info = json.loads(tools.run([*tools.FFPROBE, "-v", "error", "-threads", "1", "-of", "json", "-select_streams",
+                                 "v:0", "-show_entries", "stream=time_base:packet=pts,flags",
+                                 *guard.probe_input(path, guard.PIECE, path.parent)],
+                                timeout=timeout, what="ffprobe of a cut piece",
+                                memory=guard.PROBE_MEMORY_BYTES).stdout or b"{}")
+    packets = info.get("packets") or []
+    p0, p1 = job["packets"]
+    if len(packets) != p1 - p0:
+        return f"{len(packets)} packets where {p1 - p0} were planned"
+    if "K" not in str(packets[0].get("flags", "")):
+        return "it does not open on a keyframe"
+    try:
+        base = tools.fraction((info.get("streams") or [{}])[0].get("time_base", ""))
+    except (ValueError, ZeroDivisionError):
+        return "its time base is unreadable"
+    for packet, planned in ((packets[0], job["cut_pts"][0]), (packets[-1], job["cut_pts"][1])):
+        if planned is None:
+            continue
+        got = probe._stamp(packet.get("pts"))
+        if got is None or got * base != planned * time_base:
+            return f"a packet's pts is {got} ({base}), the plan's {planned} ({time_base})"
+    return None
+
+
+def cut(source: Path, folder: Path, job: dict[str, Any], timeout: float = 1800,
+        time_base: str | None = None) -> Path:
+    """The job's piece (its packets [first, last) of the source's video by stream copy), cut now
+    unless it is already there. `folder` is the task's; `time_base` the source's (task facts)."""
+    path = piece_path(folder, job)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = tools.fraction(time_base or "1/1")
+    p0, p1 = job["packets"]
+    key_pts = job["cut_pts"][0]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".cut-") as scratch:
+        partial = Path(scratch) / "piece.nut"
         tried = []
-        for _attempt in range(3):
-            # Widen the end while the next piece's leading pictures hold frames this job owns.
-            while last < len(self.cuts) - 1 and self.cuts[last] - self._leading(self.cuts[last]) < end:
-                last += 1
-            decoded = self.decoded(first, last)
-            packets = self._packet(self.cuts[last]) - self._packet(self.cuts[first])
-            lead = self._leading(self.cuts[first])
-            skip = None
-            if decoded == packets - lead:
-                skip = start - self.cuts[first]  # the decoder dropped the undecodable leading pictures
-            elif lead and decoded == packets:
-                skip = start - self.cuts[first] + lead  # it showed them (broken): drop them too
-            if skip is not None and decoded - skip >= end - start:
-                path = self.piece(first, last)
-                size = path.stat().st_size
-                if size > plan.MAX_PIECE_BYTES:
-                    raise SplitError(f"frames {start}-{end}: the piece they need is {size} bytes, more than a job "
-                                     f"carries ({plan.MAX_PIECE_BYTES}); the source's GOPs are too long")
-                return {**job, "key": self.cuts[first], "piece": [self.cuts[first], self.cuts[last]],
-                        "piece_file": path.name, "piece_bytes": size, "skip": skip}
-            tried.append(f"frames {self.cuts[first]}-{self.cuts[last]} decode to {decoded}, expected {packets - lead}")
-            if first == 0:
-                break
-            first -= 1  # carry the previous GOP: the leading pictures' references are then there
-        raise SplitError(f"frames {start}-{end} cannot be cut frame-exactly with stream copy "
-                         f"({'; '.join(tried)}); the source's GOP structure is not supported")
+        if p0 > 0 and key_pts is not None:
+            try:
+                source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
+            except guard.OutsideFolder as exc:
+                raise SplitError(f"the source cannot be read: {exc}") from None
+            tools.run([*tools.FFMPEG, "-v", "error", "-seek_timestamp", "1", "-ss", _seconds_up(key_pts, base),
+                       *source_args, *_copy_args(), "-frames:v", str(p1 - p0), "-f", "nut", "-y", str(partial)],
+                      timeout=timeout, what="cutting a source piece")
+            reason = _matches(partial, job, base, timeout)
+            if reason is None:
+                partial.replace(path)
+                return path
+            tried.append(f"seeking: {reason}")
+        _cut_from_start(source, Path(scratch), p0, p1, partial, timeout)
+        reason = _matches(partial, job, base, timeout)
+        if reason is not None:
+            raise SplitError(f"packets {p0}-{p1} cannot be cut with stream copy: "
+                             f"{'; '.join([*tried, f'from the start: {reason}'])}")
+        partial.replace(path)
+    return path
+
+
+def _cut_from_start(source: Path, scratch: Path, p0: int, p1: int, output: Path, timeout: float) -> None:
+    """Packets p0..p1-1 by reading the source from its first packet (the segment muxer counts
+    packets in decode order): exact whatever the container's seeking does."""
+    try:
+        source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
+    except guard.OutsideFolder as exc:
+        raise SplitError(f"the source cannot be read: {exc}") from None
+    if p0 == 0:
+        tools.run([*tools.FFMPEG, "-v", "error", *source_args, *_copy_args(), "-frames:v", str(p1), "-f", "nut",
+                   "-y", str(output)], timeout=timeout, what="cutting a source piece")
+        return
+    tools.run([*tools.FFMPEG, "-v", "error", *source_args, *_copy_args(), "-frames:v", str(p1),
+               "-f", "segment", "-segment_format", "nut", "-segment_frames", str(p0), "-reset_timestamps", "0",
+               str(scratch / "seg%d.nut")], timeout=timeout, what="cutting a source piece from the start")
+    shutil.move(str(scratch / "seg1.nut"), output)
+    (scratch / "seg0.nut").unlink(missing_ok=True)
