@@ -63,6 +63,10 @@ def test_a_chunk_with_a_missing_frame_is_refused_by_its_packets(run, tmp_path):
     whole = tmp_path / "whole.nut"
     whole.write_bytes(body)
     assert check.check_chunk(whole, frames, 160, 120, "h264", fps="25") is None
+    assert check.check_chunk(whole, frames, 320, 240, "h264", fps="25") == "the chunk is 160x120, the plan says 320x240"
+    assert check.check_chunk(whole, frames, 160, 120, "hevc", fps="25") == "the chunk is h264, the task asked for hevc"
+    reason = check.check_chunk(whole, frames, 160, 120, "h264", fps="50")  # twice the rate
+    assert reason and "not all one frame long" in reason, reason
 
     # one packet short: the count says so
     short = remux(whole, tmp_path / "short.nut", drop=10)
