@@ -183,6 +183,10 @@ def stitch(chunks: list[tuple[Path, int]], fps: str, source: Path, audio: bool, 
         args += ["-movflags", "+faststart"]
         if codec == "hevc":
             args += ["-tag:v", "hvc1"]  # Safari/QuickTime play HEVC in MP4 only as hvc1, not hev1
+    else:
+        # Matroska's segment and track UIDs are random otherwise: the same task, merged again
+        # (a restarted server), would give another file
+        args += ["-fflags", "+bitexact"]
     partial = output.with_name(output.name + ".part")
     # Keep the source's title and tags where it (or the track, which holds them) is an input
     # (with audio); never the chunks'.
