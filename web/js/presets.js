@@ -6,12 +6,12 @@
 //   Both at a bitrate derived from the source's (at most 90 % / 50 % of its video bitrate
 //            scaled to the picture kept, and room for the audio within 85 % of its whole
 //            bitrate), so the file is smaller than the source: a constant quality is not (a
-//            360p source grew to 179 % at VP9's default CRF, 113 % at H.264's CRF 23). Only
-//            a source under ~150 kb/s with sound cannot be made smaller, as the kind's audio
-//            alone is 128 kb/s: the estimate then says "larger than the original".
+//            360p source grew to 179 % at VP9's default CRF, 113 % at H.264's CRF 23). The
+//            kind's audio is the source's, copied, or encoded at the source's bitrate or
+//            128 kb/s, whichever is lower, so it never grows the file.
 //   Archive  HEVC at the source's height, constant quality 24: keeps the quality (it may
 //            be larger than a strongly compressed source; the estimate says so).
-const AUDIO_BPS = 128_000;      // the kind's audio (src/kinds/transcode/stitch.py: AAC or Opus at 128k)
+const AUDIO_BPS = 128_000;      // the most the kind's audio takes (src/kinds/transcode/stitch.py: copied, or at most 128k)
 const SMALL_MAX_BPS = 600_000;  // a 360p AV1 needs no more for most material
 const WEB_MAX_BPS = 2_500_000;  // nor a 720p H.264
 const MIN_BPS = 16_000;         // the kind's lowest bitrate
@@ -36,7 +36,8 @@ export function sourceFacts(media) {
   const seconds = media?.duration || 0;
   const total = seconds > 0 ? (media.size * 8) / seconds : 0;
   const audio = media?.audio ? Math.min(AUDIO_BPS, total / 4) : 0;   // a guess: the probe has no audio bitrate
-  return { seconds, height: media?.video?.height ?? null, total, video: Math.max(total - audio, total / 2) };
+  // the result's audio is the source's (copied, or encoded at no more than its bitrate): `audio` both ways
+  return { seconds, height: media?.video?.height ?? null, total, audio, video: Math.max(total - audio, total / 2) };
 }
 
 // The raw settings of a preset for this source (only the fields the form has).
@@ -54,7 +55,7 @@ export function presetValues(id, media) {
   function capped(codec, height, max, share) {
     const kept = src.height ? Math.min(height, src.height) : height;
     const scale = src.height ? (kept / src.height) ** 2 : 1;
-    const room = 0.85 * src.total - (media?.audio ? AUDIO_BPS : 0);
+    const room = 0.85 * src.total - src.audio;
     const bps = Math.max(MIN_BPS, Math.min(max * (kept / height) ** 2, share * src.video * scale, room));
     return { codec, rate: "bitrate", crf: "", bitrate: `${Math.round(bps / 1000)}k`, height: atMost(height) };
   }
@@ -77,6 +78,5 @@ export function estimateBytes(values, media) {
     const scale = src.height ? (height / src.height) ** 2 : 1;
     video = src.video * scale * codec.factor * 2 ** ((codec.crf - crf) / 6);
   }
-  const audio = media?.audio ? AUDIO_BPS : 0;
-  return ((video + audio) * src.seconds) / 8;
+  return ((video + src.audio) * src.seconds) / 8;
 }
