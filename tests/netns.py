@@ -10,6 +10,9 @@ hidden under empty tmpfs mounts, with a hostname of its own and a working folder
 (a private tmpfs on WORKDIR): the code and the Python environment stay visible (software
 installed on that host, wherever the checkout is, /tmp included), the server's files do not.
 
+`Host.reach_only(address, ports)` narrows what a host reaches to a few TCP ports of one of this
+machine's addresses (a firewall in the namespace), routed through its link.
+
 `hosts(count)` makes them and always takes them down again, killing every process still
 inside. Where this machine cannot make them (not root, no CAP_NET_ADMIN, no `ip`, no
 `unshare`, a sandbox that refuses a step) it raises `Unavailable` with the command and
@@ -103,6 +106,24 @@ class Host:
         # the process started is the command itself, with its pid.
         return ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts", "--propagation", "private",
                 "sh", "-c", script, "host-launcher", *argv]
+
+    def reach_only(self, address: str, ports: Sequence[int]) -> None:
+        """Let what runs on this host open TCP connections to `address` (one of this machine's) on
+        `ports`, and to nothing else but its own loopback: a route to that address through the link
+        (where it is not the link's own), and a firewall in the namespace's OUTPUT chain that
+        rejects every other connection, as a firewall between the hosts would. Unavailable where
+        `iptables` is missing or refused."""
+        ns = ["ip", "netns", "exec", self.netns]
+        if address != self.host_address:
+            _run([*ns, "ip", "route", "replace", f"{address}/32", "via", self.host_address])
+        rules = [["-A", "OUTPUT", "-o", "lo", "-j", "ACCEPT"],
+                 *(["-A", "OUTPUT", "-p", "tcp", "-d", address, "--dport", str(port), "-j", "ACCEPT"]
+                   for port in ports),
+                 # a reset, not a drop: a refused connection fails at once instead of timing out
+                 ["-A", "OUTPUT", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                 ["-A", "OUTPUT", "-j", "REJECT"]]
+        for rule in rules:
+            _run([*ns, "iptables", *rule])
 
     def pids(self) -> list[int]:
         """Every process in this host's network namespace."""

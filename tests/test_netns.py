@@ -1,17 +1,23 @@
 """Workers on other hosts: real workers in network namespaces of their own run a song and a video.
 
 Two "other hosts" are made on this machine (tests/netns.py): each a Linux network
-namespace with its own address on a veth link to this machine and no other route, and,
-for the processes started in it, a mount namespace where the server's STORAGE_DIR, the
-repository's storage/ and the test's own files are empty, and a hostname of its own. The server runs here
-as usual (listening on this machine's loopback only); one worker runs on each host, given
-nothing but the broker's address on the link, a worker login of its own (provisioned as
-`make broker` does, `least_privilege` in conftest.py) and the deployment's names
-(QUEUE_PREFIX, MODEL, the heart-beat interval). One takes the song (`separate`), the other
-the video (`transcode`).
+namespace with its own address on a veth link to this machine, and, for the processes
+started in it, a mount namespace where the server's STORAGE_DIR, the repository's storage/
+and the test's own files are empty, and a hostname of its own. This machine plays the server's
+host at one address (its end of the first link; the second host reaches it through its own
+link), and each host's firewall lets it open connections to exactly two ports there: the
+broker's, for control, and the data endpoint's, for the bytes (jobs carry references to their
+inputs and results, not the media: the claim check of src/data). The server listens on every
+interface (SERVER_HOST 0.0.0.0, so its data endpoint on DATA_PORT does), with DATA_URL naming
+that address. One worker runs on each host, given nothing but the broker's address, a worker
+login of its own (provisioned as `make broker` does, `least_privilege` in conftest.py) and the
+deployment's names (QUEUE_PREFIX, MODEL, the heart-beat interval): not the data URL, which
+arrives in each job's references. One takes the song (`separate`), the other the video
+(`transcode`).
 
-What it proves: a process launched that way sees none of the server's files and cannot
-reach the server's HTTP port, only the broker; the song comes out equal to the
+What it proves: a process launched that way sees none of the server's files and reaches the
+broker and the data endpoint, but not the server's HTTP API nor any other port of this
+machine (a listener the test opens on every interface); the song comes out equal to the
 fault-free whole-file result and the video with every input frame, decoding, with each
 result applied once; every attempt of both was done by a namespaced worker; the server's
 `GET /workers` shows them with their hostnames and their broker connections from their
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import harness
 from src.config import Settings, is_loopback
 from tests import netns, video
 from tests.conftest import ROOT, Cluster
@@ -57,25 +65,29 @@ def other_hosts() -> Iterator[list[Host]]:
         yield made
 
 
-Endpoints = dict[str, tuple[str, int]]  # host's netns name -> (address, port) of the broker for it
-
-
 @pytest.fixture
-def broker_links(least_privilege: Settings, other_hosts: list[Host]) -> Endpoints:
-    """host name -> (address, port) where that host's workers reach the broker: this machine's end of its link.
+def server_address(least_privilege: Settings, other_hosts: list[Host]) -> str:
+    """The address at which the other hosts reach this machine (the server's host): its end of the
+    first link, routed to from the others, each host's firewall letting through only the broker's
+    port and the data endpoint's (DATA_PORT) there.
 
     RabbitMQ's STOMP listener listens on every interface by default; one bound to loopback
     only cannot serve workers on other hosts, and the test says so rather than work around it."""
-    settings, hosts = least_privilege, other_hosts
-    if not (is_loopback(settings.broker_host)
-            and all(netns.accepts(h.host_address, settings.broker_port) for h in hosts)):
-        pytest.skip(f"the broker's STOMP port {settings.broker_port} does not answer on the links' addresses "
+    settings, address = least_privilege, other_hosts[0].host_address
+    if not (is_loopback(settings.broker_host) and netns.accepts(address, settings.broker_port)):
+        pytest.skip(f"the broker's STOMP port {settings.broker_port} does not answer on the link's address "
                     "(a listener bound to loopback only): workers on other hosts could not reach it")
-    return {h.netns: (h.host_address, settings.broker_port) for h in hosts}
+    try:
+        for host in other_hosts:
+            host.reach_only(address, [settings.broker_port, settings.data_port])
+    except netns.Unavailable as exc:
+        pytest.skip(f"this machine cannot put a firewall in a network namespace: {exc}")
+    return address
 
 
 def worker_env(settings: Settings, broker: tuple[str, int], kinds: str) -> dict[str, str]:
-    """All a worker on another host is told: where the broker is, its login, the deployment's names.
+    """All a worker on another host is told: where the broker is, its login, the deployment's names
+    (not the data endpoint's address: each job's references name it).
 
     Not this process's environment: no server login, no server storage, no config file
     (CONFIG_FILE and the logins file are looked for in its own empty working folder)."""
@@ -114,6 +126,8 @@ print(json.dumps({
     "listed": {d: sorted(os.listdir(d)) if os.path.isdir(d) else None for d in ask["folders"]},
     "server": answers(*ask["server"]),
     "broker": answers(*ask["broker"]),
+    "data": answers(*ask["data"]),
+    "other": answers(*ask["other"]),
     "hostname": socket.gethostname(),
 }))
 """
@@ -150,37 +164,46 @@ def broker_peers(user: str) -> set[str]:
             if len(parts) == 3 and parts[0] == user}
 
 
-def test_workers_in_network_namespaces_of_their_own_run_a_song_and_a_video(other_hosts, least_privilege, broker_links,
-                                                                           tmp_path, make_song):
-    settings, brokers = least_privilege, broker_links
+def test_workers_in_network_namespaces_of_their_own_run_a_song_and_a_video(other_hosts, least_privilege,
+                                                                           server_address, tmp_path, make_song):
+    # The server on every interface (its data endpoint with it), its references naming this machine's link address.
+    settings = least_privilege.with_overrides(
+        server_host="0.0.0.0", data_url=f"http://{server_address}:{least_privilege.data_port}")
+    broker = (server_address, settings.broker_port)
     cluster = Cluster(settings, tmp_path)
+    cluster.base = f"http://127.0.0.1:{settings.server_port}"
     singer, editor = other_hosts  # the song's host and the video's
     # The server's storage, this test's files and the repository's storage/ are hidden on the other hosts.
     hidden = [settings.storage_dir, tmp_path, ROOT / "storage"]
+    # A port of this machine open on every interface that the firewall does not let through.
+    elsewhere = socket.create_server(("0.0.0.0", harness.free_port()))
     try:
         cluster.start_server()
         # Started first: loading torch takes the longest; meanwhile the media are made and stored.
-        workers = {singer.netns: start_worker(cluster, singer, hidden, worker_env(settings, brokers[singer.netns],
-                                                                                   "separate")),
-                   editor.netns: start_worker(cluster, editor, hidden, worker_env(settings, brokers[editor.netns],
-                                                                                  "transcode"))}
+        workers = {singer.netns: start_worker(cluster, singer, hidden, worker_env(settings, broker, "separate")),
+                   editor.netns: start_worker(cluster, editor, hidden, worker_env(settings, broker, "transcode"))}
         song = make_song(6.0, "wav")
         clip = video.make_clip(tmp_path / "clip.mp4", 4.2)  # 105 frames: two 3-second jobs, the last partial
         music = upload(cluster.base, song)
         media = upload_media(cluster.base, clip)
 
-        # 1. On another host, nothing of the server's is there but the broker.
+        # 1. On another host, nothing of the server's is there; the broker and the data endpoint
+        #    answer, the server's API and any other port do not.
         stored = [p for p in settings.storage_dir.rglob("*") if p.is_file()]
         assert stored, "the server stored the uploads"
+        assert netns.accepts("127.0.0.1", settings.server_port) and netns.accepts(server_address, settings.data_port)
         for host in other_hosts:
             seen = probe(host, hidden, {"files": [str(p) for p in stored],
                                         "folders": [str(settings.storage_dir), str(ROOT / "storage")],
-                                        "server": [settings.server_host, settings.server_port],
-                                        "broker": list(brokers[host.netns])})
+                                        "server": [server_address, settings.server_port],
+                                        "broker": list(broker), "data": [server_address, settings.data_port],
+                                        "other": [server_address, elsewhere.getsockname()[1]]})
             assert seen["seen"] == [], f"{host.hostname} sees the server's files"
             assert all(not names for names in seen["listed"].values()), seen["listed"]
-            assert not seen["server"], f"{host.hostname} reaches the server's HTTP port"
-            assert seen["broker"], f"{host.hostname} cannot reach the broker at {brokers[host.netns]}"
+            assert not seen["server"], f"{host.hostname} reaches the server's HTTP API"
+            assert not seen["other"], f"{host.hostname} reaches a port of this machine other than the two it needs"
+            assert seen["broker"], f"{host.hostname} cannot reach the broker at {broker}"
+            assert seen["data"], f"{host.hostname} cannot reach the data endpoint at {settings.data_address}"
             assert seen["hostname"] == host.hostname
 
         # 2. The workers, as the server's panel shows them: their hostnames, their ends of the
@@ -221,3 +244,4 @@ def test_workers_in_network_namespaces_of_their_own_run_a_song_and_a_video(other
                            panel[editor.netns]["worker"]: video_jobs}
     finally:
         cluster.stop()
+        elsewhere.close()
