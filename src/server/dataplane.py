@@ -38,6 +38,7 @@ class DataPlane:
         self.kind = kind
         self.data: DataStore = open_store(settings)
         self._server = None
+        self._thread: threading.Thread | None = None
         self._live: dict[int, set[int]] = {}  # task -> its jobs with data in the store (the publisher's)
         self._live_lock = threading.Lock()
 
@@ -47,13 +48,17 @@ class DataPlane:
         if not isinstance(self.data, ServerStore):
             return
         self._server = create_server(DataEndpoint(self.data, self.admit, self.limit), self.settings)
-        threading.Thread(target=self._server.run, name="data-endpoint", daemon=True).start()
+        self._thread = threading.Thread(target=self._server.run, name="data-endpoint", daemon=True)
+        self._thread.start()
         log.info("Data endpoint on port %d; workers reach it at %s", self.settings.data_port,
                  self.settings.data_address)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # the loop's poll holds the listening socket until it returns: a server started again
+            # on the same port (a restart in-process) could not bind it before then
+            self._thread.join(timeout=5)
             self._server = None
 
     def admit(self, job_id: int, attempt_token: str, direction: str) -> None:
