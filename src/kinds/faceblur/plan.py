@@ -30,10 +30,11 @@ from typing import Any
 from src.kinds.transcode import plan as transcode_plan
 
 MAX_JOB_FRAMES = 300  # two int lists of this length fit the 4096-character params header
-# The shortest job worth sending, in seconds of media (transcode's plan.job_seconds applies it):
-# a job's fixed cost is its context frames (detected, never output) and two ffmpeg starts, small
-# against a detection's ~90 ms a frame. See docs/BENCHMARKS.md ("a job's fixed cost").
-MIN_JOB_SECONDS = 0.5
+# The shortest job worth sending, in seconds of media (transcode's plan.job_seconds applies it).
+# Measured (docs/VIDEO_PREPARE.md): a job's fixed cost is about 0.4 CPU-s (the server's cut and
+# check, two ffmpeg starts, the context frames detected and never output) against ~0.1 CPU-s a
+# 640x360 frame, so a 1 s job (25 frames) spends about 14 % of its CPU on being a job.
+MIN_JOB_SECONDS = 1.0
 # transcode's boundaries() lets a job reach 1.5 chunks; this chunk keeps it within the cap
 MAX_CHUNK_FRAMES = MAX_JOB_FRAMES * 2 // 3
 

@@ -241,37 +241,46 @@ def _copy_args() -> list[str]:
     return ["-map", "0:v:0", "-c", "copy", "-copyts", "-avoid_negative_ts", "disabled", "-map_metadata", "-1"]
 
 
-def _matches(path: Path, job: dict[str, Any], time_base: Fraction, timeout: float) -> str | None:
-    """Why the cut piece at `path` is not the job's packets (count, a keyframe first, the first
-    and last packets' pts), or None. Packets only: nothing is decoded."""
-    info = json.loads(tools.run([*tools.FFPROBE, "-v", "error", "-threads", "1", "-of", "json", "-select_streams",
-                                 "v:0", "-show_entries", "stream=time_base:packet=pts,flags",
-                                 *guard.probe_input(path, guard.PIECE, path.parent)],
-                                timeout=timeout, what="ffprobe of a cut piece",
-                                memory=guard.PROBE_MEMORY_BYTES).stdout or b"{}")
-    packets = info.get("packets") or []
+def _copied(args: list[str], frames: int, output: list[str], timeout: float,
+            what: str) -> tuple[Fraction, list[tuple[int | None, bool]]]:
+    """Run one stream copy of the input in `args` to `output` (the piece) and, in the same run,
+    to a `framecrc` listing of the very packets it wrote: their time base and each packet's pts
+    and key flag (a packet check without a second process)."""
+    copy = [*_copy_args(), "-frames:v", str(frames)]
+    done = tools.run([*tools.FFMPEG, "-v", "error", *args, *copy, *output, *copy, "-f", "framecrc", "-"],
+                     timeout=timeout, what=what)
+    base, packets = Fraction(1), []
+    for line in done.stdout.decode("ascii", "replace").splitlines():
+        if line.startswith("#tb 0:"):
+            base = tools.fraction(line.split(":", 1)[1])
+        elif line and not line.startswith("#"):
+            fields = [field.strip() for field in line.split(",")]
+            # stream, dts, pts, duration, size, crc[, F=flags]: no F= means a keyframe alone
+            flags = next((int(f[2:], 16) for f in fields[6:] if f.startswith("F=")), 1)
+            packets.append((probe._stamp(fields[2]), bool(flags & 1)))
+    return base, packets
+
+
+def _matches(base: Fraction, packets: list[tuple[int | None, bool]], job: dict[str, Any],
+             time_base: Fraction) -> str | None:
+    """Why the packets a cut wrote are not the job's (count, a keyframe first, the first and last
+    packets' pts), or None. Packets only: nothing is decoded."""
     p0, p1 = job["packets"]
     if len(packets) != p1 - p0:
         return f"{len(packets)} packets where {p1 - p0} were planned"
-    if "K" not in str(packets[0].get("flags", "")):
+    if not packets[0][1]:
         return "it does not open on a keyframe"
-    try:
-        base = tools.fraction((info.get("streams") or [{}])[0].get("time_base", ""))
-    except (ValueError, ZeroDivisionError):
-        return "its time base is unreadable"
-    for packet, planned in ((packets[0], job["cut_pts"][0]), (packets[-1], job["cut_pts"][1])):
-        if planned is None:
-            continue
-        got = probe._stamp(packet.get("pts"))
-        if got is None or got * base != planned * time_base:
+    for (got, _), planned in ((packets[0], job["cut_pts"][0]), (packets[-1], job["cut_pts"][1])):
+        if planned is not None and (got is None or got * base != planned * time_base):
             return f"a packet's pts is {got} ({base}), the plan's {planned} ({time_base})"
     return None
 
 
 def cut(source: Path, folder: Path, job: dict[str, Any], timeout: float = 1800,
-        time_base: str | None = None) -> Path:
+        time_base: str | None = None, seek: bool = True) -> Path:
     """The job's piece (its packets [first, last) of the source's video by stream copy), cut now
-    unless it is already there. `folder` is the task's; `time_base` the source's (task facts)."""
+    unless it is already there. `folder` is the task's; `time_base` the source's (task facts);
+    `seek=False` reads from the first packet (what a seek that lands elsewhere falls back to)."""
     path = piece_path(folder, job)
     if path.is_file():
         return path
@@ -282,41 +291,29 @@ def cut(source: Path, folder: Path, job: dict[str, Any], timeout: float = 1800,
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".cut-") as scratch:
         partial = Path(scratch) / "piece.nut"
         tried = []
-        if p0 > 0 and key_pts is not None:
-            try:
-                source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
-            except guard.OutsideFolder as exc:
-                raise SplitError(f"the source cannot be read: {exc}") from None
-            tools.run([*tools.FFMPEG, "-v", "error", "-seek_timestamp", "1", "-ss", _seconds_up(key_pts, base),
-                       *source_args, *_copy_args(), "-frames:v", str(p1 - p0), "-f", "nut", "-y", str(partial)],
-                      timeout=timeout, what="cutting a source piece")
-            reason = _matches(partial, job, base, timeout)
+        try:
+            source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
+        except guard.OutsideFolder as exc:
+            raise SplitError(f"the source cannot be read: {exc}") from None
+        if seek and p0 > 0 and key_pts is not None:
+            seeking = ["-seek_timestamp", "1", "-ss", _seconds_up(key_pts, base), *source_args]
+            reason = _matches(*_copied(seeking, p1 - p0, ["-f", "nut", "-y", str(partial)], timeout,
+                                       "cutting a source piece"), job, base)
             if reason is None:
                 partial.replace(path)
                 return path
             tried.append(f"seeking: {reason}")
-        _cut_from_start(source, Path(scratch), p0, p1, partial, timeout)
-        reason = _matches(partial, job, base, timeout)
+        # from the first packet: the segment muxer counts packets in decode order, exact whatever
+        # the container's seeking does (only the listing's last p1 - p0 packets are the piece's)
+        output = (["-f", "nut", "-y", str(partial)] if p0 == 0 else
+                  ["-f", "segment", "-segment_format", "nut", "-segment_frames", str(p0), "-reset_timestamps", "0",
+                   str(Path(scratch) / "seg%d.nut")])
+        packet_base, packets = _copied(source_args, p1, output, timeout, "cutting a source piece from the start")
+        if p0 > 0:
+            shutil.move(str(Path(scratch) / "seg1.nut"), partial)
+        reason = _matches(packet_base, packets[p0:], job, base)
         if reason is not None:
             raise SplitError(f"packets {p0}-{p1} cannot be cut with stream copy: "
                              f"{'; '.join([*tried, f'from the start: {reason}'])}")
         partial.replace(path)
     return path
-
-
-def _cut_from_start(source: Path, scratch: Path, p0: int, p1: int, output: Path, timeout: float) -> None:
-    """Packets p0..p1-1 by reading the source from its first packet (the segment muxer counts
-    packets in decode order): exact whatever the container's seeking does."""
-    try:
-        source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
-    except guard.OutsideFolder as exc:
-        raise SplitError(f"the source cannot be read: {exc}") from None
-    if p0 == 0:
-        tools.run([*tools.FFMPEG, "-v", "error", *source_args, *_copy_args(), "-frames:v", str(p1), "-f", "nut",
-                   "-y", str(output)], timeout=timeout, what="cutting a source piece")
-        return
-    tools.run([*tools.FFMPEG, "-v", "error", *source_args, *_copy_args(), "-frames:v", str(p1),
-               "-f", "segment", "-segment_format", "nut", "-segment_frames", str(p0), "-reset_timestamps", "0",
-               str(scratch / "seg%d.nut")], timeout=timeout, what="cutting a source piece from the start")
-    shutil.move(str(scratch / "seg1.nut"), output)
-    (scratch / "seg0.nut").unlink(missing_ok=True)
