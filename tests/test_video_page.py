@@ -95,6 +95,8 @@ def check_result(page, task: dict, media: dict) -> None:
                                                              f"the input {media['duration']} s"
     assert fact(page, "#result-stats", "frames") == str(stats["frames"])
     assert fact(page, "#result-stats", "resolution") == "320×240"
+    # the task's serial share (stats.serial): the server's CPU against the workers'
+    assert fact(page, "#result-stats", "serial").startswith(f"{100 * stats['serial']['share']:.1f}% of the CPU")
     assert fact(page, "#result-stats", "size").startswith(page.evaluate(
         f"import('/web/js/dom.js').then(m => m.bytes({stats['size']}))"))
     output = next(o for o in task["outputs"] if o["name"] == "video")

@@ -104,6 +104,7 @@ function renderResult(task, media) {
     ["resolution", "resolution", stats.width ? `${stats.width}×${stats.height}` : "–"],
     ["energy", "energy", energy(stats.energy)],
     ["cache", "from the cache", cached(stats.cache)],
+    ["serial", "server's share", serial(stats.serial)],
     ...(stats.faces ? [["faces", "faces", faces(stats.faces, stats.frames)]] : []),
     ...(Number.isFinite(stats.ms_per_frame)
       ? [["ms-per-frame", "detect and mask", `${stats.ms_per_frame.toFixed(1)} ms per frame`]] : []),
@@ -122,6 +123,13 @@ function energy(spent) {
   if (spent.source === "cached") return "none (from the cache)";
   const perFrame = spent.joules_per_frame == null ? "" : `, ${spent.joules_per_frame.toFixed(3)} J/frame`;
   return `${spent.joules.toFixed(1)} J${perFrame} (${spent.source})`;
+}
+
+// The server's own CPU (prepare, check, merge...) against the workers': the task's serial share.
+function serial(spent) {
+  if (!spent || spent.share == null) return "–";
+  return `${(100 * spent.share).toFixed(1)}% of the CPU (server ${spent.server_cpu_seconds.toFixed(2)} s, ` +
+    `workers ${spent.workers_cpu_seconds.toFixed(2)} s)`;
 }
 
 function cached(cache) {
