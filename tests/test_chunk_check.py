@@ -114,6 +114,8 @@ def test_what_the_worker_says_it_decoded_is_held_to_the_plan(run):
     frames = job.facts["frames"]
     honest = {**params, "decoded_frames": frames}
     assert run.kind.check(run.task, job, honest, body) is None
+    assert run.kind.check(run.task, job, {k: v for k, v in params.items() if k != "decoded_frames"}, body) == \
+        f"the result does not report decoded_frames (the job planned {frames})"
     lying = {**params, "decoded_frames": frames - 1}
     assert run.kind.check(run.task, job, lying, body) == \
         f"the worker decoded decoded_frames={frames - 1}, the job planned {frames}"

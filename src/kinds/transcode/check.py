@@ -65,13 +65,15 @@ def echo_problem(params: Any, job: dict[str, Any], task: dict[str, Any], codec: 
 
 def decoded_problem(params: dict[str, Any], job: dict[str, Any]) -> str | None:
     """Why what the worker says it decoded (`decoded_frames`, `decoded_first_pts`,
-    `decoded_last_pts`) does not match the job's plan, or None. A report is held to the plan
-    wherever the plan names the figure (`frames`; `first_pts`, `last_pts` where planned)."""
+    `decoded_last_pts`) does not match the job's plan, or None. Every figure the plan names
+    (`frames`; `first_pts`, `last_pts` where packets proved the piece) must be reported, and equal."""
     planned = {"decoded_frames": job.get("frames"), "decoded_first_pts": job.get("first_pts"),
                "decoded_last_pts": job.get("last_pts")}
     for name, value in planned.items():
-        if name not in params or value is None:
+        if value is None:
             continue
+        if name not in params:
+            return f"the result does not report {name} (the job planned {value!r})"
         got = params[name]
         if isinstance(got, bool) or not isinstance(got, int) or got != value:
             return f"the worker decoded {name}={got!r}, the job planned {value!r}"
