@@ -7,12 +7,13 @@ first result (`--simulate tamper`).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from src.kinds.transcode import check
+from src.kinds.transcode import check, split
 from src.kinds.transcode import runner as runner_module
 from tests import video
 from tests.helpers import get_json, metric
@@ -155,3 +156,17 @@ def test_verify_sample_1_catches_a_tampered_chunk_end_to_end(cluster, tmp_path):
     (tmp_path / "honest").mkdir()
     honest = Run(tmp_path / "honest", clip, PARAMS, chunk_seconds=0.5)
     assert output == honest.all().read_bytes()
+
+
+@pytest.mark.unit
+def test_a_sampled_tampered_chunk_is_measured_even_when_its_piece_is_not_cut(run):
+    job = run.jobs[0]
+    job_params, piece = run.kind.payload(run.task, job)
+    params, body = run.encode(job)
+    grey = run.runner.tamper(job_params, piece)
+    assert run.kind.check(run.task, job, params, grey) is None, "packets alone cannot tell"
+    shutil.rmtree(run.task.folder / split.PIECES)  # a restarted server, or a piece not cut yet
+    run.kind = type(run.kind)(run.settings.with_overrides(verify_sample=1.0))
+    reason = run.kind.check(run.task, job, params, grey)
+    assert reason and "below VERIFY_MIN_PSNR 30 dB" in reason, reason
+    assert run.kind.check(run.task, job, params, body) is None

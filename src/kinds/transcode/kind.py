@@ -199,7 +199,9 @@ class TranscodeKind:
         """VERIFY=psnr and VERIFY_SAMPLE's chunks: the chunk must look like the source frames it stands for."""
         piece = split.piece_path(task.folder, job.facts)
         if not piece.is_file():
-            return None  # a late result for a task already merged (its pieces are gone): nothing to keep
+            if self.merged_files(task)[0].is_file():
+                return None  # a late result for a task already merged (its pieces are gone): nothing to keep
+            split.piece_bytes(task, job)  # not cut here (yet, or any more): cut it, never pass unmeasured
         measured = check.psnr(chunk, piece, job.facts["skip"], job.facts["frames"], task.facts["width"],
                               task.facts["height"], task.facts["fps"])
         if measured < self.settings.verify_min_psnr:
