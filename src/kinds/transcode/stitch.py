@@ -89,6 +89,8 @@ def encode_track(task: TaskView, container: str, timeout: float = 3600) -> Path:
     if track.is_file():
         return track
     source, lead = task.media.path, task.facts.get("audio_lead", 0.0)
+    # not parents=True: a task deleted meanwhile (its folder gone) fails here instead of coming back
+    track.parent.mkdir(exist_ok=True)
     with guard.accounted() as work:
         made = audio_args((task.media.audio or {}).get("codec"), container, source_audio_bps(source), lead)
         # the source's tags travel in the track (ffmpeg copies the first input's): the stitch takes them from it
