@@ -11,9 +11,10 @@ piece that does not hold the planned ones. Results are H.264 chunks in NUT, join
 with the source's audio by transcode's `stitch`; every job's per-frame records (milliseconds
 and faces) are kept beside its chunk and gathered in merge.
 
-check is transcode's chunk check (frames, size, codec, a clean decode) plus the records.
-VERIFY=psnr does not apply here: a masked chunk differs from its source by design, and an
-unmasked one (WORKER_SIMULATE=tamper) would score better; VERIFY_REPLICAS is what catches it.
+check is transcode's chunk check (its packets: frames, timestamps, size, codec; a clean decode
+too on VERIFY_SAMPLE's share) plus the records. VERIFY=psnr does not apply here: a masked
+chunk differs from its source by design, and an unmasked one (WORKER_SIMULATE=tamper) would
+score better; VERIFY_REPLICAS is what catches it (docs/VERIFICATION.md).
 """
 
 from __future__ import annotations
