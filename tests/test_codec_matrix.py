@@ -80,6 +80,7 @@ def farm(tmp_path_factory):
         "STORAGE_DIR": str(folder / "storage"), "BROKER_HEARTBEAT_MS": "2000",
         "MODEL": "demucs_unittest", "MODEL_SEGMENT": "2",  # GET /kinds describes `separate` too
         "SERVER_PORT": str(harness.free_port()), "WORKER_THREADS": "1",
+        "DATA_PORT": str(harness.free_port()),  # the data endpoint's, free too (its default is SERVER_PORT + 1)
     }).with_overrides(chunk_seconds=CHUNK_SECONDS)
     cluster = Cluster(settings, folder)
     try:

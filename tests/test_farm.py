@@ -65,6 +65,7 @@ def farm_settings(folder: Path, **values: str) -> Settings:
         "STORAGE_DIR": str(folder / "storage"), "BROKER_HEARTBEAT_MS": "2000",
         "MODEL": "demucs_unittest", "MODEL_SEGMENT": "2",  # GET /kinds describes `separate` too
         "SERVER_PORT": str(harness.free_port()), "WORKER_THREADS": "1", "CHUNK_SECONDS": str(CHUNK_SECONDS),
+        "DATA_PORT": str(harness.free_port()),  # the data endpoint's, free too (its default is SERVER_PORT + 1)
         "CACHE_MB": "0", "POWERCAP_ROOT": str(folder / "no-powercap"), **values,
     })
 
