@@ -35,7 +35,8 @@ local HEADER_NAMES = {
   "x-queue-type", "x-dead-letter-exchange", "x-dead-letter-routing-key", "x-first-death-reason",
   "x-first-death-queue",
   -- this service (src/messaging/schema.py)
-  "type", "kind", "task-id", "job-id", "chunk", "task-token", "attempt-token", "params", "encoding",
+  "type", "kind", "task-id", "job-id", "chunk", "task-token", "attempt-token", "params",
+  "input", "input-size", "input-sha256", "result", "result-size", "result-sha256",
   "worker", "attempt", "compute-ms", "error", "final", "action", "task-ids",
 }
 
