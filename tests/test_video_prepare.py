@@ -240,3 +240,35 @@ def test_the_first_job_is_published_before_the_last_piece_is_cut(settings, tmp_p
         assert len(seen["pieces"]) == 2, seen["pieces"]  # the last piece was not there yet
     finally:
         services.close()
+
+
+def test_a_piece_that_cannot_be_cut_fails_its_task_not_the_publisher(settings, tmp_path, monkeypatch):
+    app = create_app(settings.with_overrides(chunk_seconds=2.0))
+    services = services_of(app)
+    services.start()
+    try:
+        client = app.test_client()
+        clip = video.make_clip(tmp_path / "clip.mp4", 6.2, audio=False)
+        media = client.post("/media", data=clip.read_bytes(), content_type="application/octet-stream").get_json()
+        real_cut = split.cut
+        doomed: list[int] = []
+
+        def failing_cut(source, folder, job, *args, **kwargs):
+            if folder.name == str(doomed[0]) and job["start"] > 0:
+                raise split.SplitError("packets 50-100 cannot be cut with stream copy: (simulated)")
+            return real_cut(source, folder, job, *args, **kwargs)
+
+        monkeypatch.setattr(split, "cut", failing_cut)
+
+        def task(params: dict) -> int:
+            answer = client.post("/tasks", json={"kind": "transcode", "media_id": media["media_id"], "params": params})
+            assert answer.status_code == 202, answer.get_json()
+            return answer.get_json()["task_id"]
+
+        doomed.append(task({"codec": "h264", "preset": "ultrafast"}))
+        failed = wait_for(lambda: (t := services.store.task(doomed[0])).state == "failed" and t, 60, "the task to fail")
+        assert "could not be made" in failed.error and "simulated" in failed.error, failed.error
+        other = task({"codec": "h264", "preset": "veryfast"})
+        wait_for(lambda: len(services.store.jobs(other, state="queued")) == 3 or None, 60, "the next task's jobs")
+    finally:
+        services.close()

@@ -284,9 +284,18 @@ class Orchestrator:
                 self._watch_capability(task, self.p.route(task), 0)
                 continue
             task = pinned
-            with self.p.metrics.serial.phase(task.id, task.kind, "payload"):  # cutting or reading the piece
-                params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
-                digest = job.digest or cache.digest(task.kind, params, payload)
+            try:
+                with self.p.metrics.serial.phase(task.id, task.kind, "payload"):  # cutting or reading the piece
+                    params, payload = kind.payload(self.p.view(task), self.p.job_view(job))
+                    digest = job.digest or cache.digest(task.kind, params, payload)
+            except Exception as exc:  # an input that cannot be made (a video piece no cut matches) fails its
+                # task, rather than stop the publisher on this job for every task
+                log.exception("Task[%d] - Job[%d]: its input could not be made", task.id, job.id)
+                if self.store.mark_failed(task.id, f"the input of job {job.id} (chunk {job.chunk}) could not be "
+                                                   f"made: {type(exc).__name__}: {exc}"):
+                    self.p.metrics.task_ended(self.store, task.id)
+                    self.p.changed(task.id)
+                continue
             if job.digest is None:
                 job = replace(job, digest=digest)
                 self.store.set_digest(job.id, job.digest)
