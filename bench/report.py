@@ -198,6 +198,10 @@ def _video_sections(results: dict, docs: Path) -> list[str]:
         lines += _broker(results["broker"])
     if "gpu" in results:
         lines += _gpu(results["gpu"])
+    if "dataplane" in results:
+        from bench.dataplane import report as dataplane_report
+
+        lines += dataplane_report(results["dataplane"])
     return lines
 
 

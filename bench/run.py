@@ -7,6 +7,8 @@
                                              # other sections' figures kept from docs/benchmarks.json
     python -m bench.run --only operations    # section 8 alone: 5 workers, 2 killed (about 11 minutes)
     python -m bench.run --only broker        # section 9 alone: one RabbitMQ node's bytes per second
+    python -m bench.run --only dataplane     # section 11 alone: broker bytes, server CPU and data endpoint
+                                             # per media second, before and after the claim check (~5 minutes)
 
 The realistic model is saved once under bench/.models (htdemucs' architecture, random
 weights). Deployments use their own QUEUE_PREFIX and a scratch STORAGE_DIR.
@@ -24,14 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import broker_capacity, faceblur, gpu, operations, sections, transcode
+from bench import broker_capacity, dataplane, faceblur, gpu, operations, sections, transcode
 from bench.report import measured, write
 from tools.random_model import save_random_htdemucs
 
 ROOT = Path(__file__).resolve().parents[1]
 # sections 6-9, each `--only`-able, each with profiles of its own
 LATER_SECTIONS = {"transcode": transcode, "faceblur": faceblur, "operations": operations, "broker": broker_capacity,
-                  "gpu": gpu}
+                  "gpu": gpu, "dataplane": dataplane}
 
 
 def profile(name: str, models: Path) -> sections.Profile:

@@ -16,7 +16,8 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
                    check=True, timeout=900)
     report = (docs / "BENCHMARKS.md").read_text()
     for heading in ("1. Speed", "2. Where the time goes", "3. Fidelity", "4. Memory", "5. Load", "6. Transcoding",
-                    "7. Face blurring", "8. Operations", "9. One broker node", "10. Separation on one device"):
+                    "7. Face blurring", "8. Operations", "9. One broker node", "10. Separation on one device",
+                    "11. The data plane"):
         assert heading in report
     for plot in ("speed.png", "memory.png", "load.png", "transcode-ratio.png", "amdahl.png", "operations.png",
                  "operations-workers.png"):
@@ -36,6 +37,9 @@ def test_every_benchmark_section_runs_and_reports(tmp_path):
         assert len(run["kills"]) == 1 and sum(w["jobs_done"] for w in run["workers"]) > 0
     assert all(k["server_cpu_per_media_second"] > 0 for k in operations["scaling"]["per_kind"].values())
     assert all(row["megabytes_per_second"] > 0 for row in results["broker"]["rows"])
+    dataplane = results["dataplane"]  # every kind's task done, its broker octets counted
+    assert [row["kind"] for row in dataplane["rows"]] == ["separate", "transcode", "faceblur"]
+    assert all(row["broker_octets"]["total"] > 0 for row in dataplane["rows"]) and dataplane["download"]
     separation = results["gpu"]  # bench.gpu on this host's CPU, small model: the batched path stays exact
     assert separation["worker_fp32"]["sdr_db_min"] >= 60 and separation["jobs_unbatched"]["sdr_db"] >= 60
     assert separation["worker_fp32"]["batch"] == 1 and len(separation["batch"]) == 4
