@@ -17,6 +17,7 @@ import pytest
 
 from src.kinds.transcode import runner as runner_module
 from src.kinds.transcode import stitch
+from src.media import guard
 from tests import video
 from tests.test_transcode_kind import Run
 
@@ -65,10 +66,12 @@ def test_the_encoded_track_is_made_while_jobs_run_and_a_restart_gives_the_same_f
     assert track.is_file(), "encoded before the merge"
     for job in run.jobs[1:]:
         run.kind.keep(run.task, job, *run.encode(job))
-    run.stats = run.kind.merge(run.task, run.jobs)
+    with guard.accounted() as merge:  # as the server measures its merge phase (src/server/serial.py)
+        run.stats = run.kind.merge(run.task, run.jobs)
     made_ahead = run.kind.output(run.task, "video").path
     audio = run.stats["audio"]
-    assert audio["mode"] == "encode" and audio["codec"] == "libopus"
+    assert audio["mode"] == "encode" and audio["codec"] == "libopus" and audio["ahead"] is True
+    assert merge.children_cpu_seconds >= audio["cpu_seconds"], "the audio's CPU counts in the merge's serial share"
     assert audio["bitrate"] == f"{min(128_000, source_bps) // 1000}k" and audio["cpu_seconds"] > 0
     assert not track.exists(), "the track went once stitched"
     assert video.stream(made_ahead, "a:0")["codec_name"] == "opus"
@@ -82,7 +85,9 @@ def test_the_encoded_track_is_made_while_jobs_run_and_a_restart_gives_the_same_f
         again.kind.keep(again.task, job, params, body)
     stitch.audio_track(again.task, "webm")
     shutil.rmtree(again.task.folder / stitch.AUDIO)
-    again.stats = again.kind.merge(again.task, again.jobs)
+    with guard.accounted() as merge:
+        again.stats = again.kind.merge(again.task, again.jobs)
+    assert again.stats["audio"]["ahead"] is False and merge.children_cpu_seconds >= again.stats["audio"]["cpu_seconds"]
     made_at_merge = again.kind.output(again.task, "video").path
     digest = hashlib.sha256
     assert digest(made_at_merge.read_bytes()).digest() == digest(made_ahead.read_bytes()).digest()

@@ -82,9 +82,10 @@ def source_audio_bps(source: Path) -> int | None:
     return None
 
 
-def encode_track(task: TaskView, container: str, timeout: float = 3600) -> Path:
+def encode_track(task: TaskView, container: str, timeout: float = 3600, ahead: bool = False) -> Path:
     """Encode the source's audio into the task's track file (trimmed by the audio's lead over
-    the video), unless it is there; written whole or not at all. Returns its path."""
+    the video), unless it is there; written whole or not at all. Returns its path. `ahead`:
+    on the background thread, outside any measured phase of the server (see `audio_done`)."""
     track = track_path(task, container)
     if track.is_file():
         return track
@@ -105,7 +106,7 @@ def encode_track(task: TaskView, container: str, timeout: float = 3600) -> Path:
                       what="encoding the audio", quiet=True)
     with atomic(track.with_suffix(".json")) as partial:
         partial.write_text(json.dumps({"cpu_seconds": round(work.cpu_seconds, 3),
-                                       "wall_seconds": round(work.wall_seconds, 3), "codec": made[1],
+                                       "wall_seconds": round(work.wall_seconds, 3), "ahead": ahead, "codec": made[1],
                                        "bitrate": made[3] if len(made) > 3 else None}))
     return track
 
@@ -129,7 +130,7 @@ def start_audio(task: TaskView, container: str) -> None:
 
 def _encode_quietly(task: TaskView, container: str) -> None:
     try:
-        encode_track(task, container)
+        encode_track(task, container, ahead=True)
     except Exception as exc:  # the stitch tries again, and fails the task with the reason if it fails too
         log.warning("Task[%d] - encoding the audio ahead failed (the stitch will try again): %s", task.id, exc)
     finally:
@@ -229,16 +230,22 @@ def join_jobs(task: TaskView, jobs: list[JobView], codec: str, container: str, o
 def audio_done(task: TaskView, container: str) -> dict:
     """How the stitched output's audio was made, for the task's stats: `copy`, or `encode` with
     the server's CPU and wall seconds for it (measured where it ran, on the background thread
-    or in the stitch); {} without audio. The track, now in the output, is deleted."""
+    or in the stitch; `ahead`: on the thread); {} without audio. The track, now in the output,
+    is deleted."""
     if not task.facts.get("audio"):
         return {}
     if audio_copied(task, container):
         return {"mode": "copy"}
     meta = track_path(task, container).with_suffix(".json")
     figures = json.loads(meta.read_text()) if meta.is_file() else {}
+    if figures.get("ahead") and isinstance(figures.get("cpu_seconds"), int | float):
+        # made on its own thread, outside the block that measures the merge (guard.accounted):
+        # carried into it here, so the server's CPU for the audio counts in the serial share
+        with guard.accounted() as carried:
+            carried.children_cpu_seconds += figures["cpu_seconds"]
     shutil.rmtree(task.folder / AUDIO, ignore_errors=True)
     return {"mode": "encode", **{name: figures.get(name) for name in ("codec", "bitrate", "cpu_seconds",
-                                                                      "wall_seconds")}}
+                                                                      "wall_seconds", "ahead")}}
 
 
 def stats(path: Path) -> dict:
