@@ -166,6 +166,7 @@ class FaceblurKind:
                          "context": [job["start"], job["end"]],
                          "first_pts": facts.display_pts[start] if trusted else None,
                          "last_pts": facts.display_pts[end - 1] if trusted else None})
+        transcode_plan.check_traffic(jobs, facts.bytes)  # again with the pieces as proven (open GOPs widen them)
         return [Planned(facts=job, size=job["piece_bytes"], seconds=float(job["frames"] / rate)) for job in jobs]
 
     def payload(self, task: TaskView, job: JobView) -> tuple[dict[str, Any], bytes]:

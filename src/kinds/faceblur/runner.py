@@ -17,6 +17,10 @@ on every call). The detector sees the same frame whatever piece it was decoded f
 each own frame sees the same neighbours (its context), so the output does not depend on the
 chunking.
 
+The decoding ffmpeg also notes the pts of every context frame it hands over (transcode's
+`runner.proof_filter`): the result reports the own frames decoded (`decoded_frames`, first and
+last pts), and a piece that does not hold the planned ones is refused with the reason.
+
 Params and body arrive from the broker and are untrusted: `problem` refuses anything outside
 what the server ever sends before a byte reaches ffmpeg; commands are lists of validated values.
 """
