@@ -295,6 +295,9 @@ def cut(source: Path, folder: Path, job: dict[str, Any], timeout: float = 1800,
             source_args = guard.ffmpeg_input(source, guard.UPLOAD, source.parent)
         except guard.OutsideFolder as exc:
             raise SplitError(f"the source cannot be read: {exc}") from None
+        if None in job["cut_pts"]:
+            # packets without a pts (AVI with B-frames): NUT needs one; derive it from the dts
+            source_args = ["-fflags", "+genpts", *source_args]
         if seek and p0 > 0 and key_pts is not None:
             seeking = ["-seek_timestamp", "1", "-ss", _seconds_up(key_pts, base), *source_args]
             reason = _matches(*_copied(seeking, p1 - p0, ["-f", "nut", "-y", str(partial)], timeout,
