@@ -13,12 +13,14 @@ No timing is asserted.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+import requests
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,6 +104,19 @@ def test_progress_counts_the_running_jobs_share_but_reaches_100_only_when_done()
 # -- a real farm ------------------------------------------------------------------------------------
 
 
+def read_events(feed: requests.Response, into: list[dict]) -> None:
+    """The `task` events of a Server-Sent Events stream, until it is closed."""
+    kind = None
+    try:
+        for line in feed.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: ") and kind == "task":
+                into.append(json.loads(line[len("data: "):]))
+    except (requests.RequestException, AttributeError, ValueError):
+        pass  # closed by the test
+
+
 def samples(base: str, name: str) -> dict[tuple[str, str], float]:
     text = get(base + "/metrics")[1].decode()
     return {(s.labels["kind"], s.labels["phase"]): s.value for family in text_string_to_metric_families(text)
@@ -116,6 +131,10 @@ def test_a_transcode_shows_progress_within_its_first_job_and_its_serial_share(cl
     # 6 s of 640x360 at x264's slowest preset on one thread: its first job takes seconds
     source = video.make_clip(tmp_path / "clip.mp4", 6.0, size="640x360", keyint=50)
     media = upload(cluster.base, source)
+    pushed: list[dict] = []  # the page's own feed: task events on /events
+    feed = requests.get(f"{cluster.base}/events", stream=True, timeout=300)
+    reader = threading.Thread(target=read_events, args=(feed, pushed), daemon=True)
+    reader.start()
     task_id = transcode(cluster.base, media["media_id"], {"codec": "h264", "crf": 30, "preset": "veryslow"})
     seen: list[tuple[int, int, str]] = []
 
@@ -126,8 +145,12 @@ def test_a_transcode_shows_progress_within_its_first_job_and_its_serial_share(cl
         return task if task["state"] == "done" else None
 
     task = wait_for(done, 300, f"task {task_id} to be done", interval=0.1)
+    feed.close()
     within = [progress for progress, jobs_done, state in seen if jobs_done == 0 and state == "running"]
     assert within and max(within) > 0, f"progress while no job was done: {seen}"
+    on_page = [t["progress"] for t in pushed if t["task_id"] == task_id and t["jobs_done"] == 0
+               and t["state"] == "running"]
+    assert on_page and max(on_page) > 0, f"progress pushed to the page while no job was done: {on_page}"
 
     serial = task["stats"]["serial"]
     for phase in ("prepare", "check", "merge"):
