@@ -270,6 +270,22 @@ def _transcode(tr: dict, docs: Path) -> list[str]:
         "it does by default on this machine:",
         "",
     ]
+    if "hosts" in tr:
+        ho = tr["hosts"]
+        lines[-2:-2] = [
+            "**Where this run departs from issue 22's named inputs** (to keep the whole re-run of sections 6 and 7 "
+            "near 35 minutes on 2 shared cores): "
+            f"(1) the speed-up with emulated hosts (6.6) runs on a {ho['source']['seconds']:.0f} s 1080p clip, not "
+            f"60 s, at preset `{ho['preset']}` (x264 ultrafast, SVT-AV1 preset 12), not `{prof['preset']}`, with "
+            f"WORKER_SLOWDOWN={ho['slowdown']:g}: the 1-worker run alone lasts WORKER_SLOWDOWN times the encode's "
+            f"CPU seconds; a {ho['source']['seconds']:.0f} s clip gives 8 workers 8 equal jobs (a 60 s one gives "
+            "them 7 jobs of 8 s and a half one), and a faster preset makes the server's share larger, not smaller; "
+            f"(2) the farm against ffmpeg (6.1) and the serial shares (6.5) use the section's {src['seconds']:.0f} s "
+            f"clip with {prof['runs']} run{'s' if prof['runs'] != 1 else ''} each; (3) the 10-minute input of 6.7 is "
+            "one clean minute of `testsrc2` stream-copied ten times (the same packets as a 10-minute encode, made in "
+            "seconds).",
+            "",
+        ]
     seen = set()
     for row in rows:
         if row["codec"] not in seen:
