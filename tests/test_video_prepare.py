@@ -10,7 +10,10 @@ Real ffmpeg, files and (for the pipelined publisher) the real broker, no mocks; 
 - A piece that lies about its frames (another job's piece, or one cut short) is refused by the
   worker with the reason; an honest one reports the planned frames and pts.
 - Job sizes follow the clip's length and the live workers, with a floor.
-- A piece deleted after it was cut (a restarted server) is cut again, the same bytes.
+- A piece deleted after it was cut (a restarted server) is cut again, the same bytes; pieces
+  are cut by seeking in MP4, Matroska, MPEG-TS and FLV (each seeks its own way), the same
+  packets as reading from the first packet.
+- A source without pts (AVI with B-frames) falls back to a decode for every piece.
 - The first job is on the broker before the last piece is cut: the cut of the last piece waits
   until a job of the task is published (confirmed by the broker), which can only happen if
   publishing does not wait for the split.
@@ -225,6 +228,31 @@ def test_a_piece_lost_after_its_cut_is_cut_again_the_same(tmp_path, closed):
     for job, piece in zip(jobs, before, strict=True):
         again = split.cut(closed, tmp_path / "from-start", job.facts, time_base=task.facts["time_base"], seek=False)
         assert again.read_bytes() == piece
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("container", ["mkv", "ts", "flv"])
+def test_pieces_are_cut_by_seeking_in_every_container(tmp_path, monkeypatch, closed, container):
+    # each container seeks its own way (Matroska and FLV 3/23 s early with B-frames, MPEG-TS to
+    # the next keyframe): the cut still lands on the piece's keyframe, without reading from the start
+    source = tmp_path / f"closed.{container}"
+    video.ffmpeg("-i", str(closed), "-map", "0:v", "-c", "copy", "-y", str(source))
+    _, kind, task = kind_task(tmp_path, "transcode", source, {"preset": "ultrafast"}, 1.0)
+    task, jobs = planned(kind, task)
+    assert len(jobs) >= 5 and {j.facts["proof"] for j in jobs} == {"packets"}
+    spy = Spy(monkeypatch)
+    pieces = [kind.payload(task, job)[1] for job in jobs]
+    assert not [c for c in spy.commands if "segment" in c], "a seek landed elsewhere: cut again from the start"
+    for job, piece in zip(jobs, pieces, strict=True):
+        again = split.cut(source, tmp_path / "from-start", job.facts, time_base=task.facts["time_base"], seek=False)
+        cut = tmp_path / "cut.nut"
+        cut.write_bytes(piece)
+        assert timed(again) == timed(cut)  # the same packets (the NUT time bases may differ)
+
+
+def timed(path: Path) -> list[dict]:
+    """A file's video packets in decode order: pts in seconds, size, flags."""
+    return video.probe(path, "-select_streams", "v:0", "-show_entries", "packet=pts_time,size,flags")["packets"]
 
 
 def test_the_first_job_is_published_before_the_last_piece_is_cut(settings, tmp_path, monkeypatch):

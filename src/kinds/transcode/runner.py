@@ -100,7 +100,7 @@ def proof_problem(params: dict[str, Any]) -> str | None:
 
 def proof_filter(params: dict[str, Any], noted: Path) -> str:
     """Filters for the point where a job's frames are chosen: each frame is noted in the file
-    `noted` with its pts in the source's time base (the piece's is a multiple of it: exact)."""
+    `noted` with its pts in the source's time base (the piece's is at least as fine: exact)."""
     if not SAFE_PATH.fullmatch(str(noted)):
         raise tools.ToolError(f"the scratch path {str(noted)!r} cannot be named in a filter graph")
     retime = f"settb={params['time_base']}," if params.get("time_base") else ""

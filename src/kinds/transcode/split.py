@@ -19,17 +19,18 @@ the reason. The job's facts say which proof it got (`proof`: "packets" or "decod
 
 Cutting (`cut`) happens when a job's message is built (the kind's `payload`), one piece at a
 time, so the first job is on the broker while later pieces are not cut yet. It is a stream
-copy that seeks to the piece's keyframe (`-seek_timestamp`, the keyframe's own pts) and
-copies its packets (`-frames:v`), keeping the source's timestamps (`-copyts`) so the worker's
-decoded pts can be held to the plan. The piece is then checked by its packets (count, a
-keyframe first, the first and last pts); where a demuxer's seek landed elsewhere it is cut
-again by reading from the start (the segment muxer), which is exact for every container. A
+copy that seeks to the piece's keyframe (`-seek_timestamp`; containers seek differently, see
+`_seek_targets`) and copies its packets (`-frames:v`), keeping the source's timestamps
+(`-copyts`) so the worker's decoded pts can be held to the plan. The same run lists the packets
+it wrote (`framecrc`), checked against the plan (count, a keyframe first, the first and last
+pts); where a seek landed elsewhere the piece is cut again by reading from the first packet
+(the segment muxer), which is exact for every container. A
 piece is written under a temporary name and renamed, so a server restarted mid-cut cuts it
 again; pieces stay until the task is merged (`stitch.join_jobs`) or deleted.
 
 Pieces are NUT: it carries any codec a source may have and stores both pts and dts, so the
-worker reads B-frame streams in order; its time base is a multiple of the source's, so every
-pts converts exactly.
+worker reads B-frame streams in order; its time base is at least as fine as the source's, so
+every pts converts back to the source's exactly.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ class Pieces:
         (in the source's time base), where the timestamps can be trusted; None otherwise."""
         p0, p1 = self.packet(first), self.packet(last)
         trusted = not self.facts.broken and len(self.facts.display_pts) == self.facts.frames
+        following = self.packet(first + 1)  # the next keyframe's packet: a seek must stay before it
         return {"first_pts": self.facts.display_pts[start] if trusted else None,
                 "last_pts": self.facts.display_pts[end - 1] if trusted else None,
-                "cut_pts": [self.facts.pts[p0], self.facts.pts[p1 - 1]]}
+                "cut_pts": [self.facts.pts[p0], self.facts.pts[p1 - 1]],
+                "next_key_pts": self.facts.pts[following] if following < self.facts.frames else None}
 
     def facts_of(self, job: dict[str, Any], first: int, last: int, skip: int, proof: str,
                  why: str | None) -> dict[str, Any]:
@@ -229,11 +232,23 @@ def piece_bytes(task: TaskView, job: JobView) -> bytes:
 # -- cutting a piece -----------------------------------------------------------------------------
 
 
-def _seconds_up(pts: int, time_base: Fraction) -> str:
-    """pts as seconds for ffmpeg's -ss, rounded up to its microsecond: a seek lands on the
-    keyframe at or before that time, so it must not fall short of the keyframe's own pts."""
-    micro = math.ceil(pts * time_base * 1_000_000)
-    return f"{micro // 1_000_000}.{micro % 1_000_000:06d}" if micro >= 0 else f"{micro / 1_000_000:.6f}"
+# ffmpeg seeks this much before -ss in a container that does not seek by pts when a stream has
+# B-frames (its "dts heuristic", 3/23 s: Matroska, FLV), so a target that far after the keyframe
+# lands on it there, and still on it where the container seeks by pts to the keyframe at or
+# before the time (MP4), if the next keyframe is further away. MPEG-TS lands on the keyframe at
+# or after the time: there the keyframe's own pts is the target that works.
+SEEK_HEURISTIC = Fraction(3, 23)
+
+
+def _seek_targets(job: dict[str, Any], time_base: Fraction) -> list[str]:
+    """-ss values to try for the job's keyframe, in order, rounded up to ffmpeg's microsecond."""
+    key = job["cut_pts"][0] * time_base
+    following = job.get("next_key_pts")
+    times = [key]
+    if following is None or key + SEEK_HEURISTIC < following * time_base:
+        times.insert(0, key + SEEK_HEURISTIC)
+    micros = [math.ceil(t * 1_000_000) for t in times]
+    return [f"{m // 1_000_000}.{m % 1_000_000:06d}" if m >= 0 else f"{m / 1_000_000:.6f}" for m in micros]
 
 
 def _copy_args() -> list[str]:
@@ -271,7 +286,8 @@ def _matches(base: Fraction, packets: list[tuple[int | None, bool]], job: dict[s
     if not packets[0][1]:
         return "it does not open on a keyframe"
     for (got, _), planned in ((packets[0], job["cut_pts"][0]), (packets[-1], job["cut_pts"][1])):
-        if planned is not None and (got is None or got * base != planned * time_base):
+        # in the source's time base, rounded as the worker's settb rounds (NUT's is finer)
+        if planned is not None and (got is None or round(got * base / time_base) != planned):
             return f"a packet's pts is {got} ({base}), the plan's {planned} ({time_base})"
     return None
 
@@ -298,14 +314,14 @@ def cut(source: Path, folder: Path, job: dict[str, Any], timeout: float = 1800,
         if None in job["cut_pts"]:
             # packets without a pts (AVI with B-frames): NUT needs one; derive it from the dts
             source_args = ["-fflags", "+genpts", *source_args]
-        if seek and p0 > 0 and key_pts is not None:
-            seeking = ["-seek_timestamp", "1", "-ss", _seconds_up(key_pts, base), *source_args]
+        for target in _seek_targets(job, base) if seek and p0 > 0 and key_pts is not None else []:
+            seeking = ["-seek_timestamp", "1", "-ss", target, *source_args]
             reason = _matches(*_copied(seeking, p1 - p0, ["-f", "nut", "-y", str(partial)], timeout,
                                        "cutting a source piece"), job, base)
             if reason is None:
                 partial.replace(path)
                 return path
-            tried.append(f"seeking: {reason}")
+            tried.append(f"seeking to {target} s: {reason}")
         # from the first packet: the segment muxer counts packets in decode order, exact whatever
         # the container's seeking does (only the listing's last p1 - p0 packets are the piece's)
         output = (["-f", "nut", "-y", str(partial)] if p0 == 0 else
