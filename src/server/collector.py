@@ -83,8 +83,9 @@ class Collector:
 
     def start(self) -> None:
         d = self.broker.destinations
-        # two in hand: one being stored, one arriving; a result frame can be tens of MB
-        # through the results route: this subscription declares the results queue and binds
+        # two in hand: one being stored, one arriving (a result message is a few hundred bytes;
+        # its bytes are read from the data store while it is handled). Through the results
+        # route: this subscription declares the results queue and binds
         # it to the routing key workers may publish to (destinations.py)
         self.broker.subscribe(d.results_binding, self._inbox.put, prefetch=2)
         self.broker.subscribe(d.presence_binding, self._on_presence, ack="auto")
