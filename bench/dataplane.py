@@ -318,7 +318,8 @@ def report(d: dict) -> list[str]:
              f"commit {d['commit']}; the **before** figures are the same module run on commit "
              f"{d.get('before', {}).get('commit', '?')} (jobs and results carried their media on the broker, "
              "base64), kept in `bench/dataplane-before.json`.", "",
-             f"One server and one worker (demucs_unittest, CHUNK_SECONDS {p['chunk_seconds']:g}) take a "
+             f"One server and one worker (demucs_unittest, CHUNK_SECONDS {p['chunk_seconds']:g}: the videos' jobs; "
+             "the song's follow the tiny model's own segment grid, see `jobs`) take a "
              f"{p['song_seconds']:g}-second song, then a {p['video_seconds']:g}-second {p['width']}x{p['height']} "
              "clip to transcode and the same clip to face-blur (`POST /media`, `POST /tasks`). **Broker bytes**: "
              "RabbitMQ's management API gives each connection's `recv_oct` and `send_oct`; the deployment's "
