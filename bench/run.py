@@ -3,7 +3,7 @@
     python -m bench.run                      # the full run (about 66 minutes on 2 cores)
     BENCH_PROFILE=quick python -m bench.run  # 60 s song, 2 runs, 1 and 10 min memory
     BENCH_PROFILE=smoke python -m bench.run  # tiny inputs, for the test suite
-    python -m bench.run --only transcode     # section 6 alone (about 17 minutes on 2 cores), the
+    python -m bench.run --only transcode     # section 6 alone (about 25 minutes on 2 cores), the
                                              # other sections' figures kept from docs/benchmarks.json
     python -m bench.run --only operations    # section 8 alone: 5 workers, 2 killed (about 11 minutes)
     python -m bench.run --only broker        # section 9 alone: one RabbitMQ node's bytes per second
@@ -107,6 +107,8 @@ def main() -> None:
             if args.only in (None, name):
                 results[name] = timed(name, section.run, section.profile(args.profile), workdir)
                 results[name]["measured"] = measured(command)
+    if args.only:  # another section may have been written meanwhile (runs of `--only` overlap): keep it
+        results = {**previous(args.docs), args.only: results[args.only]}
     print(f"bench: wrote {write(results, args.docs, command)}")
 
 

@@ -90,7 +90,7 @@ class Profile:
 def profile(name: str) -> Profile:
     if name == "smoke":
         return Profile("smoke", 320, 240, 2.0, 25, 12, ("h264",), (240,), runs=1, chunk_seconds=0.5,
-                       extras=True, serial_codecs=("h264",), serial_heights=(240, 120), hosts_seconds=4.0,
+                       extras=True, serial_codecs=("h264",), serial_heights=(240,), hosts_seconds=4.0,
                        hosts_codecs=("h264",), hosts_workers=(1, 2), slowdown=2.0, first_job_minutes=0.5)
     if name == "quick":
         return Profile("quick", 1920, 1080, 6.0, 25, 25, encode.CODECS, (1080,), runs=1, chunk_seconds=None,
