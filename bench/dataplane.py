@@ -98,7 +98,7 @@ def inputs(p: Profile, workdir: Path) -> list[tuple[str, Path, dict]]:
     clip = make_clip(workdir / f"dataplane-{p.width}x{p.height}-{p.video_seconds:g}s.mp4", p.video_seconds,
                      p.width, p.height)
     return [("separate", song, {}),
-            ("transcode", clip, {"codec": "h264", "height": 360, "preset": "veryfast"}),
+            ("transcode", clip, {"codec": "h264", "height": min(360, p.height), "preset": "veryfast"}),
             ("faceblur", clip, {"mode": "blur"})]
 
 
@@ -299,8 +299,8 @@ def run(p: Profile, workdir: Path) -> dict:
 
 # -- the report ----------------------------------------------------------------------------------------------
 
-LABELS = {"separate": "song (`separate`, demucs_unittest)", "transcode": "640x360 video (`transcode` h264 360p)",
-          "faceblur": "640x360 video (`faceblur` blur)"}
+LABELS = {"separate": "song (`separate`, demucs_unittest)", "transcode": "{size} video (`transcode` h264)",
+          "faceblur": "{size} video (`faceblur` blur)"}
 
 
 def net_per_second(row: dict, idle_per_second: float) -> int:
@@ -312,7 +312,9 @@ def net_per_second(row: dict, idle_per_second: float) -> int:
 def report(d: dict) -> list[str]:
     """Section 11 of docs/BENCHMARKS.md."""
     p, when = d["profile"], d["measured"]
-    before = {row["kind"]: row for row in d.get("before", {}).get("rows", [])}
+    # the old code's figures, where they were measured on the same inputs (the same profile)
+    earlier = d.get("before", {})
+    before = {row["kind"]: row for row in earlier.get("rows", [])} if earlier.get("profile") == p else {}
     lines = ["## 11. The data plane: media off the broker (issue 24)", "",
              f"Measured {when['at']} UTC on {when['on']}. Command: `{when['command']}` (profile `{p['name']}`), "
              f"commit {d['commit']}; the **before** figures are the same module run on commit "
@@ -334,6 +336,7 @@ def report(d: dict) -> list[str]:
              "byte counts do not.", "",
              "| kind | jobs | broker bytes per media second, before → **after** | server CPU-s per media second, "
              "before → after | POST /tasks → done, before → after (load at start) |", "|---|---|---|---|---|"]
+    size = f"{p['width']}x{p['height']}"
     for row in d["rows"]:
         old = before.get(row["kind"])
 
@@ -342,7 +345,8 @@ def report(d: dict) -> list[str]:
 
         wall_was = f"{old['wall_seconds']:.1f} s ({old['load_at_start'].split(',')[0]}) → " if old else ""
         lines.append(
-            f"| {LABELS.get(row['kind'], row['kind'])}, {row['media_seconds']:g} s | {row['jobs']} | "
+            f"| {LABELS.get(row['kind'], row['kind']).format(size=size)}, "
+            f"{row['media_seconds']:.3g} s | {row['jobs']} | "
             f"{was('broker_bytes_per_media_second', ',')} **{row['broker_bytes_per_media_second']:,}** | "
             f"{was('server_cpu_per_media_second', '.3f')}{row['server_cpu_per_media_second']:.3f} | "
             f"{wall_was}{row['wall_seconds']:.1f} s ({row['load_at_start'].split(',')[0]}) |")
