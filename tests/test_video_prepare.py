@@ -296,10 +296,11 @@ def test_a_piece_that_cannot_be_cut_fails_its_task_not_the_publisher(settings, t
         clip = video.make_clip(tmp_path / "clip.mp4", 6.2, audio=False)
         media = client.post("/media", data=clip.read_bytes(), content_type="application/octet-stream").get_json()
         real_cut = split.cut
-        doomed: list[int] = []
+        doomed: list[str] = []  # the first task's folder: its second piece cannot be cut
 
         def failing_cut(source, folder, job, *args, **kwargs):
-            if folder.name == str(doomed[0]) and job["start"] > 0:
+            doomed[:] = doomed or [folder.name]
+            if folder.name == doomed[0] and job["start"] > 0:
                 raise split.SplitError("packets 50-100 cannot be cut with stream copy: (simulated)")
             return real_cut(source, folder, job, *args, **kwargs)
 
@@ -310,8 +311,8 @@ def test_a_piece_that_cannot_be_cut_fails_its_task_not_the_publisher(settings, t
             assert answer.status_code == 202, answer.get_json()
             return answer.get_json()["task_id"]
 
-        doomed.append(task({"codec": "h264", "preset": "ultrafast"}))
-        failed = wait_for(lambda: (t := services.store.task(doomed[0])).state == "failed" and t, 60, "the task to fail")
+        first = task({"codec": "h264", "preset": "ultrafast"})
+        failed = wait_for(lambda: (t := services.store.task(first)).state == "failed" and t, 60, "the task to fail")
         assert "could not be made" in failed.error and "simulated" in failed.error, failed.error
         other = task({"codec": "h264", "preset": "veryfast"})
         wait_for(lambda: len(services.store.jobs(other, state="queued")) == 3 or None, 60, "the next task's jobs")
