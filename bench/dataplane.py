@@ -281,7 +281,9 @@ def download_throughput(workdir: Path, megabytes: int) -> dict | None:
 def measure(p: Profile, workdir: Path) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    settings = {"MODEL": "demucs_unittest", "CHUNK_SECONDS": str(p.chunk_seconds), "WORKER_THREADS": "1"}
+    # DATA_PORT of its own: its default, SERVER_PORT + 1, may be taken on a shared host
+    settings = {"MODEL": "demucs_unittest", "CHUNK_SECONDS": str(p.chunk_seconds), "WORKER_THREADS": "1",
+                "DATA_PORT": str(free_port())}
     tasks = inputs(p, workdir)
     with Deployment(workdir, settings, [{}]) as deployment:
         rows = [run_task(deployment, kind, medium, params) for kind, medium, params in tasks]
