@@ -479,21 +479,27 @@ def _hosts(ho: dict) -> list[str]:
         f"{', '.join(counts)} workers on one server, each WORKER_SLOWDOWN={ho['slowdown']:g}: a job ends "
         f"{ho['slowdown']:g} times its CPU seconds after it started, as on a machine of its own that many times "
         f"slower than a core here, so that {counts[-1]} such hosts fit on these {os.cpu_count()} cores (as bench "
-        "section 8 does). Each count runs one task per codec; the "
+        "section 8 does)"
+        + (f", at nice {ho['worker_nice']} (their ffmpeg too): hosts of their own would not take the server's "
+           "cores, and at the same priority 8 encoders starved the server's cutting of the later pieces (8 cuts of "
+           "0.1 CPU-s each took 8 s of wall time in a trial run)" if ho.get("worker_nice") else "")
+        + ". Each count runs one task per codec; the "
         "speed-up is the 1-worker wall time over the n-worker one. *Emulation*: Σ job time ÷ "
         f"({ho['slowdown']:g} x Σ job CPU), about 1 when every job got its CPU in time, above 1 when the shared "
         "cores were too busy (then the emulated hosts ran slower than they stand for, and the speed-up reads low).",
         "",
-        "| workers | " + " | ".join(f"{c} wall | {c} speed-up | {c} jobs | {c} emulation" for c in codecs)
-        + " | load |",
-        "|---|" + "---|---|---|---|" * len(codecs) + "---|",
+        "| workers | " + " | ".join(f"{c} wall | {c} speed-up | {c} jobs | {c} emulation | {c} workers' CPU | "
+                                    f"{c} server CPU / wall (stats)" for c in codecs) + " | load |",
+        "|---|" + "---|---|---|---|---|---|" * len(codecs) + "---|",
     ]
     for n in counts:
         cells = []
         for c in codecs:
             run, up = ho["codecs"][c]["runs"].get(n), ho["codecs"][c]["speedup"].get(n)
-            cells.append(f"{run['wall']:.1f}s | **{up:.2f}x** | {run['jobs']} | {_na(run['emulation'], '.2f')}"
-                         if run else "n/a | n/a | n/a | n/a")
+            st = (run or {}).get("serial") or {}
+            cells.append(f"{run['wall']:.1f}s | **{up:.2f}x** | {run['jobs']} | {_na(run['emulation'], '.2f')} | "
+                         f"{run['workers_cpu']:.2f}s | {_na(st.get('server_cpu_seconds'), '.2f', 's')} / "
+                         f"{_na(st.get('server_wall_seconds'), '.2f', 's')}" if run else "n/a | " * 5 + "n/a")
         load = ho["codecs"][codecs[0]]["runs"].get(n, {}).get("load")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {_load(load[0] if load else None)} |")
     lines.append("")
@@ -506,6 +512,14 @@ def _hosts(ho: dict) -> list[str]:
             f"{co['amdahl_emulated'].get(top, float('nan')):.2f}x for the emulation's own hosts "
             f"({ho['slowdown']:g} times slower than the server); measured **{co['speedup'][top]:.2f}x** at {top} "
             f"(goal ≥ {ho['goal']:g}x).")
+        first, last = co["runs"][counts[0]], co["runs"][top]
+        if last["jobs"] > first["jobs"]:
+            per_job = (last["workers_cpu"] - first["workers_cpu"]) / (last["jobs"] - first["jobs"])
+            lines.append(
+                f"  The workers' CPU grew from {first['workers_cpu']:.2f} s ({first['jobs']} job) to "
+                f"{last['workers_cpu']:.2f} s ({last['jobs']} jobs): each job has a fixed cost of about "
+                f"{per_job:.2f} CPU-s (the worker's ffmpeg start and encoder set-up, fetching its piece, the encoder's "
+                f"first keyframe), which the emulation stretches {ho['slowdown']:g}-fold like the rest of the job.")
     lines += ["", "![measured speed-up with emulated hosts, beside Amdahl's law](amdahl.png)"]
     return lines
 

@@ -41,6 +41,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class Profile:
     hosts_preset: str = "ultrafast"
     hosts_workers: tuple[int, ...] = (1, 2, 4, 8)
     slowdown: float = 10.0
+    worker_nice: int = 5  # the emulated hosts' priority (niced), so they do not starve the server's own work
     first_job_minutes: float = 10.0
 
 
@@ -96,11 +98,11 @@ def profile(name: str) -> Profile:
         return Profile("quick", 1920, 1080, 6.0, 25, 25, encode.CODECS, (1080,), runs=1, chunk_seconds=None,
                        extras=False, hosts_seconds=12.0, hosts_workers=(1, 2, 4), slowdown=6.0,
                        first_job_minutes=2.0)
-    # About 25 minutes on 2 cores under load, the emulated hosts 10 of them. Their clip is 24 s, not
-    # the issue's 60 s: 8 workers then get 8 equal jobs of 3 s (60 s gives 7 of 8 s and a half one), and
+    # About 25 minutes on 2 cores under load, the emulated hosts 12 of them. Their clip is 32 s, not
+    # the issue's 60 s: 8 workers then get 8 equal jobs of 4 s (60 s gives 7 of 8 s and a half one), and
     # WORKER_SLOWDOWN=10 leaves 8 workers' encodes room on 2 shared cores (8 failed to under a load of 7).
     return Profile("full", 1920, 1080, 16.0, 25, 25, encode.CODECS, (1080,), runs=1, chunk_seconds=None,
-                   hosts_seconds=24.0, slowdown=10.0)
+                   hosts_seconds=32.0, slowdown=10.0)
 
 
 def uptime() -> str:
@@ -481,6 +483,24 @@ def serial_share(p: Profile, source: Path, timeout: float, preset: str | None = 
     return {"goal": SERIAL_GOAL, "rows": rows, "source": source.name}
 
 
+def niced(nice: int, start: Callable[[], Any]) -> Any:
+    """`start()` with this thread at `nice`: the processes it forks keep it (a worker's ffmpeg too).
+    Emulated hosts stand for machines of their own, which would not take the server's cores: at a
+    lower priority they no longer starve the server's cutting and checking on the shared cores.
+    Going back to the thread's priority needs CAP_SYS_NICE; without it the bench stays niced."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice <= before:
+        return start()
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    try:
+        return start()
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, before)
+        except PermissionError:
+            pass
+
+
 def emulated_hosts(p: Profile, source: Path, facts: dict) -> dict:
     """1, 2, 4, 8 workers, each WORKER_SLOWDOWN times slower, on one server: the same task per codec
     on each; the speed-up against 1 worker and Amdahl's law for the 1-worker run's serial share."""
@@ -490,7 +510,8 @@ def emulated_hosts(p: Profile, source: Path, facts: dict) -> dict:
     with Deployment(source.parent, settings(p, JOB_DEADLINE_FACTOR=f"{10 * p.slowdown:g}"), []) as deployment:
         media_id = upload(deployment, source)
         for count in p.hosts_workers:
-            started = deployment.add_workers(workers(count, WORKER_SLOWDOWN=f"{p.slowdown:g}"))
+            wanted = workers(count, WORKER_SLOWDOWN=f"{p.slowdown:g}")
+            started = niced(p.worker_nice, lambda wanted=wanted: deployment.add_workers(wanted))
             for codec in p.hosts_codecs:
                 load = uptime()
                 params = task_params(codec, p.height, p.hosts_preset)
@@ -507,6 +528,7 @@ def emulated_hosts(p: Profile, source: Path, facts: dict) -> dict:
             deployment.stop_workers(started)
             time.sleep(1)  # the leaving workers are off the registry before the next plan counts workers
     result: dict[str, Any] = {"source": facts, "preset": p.hosts_preset, "slowdown": p.slowdown,
+                              "worker_nice": p.worker_nice,
                               "workers": list(p.hosts_workers), "goal": SPEEDUP_GOAL, "codecs": {}}
     for codec, by_count in runs.items():
         one = by_count[p.hosts_workers[0]]
