@@ -346,7 +346,7 @@ def test_the_cache_evicts_least_recently_used_entries_and_stays_within_its_limit
     assert stored() == 3 * size - size + 250 * 1024 <= limit << 20
     restored = tmp_path / "restored"
     assert cache.task(["task-key"], restored) == {"stats": {"frames": 1, "verify": {
-        "source": "cache", "passed": {"verify": "off", "psnr": None, "replicas": 1}}}}
+        "source": "cache", "passed": {"verify": "off", "psnr": None, "replicas": 1, "sample": 0.0}}}}
     assert (restored / "video.mp4").read_bytes() == merged.read_bytes()
 
     # a version the result was not made with is a miss; an entry larger than the cache is not kept
@@ -422,7 +422,8 @@ class Guarded:
 def consumers(queue: str) -> int:
     """Consumers of a queue, from the management API (as the conftest reads it)."""
     answer = requests.get(f"http://localhost:15672/api/queues/%2F/{queue}", auth=("guest", "guest"), timeout=30)
-    return answer.json()["consumers"] if answer.status_code == 200 else -1
+    # a queue's figures appear a moment after the queue does: no "consumers" yet means not known yet
+    return answer.json().get("consumers", -1) if answer.status_code == 200 else -1
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +564,7 @@ def test_one_login_announcing_two_worker_names_gets_one_vote_and_cannot_win(guar
 
 def test_a_result_cached_without_verification_is_never_served_under_a_stricter_one(guarded):
     """A task tampered with while VERIFY was off is cached, whole and per job; after a restart with
-    VERIFY=psnr, then with VERIFY_REPLICAS=2, neither is served; under VERIFY off again the
+    VERIFY=psnr, then VERIFY_SAMPLE=1, then VERIFY_REPLICAS=2, neither is served; under VERIFY off again the
     strictest run's entry is, and its stats say where it came from and what it passed."""
     media = upload(guarded.base, clip(guarded.cluster.log_dir, 2.0))  # nothing of it cached yet
     guarded.serve(verify="off", verify_replicas=1, cache_mb=64)
@@ -585,6 +586,10 @@ def test_a_result_cached_without_verification_is_never_served_under_a_stricter_o
     assert stats["cache"] == {"task": False, "jobs": 0, "of": stats["cache"]["of"]}, stats["cache"]
     assert stats["verify"]["source"] == "workers" and stats["verify"]["passed"]["verify"] == "psnr"
     assert checked != spoiled, "the task accepted unverified was served under VERIFY=psnr"
+
+    sampled, stats = run(verify="off", verify_replicas=1, verify_sample=1)  # every chunk decoded in full
+    assert sampled == checked, "the task accepted with no chunk sampled was served under VERIFY_SAMPLE=1"
+    assert stats["verify"]["passed"]["sample"] == 1, stats["verify"]
 
     voted, stats = run(verify="off", verify_replicas=2)
     assert stats["cache"]["task"] is False and stats["cache"]["jobs"] == 0, stats["cache"]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from src.config import Settings
 
-# What a result may weigh on the data plane when its kind names no MAX_RESULT_BYTES: the
+# What a result may weigh on the data plane when its kind names no `max_result_bytes`: the
 # largest a kind produces today (a separation job's 96 MiB of float32 stems) with headroom.
 DEFAULT_RESULT_LIMIT = 128 * 1024 * 1024
 

@@ -23,6 +23,9 @@ Server half, `Kind`, in the order a task meets it:
    `merged_files(task)` lists the files merge wrote, which the outputs are served from:
    the results cache keeps them, so the same task again needs no job at all.
 
+Limits: `max_result_bytes` is the most one job's result may weigh; the data endpoint refuses
+a larger upload before the kind sees it.
+
 Routing and caching: `route(params)` is the capability a task's jobs need (transcode: the
 codec; None: any worker of the kind), one of the package's ROUTES (src/kinds/registry.py);
 or a tuple of routes in order of preference (separation: a GPU, else a CPU), of which the
@@ -171,6 +174,7 @@ class Output:
 
 class Kind(Protocol):
     name: str
+    max_result_bytes: int
 
     def describe(self) -> dict[str, Any]: ...
     def accepts(self, media: Media) -> None: ...

@@ -18,9 +18,10 @@ written in place, so a task can never change a cached file. The cache holds at m
 CACHE_MB; the least recently used entries go first. CACHE_MB=0 turns it off.
 
 Every entry remembers the verification its result passed (`Verification`: VERIFY's PSNR
-floor, VERIFY_REPLICAS' vote), and the cache serves only entries whose verification covers
-the one this server runs with: a result accepted while VERIFY was off, or by one replica, is
-never reused under VERIFY=psnr or VERIFY_REPLICAS=2, restarts included. A task served whole
+floor, VERIFY_REPLICAS' vote, VERIFY_SAMPLE's share), and the cache serves only entries whose
+verification covers the one this server runs with: a result accepted while VERIFY was off, by
+one replica or with a smaller sample, is never reused under VERIFY=psnr, VERIFY_REPLICAS=2 or
+a larger VERIFY_SAMPLE, restarts included. A task served whole
 says so in its stats (`verify.source` "cache", `verify.passed`).
 """
 
@@ -57,37 +58,44 @@ CREATE INDEX IF NOT EXISTS entry_used ON entry(used_at);
 @dataclass(frozen=True)
 class Verification:
     """What a result passed before it was accepted: a PSNR floor against its source (VERIFY=psnr
-    with VERIFY_MIN_PSNR; None when VERIFY was off) and the replicas that agreed on it."""
+    with VERIFY_MIN_PSNR; None when VERIFY was off), the replicas that agreed on it, and the
+    share of video chunks the server decoded in full (VERIFY_SAMPLE)."""
 
     psnr: float | None = None
     replicas: int = 1
+    sample: float = 0.0
 
     @classmethod
     def of(cls, settings: Any) -> Verification:
         """What this server's settings make every result pass."""
-        return cls(settings.verify_min_psnr if settings.verify == "psnr" else None, settings.verify_replicas)
+        psnr = settings.verify_min_psnr if settings.verify == "psnr" else None
+        # VERIFY=psnr decodes and measures every chunk: what VERIFY_SAMPLE=1 does, and more
+        return cls(psnr, settings.verify_replicas, 1.0 if psnr is not None else settings.verify_sample)
 
     @classmethod
     def from_dict(cls, data: Any) -> Verification:
         """From `as_dict`; anything else (an entry from before verifications were kept) is the weakest."""
         if not isinstance(data, dict):
             return cls()
-        psnr, replicas = data.get("psnr"), data.get("replicas")
+        psnr, replicas, sample = data.get("psnr"), data.get("replicas"), data.get("sample")
         return cls(float(psnr) if isinstance(psnr, int | float) and not isinstance(psnr, bool) else None,
-                   replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 0 else 1)
+                   replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 0 else 1,
+                   float(sample) if isinstance(sample, int | float) and not isinstance(sample, bool)
+                   and 0 <= sample <= 1 else 0.0)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"verify": "off" if self.psnr is None else "psnr", "psnr": self.psnr, "replicas": self.replicas}
+        return {"verify": "off" if self.psnr is None else "psnr", "psnr": self.psnr, "replicas": self.replicas,
+                "sample": self.sample}
 
     def covers(self, required: Verification) -> bool:
         """At least as strict as `required` on every count."""
         psnr_ok = required.psnr is None or (self.psnr is not None and self.psnr >= required.psnr)
-        return psnr_ok and self.replicas >= required.replicas
+        return psnr_ok and self.replicas >= required.replicas and self.sample >= required.sample
 
     def weakest(self, other: Verification) -> Verification:
         """What both passed (a task whose jobs were accepted under different settings)."""
         psnr = None if self.psnr is None or other.psnr is None else min(self.psnr, other.psnr)
-        return Verification(psnr, min(self.replicas, other.replicas))
+        return Verification(psnr, min(self.replicas, other.replicas), min(self.sample, other.sample))
 
 
 def _canonical(value: Any) -> bytes:

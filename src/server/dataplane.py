@@ -5,7 +5,7 @@
 - `admit` is what the data endpoint asks before it serves a valid capability: the job
   and its task exist, the attempt token is one the server issued for that job and has
   not closed, the task has not ended and the job is not done. `limit` is the most bytes a
-  job's result may have: its kind's MAX_RESULT_BYTES where the kind names one.
+  job's result may have: its kind's `max_result_bytes` where the kind names one.
 - `sweep` (at start) deletes what belongs to no task still going; `drop_ended` (each pass
   of the publisher) deletes the inputs and results of tasks that ended since (done,
   failed, cancelled, deleted, reset). The results cache keeps its own copies.
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 
@@ -78,8 +77,7 @@ class DataPlane:
         task = self.store.task(job.task_id) if job is not None else None
         if task is None:
             return DEFAULT_RESULT_LIMIT
-        module = sys.modules.get(type(self.kind(task.kind)).__module__)
-        return int(getattr(module, "MAX_RESULT_BYTES", DEFAULT_RESULT_LIMIT))
+        return int(getattr(self.kind(task.kind), "max_result_bytes", DEFAULT_RESULT_LIMIT))
 
     # -- the publisher's side -------------------------------------------------------------
 

@@ -83,6 +83,7 @@ def records_path(task: TaskView, job_id: int) -> Path:
 
 class FaceblurKind:
     name = NAME
+    max_result_bytes = MAX_RESULT_BYTES
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -103,8 +104,8 @@ class FaceblurKind:
             Param("crf", "integer", DEFAULTS["crf"], minimum=CRF_RANGE[0], maximum=CRF_RANGE[1],
                   description="H.264 constant quality, lower is better; 0 is lossless"),
         ]
-        return {"name": NAME, "description": "Mask every face in a video, the same whatever the chunking.",
-                "media": "video", "params": [p.as_json() for p in params], "outputs": ["video"]}
+        return {"name": NAME, "description": "Mask every face in a video; which faces are masked does not depend "
+                "on the cut.", "media": "video", "params": [p.as_json() for p in params], "outputs": ["video"]}
 
     def accepts(self, media: Media) -> None:
         if media.video is None:

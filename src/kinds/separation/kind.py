@@ -25,7 +25,7 @@ from src.kinds.base import BadParams, JobView, Media, NotApplicable, Output, Par
 from src.kinds.separation import MIX
 from src.kinds.separation.merge import merge_results
 from src.kinds.separation.model import ModelSpec, load_spec, software_version
-from src.kinds.separation.plan import JobPlan, job_params, plan_jobs
+from src.kinds.separation.plan import MAX_RESULT_BYTES, JobPlan, job_params, plan_jobs
 from src.kinds.separation.prepare import normalisation
 from src.media import pcm
 from src.media.atomic import atomic
@@ -46,6 +46,7 @@ def stem_path(task: TaskView, name: str) -> Path:
 
 class SeparationKind:
     name = "separate"
+    max_result_bytes = MAX_RESULT_BYTES
 
     def __init__(self, settings: Settings):
         self.settings = settings

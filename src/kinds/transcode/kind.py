@@ -31,7 +31,7 @@ HEIGHT_RANGE = (16, 4320)
 BITRATE = re.compile(r"([1-9][0-9]*)(k|M)?")  # fullmatch: "$" would also match before a final newline
 BITRATE_RANGE = (16_000, 200_000_000)  # bits/s
 THREADS = 1  # encoder threads per job: pinned so every worker's bytes are the same
-MAX_RESULT_BYTES = 64 * 1024 * 1024  # bodies travel base64-encoded: refuse a chunk too big to send
+MAX_RESULT_BYTES = 64 * 1024 * 1024  # the most a chunk may weigh: the data plane refuses more
 
 
 def server(settings: Settings) -> TranscodeKind:
@@ -54,6 +54,7 @@ def output_size(width: int, height: int, wanted: int | None) -> tuple[int, int]:
 
 class TranscodeKind:
     name = NAME
+    max_result_bytes = MAX_RESULT_BYTES
 
     def __init__(self, settings: Settings):
         self.settings = settings

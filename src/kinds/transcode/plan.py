@@ -34,8 +34,8 @@ from typing import Any
 
 from src.media.probe import RefusedMedia
 
-# The backbone base64-encodes bodies; a piece well under 64 MB leaves room for that and
-# for the header. The planner halves jobs whose piece would be larger.
+# A piece travels whole through the data plane and into the worker's memory: the planner
+# halves jobs whose piece would be larger.
 MAX_PIECE_BYTES = 48 * 1024 * 1024
 # The jobs' pieces may add up to this many times the source's video bytes. A job starting
 # mid-GOP carries the GOP's head again, so sparse keyframes multiply what the broker carries
