@@ -105,6 +105,7 @@ class Stack:
             "SERVER_PORT": str(self.port),
             "STACK_BROKER_PORT": str(harness.free_port()),
             "STACK_MANAGEMENT_PORT": str(harness.free_port()),
+            "STACK_DATA_PORT": str(harness.free_port()),
             "MODEL": "demucs_unittest",
             "MODEL_SEGMENT": "2",
             "CHUNK_SECONDS": "3",

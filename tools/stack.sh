@@ -37,11 +37,12 @@ fi
 export BROKER_IMAGE
 
 port="${SERVER_PORT:-5000}"
-# a port that something else holds (make broker's RabbitMQ on 61613 and 15672, make server on 5000)
+# a port that something else holds (make broker's RabbitMQ on 61613 and 15672, make server on 5000
+# and its data endpoint on 5001)
 # would stop `up` half-way: say which, unless it is this stack's own
 if ! "${compose[@]}" ps -q server 2>/dev/null | grep -q .; then
   for entry in "SERVER_PORT:$port" "STACK_BROKER_PORT:${STACK_BROKER_PORT:-61613}" \
-               "STACK_MANAGEMENT_PORT:${STACK_MANAGEMENT_PORT:-15672}"; do
+               "STACK_MANAGEMENT_PORT:${STACK_MANAGEMENT_PORT:-15672}" "STACK_DATA_PORT:${STACK_DATA_PORT:-5001}"; do
     if timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/${entry#*:}" 2>/dev/null; then
       echo "stack: port ${entry#*:} is in use here (make broker's RabbitMQ, or make server?);" \
         "stop that, or choose another with ${entry%%:*}=..." >&2
