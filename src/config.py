@@ -97,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
     "DATA_STORE": "",  # empty: the server's own data endpoint; s3://bucket/prefix: an S3 bucket
     "DATA_URL": "",  # the data endpoint's address as workers reach it; empty: http://SERVER_HOST:DATA_PORT
     "DATA_PORT": 0,  # the data endpoint's port; 0: SERVER_PORT + 1
+    # the data endpoint's listening address; empty: SERVER_HOST's. Workers on other hosts need
+    # it (DATA_HOST=0.0.0.0) while the page's API may stay on loopback
+    "DATA_HOST": "",
     "DATA_SECRET": "",  # the references' HMAC key; empty: made once, kept in STORAGE_DIR/data/secret
 }
 
@@ -166,6 +169,7 @@ class Settings:
     data_store: str
     data_url: str
     data_port: int
+    data_host: str
     data_secret: str
 
     @property
@@ -193,11 +197,11 @@ class Settings:
 
     @property
     def data_address(self) -> str:
-        """Where workers reach the data endpoint: DATA_URL, else this server's host on DATA_PORT
-        (the host's name where SERVER_HOST listens on every address)."""
+        """Where workers reach the data endpoint: DATA_URL, else DATA_HOST on DATA_PORT (the
+        host's name where it listens on every address)."""
         if self.data_url:
             return self.data_url.rstrip("/")
-        host = self.server_host
+        host = self.data_host
         if host in ("0.0.0.0", "::", ""):
             host = socket.getfqdn()
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.data_port}"
@@ -357,6 +361,7 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         raise ValueError("VERIFY must be 'off' or 'psnr'")
     if values["DATA_PORT"] == 0:
         values["DATA_PORT"] = values["SERVER_PORT"] + 1
+    values["DATA_HOST"] = values["DATA_HOST"] or values["SERVER_HOST"]
     if values["DATA_STORE"] not in ("", "server") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?",
                                                                         values["DATA_STORE"]):
         raise ValueError("DATA_STORE must be empty (the server's data endpoint) or s3://bucket/prefix")

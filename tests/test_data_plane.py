@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -85,6 +86,11 @@ def test_settings_keep_the_secret_from_child_processes_and_find_the_data_endpoin
                             "DATA_SECRET": "s" * 20})
     assert settings.data_port == 6001 and settings.data_address == "http://127.0.0.1:6001"
     assert "DATA_SECRET" not in settings.as_env(), "a worker started by a supervisor never holds the secret"
+    # the data endpoint may listen where workers reach it while the page's API stays on loopback
+    public = config.load({"CONFIG_FILE": "/none", "SERVER_PORT": "6000", "DATA_HOST": "0.0.0.0"})
+    assert public.server_host == "127.0.0.1" and public.data_host == "0.0.0.0"
+    assert public.data_address == f"http://{socket.getfqdn()}:6001"
+    assert settings.data_host == settings.server_host == "127.0.0.1"
     assert config.load({"CONFIG_FILE": "/none", "DATA_URL": "https://data.example/x/"}).data_address == \
         "https://data.example/x"
     for bad in ({"DATA_STORE": "ftp://x"}, {"DATA_URL": "data.example"}):

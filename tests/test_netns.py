@@ -7,9 +7,9 @@ and the test's own files are empty, and a hostname of its own. This machine play
 host at one address (its end of the first link; the second host reaches it through its own
 link), and each host's firewall lets it open connections to exactly two ports there: the
 broker's, for control, and the data endpoint's, for the bytes (jobs carry references to their
-inputs and results, not the media: the claim check of src/data). The server listens on every
-interface (SERVER_HOST 0.0.0.0, so its data endpoint on DATA_PORT does), with DATA_URL naming
-that address. One worker runs on each host, given nothing but the broker's address, a worker
+inputs and results, not the media: the claim check of src/data). The server's data endpoint
+listens on every interface (DATA_HOST 0.0.0.0) and its API on loopback only, with DATA_URL
+naming that address. One worker runs on each host, given nothing but the broker's address, a worker
 login of its own (provisioned as `make broker` does, `least_privilege` in conftest.py) and the
 deployment's names (QUEUE_PREFIX, MODEL, the heart-beat interval): not the data URL, which
 arrives in each job's references. One takes the song (`separate`), the other the video
@@ -166,9 +166,9 @@ def broker_peers(user: str) -> set[str]:
 
 def test_workers_in_network_namespaces_of_their_own_run_a_song_and_a_video(other_hosts, least_privilege,
                                                                            server_address, tmp_path, make_song):
-    # The server on every interface (its data endpoint with it), its references naming this machine's link address.
+    # The data endpoint on every interface, the API on loopback; references name this machine's link address.
     settings = least_privilege.with_overrides(
-        server_host="0.0.0.0", data_url=f"http://{server_address}:{least_privilege.data_port}")
+        data_host="0.0.0.0", data_url=f"http://{server_address}:{least_privilege.data_port}")
     broker = (server_address, settings.broker_port)
     cluster = Cluster(settings, tmp_path)
     cluster.base = f"http://127.0.0.1:{settings.server_port}"

@@ -193,10 +193,10 @@ def _json(start_response: Callable, status: int, body: dict, headers: list | Non
 
 
 def create_server(app: DataEndpoint, settings: Settings) -> BaseWSGIServer:
-    """The data endpoint on DATA_PORT (SERVER_HOST's address), bound and ready to `run()`."""
+    """The data endpoint on DATA_HOST:DATA_PORT, bound and ready to `run()`."""
     server = waitress_server(
         app,
-        host=settings.server_host,
+        host=settings.data_host,
         port=settings.data_port,
         threads=8,
         connection_limit=200,
