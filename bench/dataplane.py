@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.harness import ROOT, Deployment, cpu_seconds, free_port, get_json, http, make_song
+from bench.harness import ROOT, Deployment, cpu_seconds, free_port, get_json, http, make_song, make_video
 
 MANAGEMENT = "http://localhost:15672/api"
 STATS_REFRESH_SECONDS = 5.5  # RabbitMQ's collect_statistics_interval (5 s) and a margin
@@ -80,22 +80,10 @@ def load() -> str:
 # -- inputs -------------------------------------------------------------------------------------
 
 
-def make_clip(path: Path, seconds: float, width: int, height: int) -> Path:
-    """testsrc2 with a 440 Hz tone, H.264 (a keyframe a second) and AAC in MP4: a phone's clip."""
-    if not path.exists():
-        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error",
-                        "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=25",
-                        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", f"{seconds:g}",
-                        "-map", "0:v", "-map", "1:a", "-c:a", "aac", "-b:a", "128k", "-c:v", "libx264",
-                        "-preset", "veryfast", "-pix_fmt", "yuv420p", "-g", "25", "-keyint_min", "25",
-                        "-sc_threshold", "0", "-y", str(path)], check=True, capture_output=True, timeout=600)
-    return path
-
-
 def inputs(p: Profile, workdir: Path) -> list[tuple[str, Path, dict]]:
     """(kind, medium, params) of each task: the bench's song and clip."""
     song = make_song(workdir / f"dataplane-song-{p.song_seconds:g}s.wav", p.song_seconds)
-    clip = make_clip(workdir / f"dataplane-{p.width}x{p.height}-{p.video_seconds:g}s.mp4", p.video_seconds,
+    clip = make_video(workdir / f"dataplane-{p.width}x{p.height}-{p.video_seconds:g}s.mp4", p.video_seconds,
                      p.width, p.height)
     return [("separate", song, {}),
             ("transcode", clip, {"codec": "h264", "height": min(360, p.height), "preset": "veryfast"}),

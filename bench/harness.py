@@ -214,3 +214,15 @@ def make_song(path: Path, seconds: float, title: str | None = None, artist: str 
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-filter_complex", graph, "-map", "[out]", "-ac", "2",
                     *meta, "-y", str(path)], check=True, timeout=600)
     return path
+
+
+def make_video(path: Path, seconds: float, width: int, height: int) -> Path:
+    """testsrc2 with a 440 Hz tone, H.264 (a keyframe a second) and AAC in MP4: a phone's clip."""
+    if not path.exists():
+        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error",
+                        "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=25",
+                        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", f"{seconds:g}",
+                        "-map", "0:v", "-map", "1:a", "-c:a", "aac", "-b:a", "128k", "-c:v", "libx264",
+                        "-preset", "veryfast", "-pix_fmt", "yuv420p", "-g", "25", "-keyint_min", "25",
+                        "-sc_threshold", "0", "-y", str(path)], check=True, capture_output=True, timeout=600)
+    return path

@@ -43,14 +43,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Deployment, cpu_seconds, get_json, http, make_song
+from bench.harness import Deployment, cpu_seconds, get_json, http, make_song, make_video
 from bench.transcode import upload
 from src.server.dashboard import percentile
 
@@ -107,18 +106,6 @@ class Input:
     kind: str
     path: Path
     params: dict[str, Any]
-
-
-def make_video(path: Path, seconds: float, width: int, height: int) -> Path:
-    """testsrc2 with a 440 Hz tone, H.264 (a keyframe a second) and AAC in MP4: a phone's clip."""
-    if not path.exists():
-        subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error",
-                        "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate=25",
-                        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", f"{seconds:g}",
-                        "-map", "0:v", "-map", "1:a", "-c:a", "aac", "-b:a", "128k", "-c:v", "libx264",
-                        "-preset", "veryfast", "-pix_fmt", "yuv420p", "-g", "25", "-keyint_min", "25",
-                        "-sc_threshold", "0", "-y", str(path)], check=True, capture_output=True, timeout=600)
-    return path
 
 
 def make_inputs(p: Profile, workdir: Path) -> list[Input]:
