@@ -27,6 +27,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from waitress import create_server as waitress_server
@@ -184,10 +185,7 @@ def _blocks(held, left: int) -> Iterable[bytes]:
 def _json(start_response: Callable, status: int, body: dict, headers: list | None = None,
           head: bool = False) -> list[bytes]:
     data = json.dumps(body).encode()
-    reason = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-              410: "Gone", 411: "Length Required", 413: "Content Too Large", 416: "Range Not Satisfiable",
-              500: "Internal Server Error"}.get(status, "Error")
-    start_response(f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+    start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                                           *(headers or [])])
     return [] if head else [data]
 
