@@ -185,8 +185,8 @@ def _blocks(held, left: int) -> Iterable[bytes]:
 def _json(start_response: Callable, status: int, body: dict, headers: list | None = None,
           head: bool = False) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                                          *(headers or [])])
+    start_response(f"{status} {HTTPStatus(status).phrase}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *(headers or [])])
     return [] if head else [data]
 
 
