@@ -190,6 +190,7 @@ class Broker:
     def connect(self, give_up_after: float | None = None) -> None:
         """Connect (with back-off) and subscribe everything registered so far."""
         delay, started = 0.5, time.monotonic()
+        refused_on: tuple[str, int] | None = None  # the node that last refused a subscription
         while not self._closing:
             conn = self._new_connection()
             conn.set_listener("broker", _Listener(self, conn))
@@ -236,10 +237,14 @@ class Broker:
             if failed is not None:
                 # the broker closed the connection on a subscription (a quorum queue that another
                 # client declares at this very moment answers "noproc", or one whose leader died
-                # with its node and is not elected yet): try again, with back-off
+                # with its node and is not elected yet): try again, with back-off. The node itself
+                # answered, so it gets a second try before the next node (a client would otherwise
+                # leave its configured node for a race that lasts milliseconds)
                 log.warning("Subscribing failed on %s (%s); reconnecting in %.1fs", self._endpoint(node), failed,
                             delay)
-                self._skip(node)
+                if refused_on == node:
+                    self._skip(node)
+                refused_on = node
                 try:
                     conn.disconnect()
                 except (stomp.exception.StompException, OSError):
