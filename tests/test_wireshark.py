@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,13 +61,6 @@ def test_the_conversation_is_decoded(run_capture):
     assert acked_jobs & sent_jobs, "ACK frames are tied to the job whose MESSAGE they settle"
 
 
-def test_frames_spanning_segments_are_reassembled(run_capture):
-    rows = dissect(run_capture, "stomp.command", "stomp.body_length", "tcp.len",
-                   display_filter="stomp.command == \"SEND\" && stomp.body_length > 100000")
-    assert rows, "job audio is larger than one loopback segment, so its SEND was reassembled"
-    assert all(int(row[2]) < max(int(x) for x in row[1].split(";")) for row in rows)
-
-
 def test_a_crashed_workers_job_is_delivered_twice(run_capture):
     rows = dissect(run_capture, "stomp.job_id", "stomp.header.redelivered", "stomp.destination",
                    display_filter="stomp.command == \"MESSAGE\" && stomp.destination contains \".jobs\"")
@@ -79,8 +73,9 @@ def test_a_crashed_workers_job_is_delivered_twice(run_capture):
     assert any("true" in flags for flags in twice.values()), "the second delivery says redelivered:true"
 
 
-def test_several_frames_in_one_segment_and_heartbeats(tmp_path):
-    capture = tmp_path / "two-in-one.pcapng"
+def raw_capture(tmp_path: Path, talk: Callable[[socket.socket, str], None]) -> Path:
+    """Traffic of one STOMP connection made by hand (`talk(connection, queue)` after CONNECT), captured."""
+    capture = tmp_path / "raw.pcapng"
     log = (tmp_path / "tshark.log").open("wb")
     tshark = subprocess.Popen(["tshark", "-q", "-i", "lo", "-f", "tcp port 61613", "-w", str(capture)],
                               stdout=subprocess.DEVNULL, stderr=log)
@@ -90,25 +85,48 @@ def test_several_frames_in_one_segment_and_heartbeats(tmp_path):
             assert time.monotonic() < deadline and tshark.poll() is None, "tshark did not start"
             time.sleep(0.1)
         time.sleep(1)  # "Capturing on" comes a moment before the first packets are recorded
-        queue = f"/queue/dissector-{os.getpid()}"
         with socket.create_connection(("localhost", 61613)) as conn:
             conn.sendall(b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\nheart-beat:0,0\n\n\0")
             assert b"CONNECTED" in conn.recv(4096)
-            time.sleep(0.2)
-            conn.sendall(b"\n")  # a heart-beat, in a segment of its own
-            time.sleep(0.2)
-            frames = b"".join(
-                f"SEND\ndestination:{queue}\nauto-delete:true\njob-id:{n}\ncontent-length:5\n\nhello\0".encode()
-                for n in (101, 102))
-            conn.sendall(frames + b"DISCONNECT\nreceipt:bye\n\n\0")  # three frames, one segment
-            conn.recv(4096)
+            talk(conn, f"/queue/dissector-{os.getpid()}")
         time.sleep(1)
     finally:
         tshark.terminate()
         tshark.wait(30)
+    return capture
+
+
+def test_several_frames_in_one_segment_and_heartbeats(tmp_path):
+    def talk(conn: socket.socket, queue: str) -> None:
+        time.sleep(0.2)
+        conn.sendall(b"\n")  # a heart-beat, in a segment of its own
+        time.sleep(0.2)
+        frames = b"".join(
+            f"SEND\ndestination:{queue}\nauto-delete:true\njob-id:{n}\ncontent-length:5\n\nhello\0".encode()
+            for n in (101, 102))
+        conn.sendall(frames + b"DISCONNECT\nreceipt:bye\n\n\0")  # three frames, one segment
+        conn.recv(4096)
+
+    capture = raw_capture(tmp_path, talk)
     rows = dissect(capture, "frame.number", "stomp.command", "stomp.job_id", "_ws.col.Info",
                    display_filter="stomp.command == \"SEND\"")
     assert len(rows) == 1, "both SEND frames travelled in one segment"
     assert rows[0][1] == "SEND;SEND;DISCONNECT" and rows[0][2] == "101;102"
     assert rows[0][3].count("SEND ") == 2
     assert dissect(capture, "frame.number", display_filter="stomp.heartbeat"), "a heart-beat EOL is marked"
+
+
+def test_a_frame_spanning_segments_is_reassembled(tmp_path):
+    """The product's own frames are small now (jobs and results carry references, not media), so a
+    bulky frame is made by hand, as another program might send one (the product parks it)."""
+    body = b"x" * 200_000  # three loopback segments at least (its MTU is 64 kB)
+
+    def talk(conn: socket.socket, queue: str) -> None:
+        conn.sendall(f"SEND\ndestination:{queue}\nauto-delete:true\ncontent-length:{len(body)}\n\n".encode()
+                     + body + b"\0DISCONNECT\nreceipt:bye\n\n\0")
+        conn.recv(4096)
+
+    rows = dissect(raw_capture(tmp_path, talk), "stomp.command", "stomp.body_length", "tcp.len",
+                   display_filter="stomp.command == \"SEND\" && stomp.body_length > 100000")
+    assert rows, "the 200 kB SEND spans segments and is reassembled into one frame"
+    assert all(int(row[2]) < max(int(x) for x in row[1].split(";")) for row in rows)
